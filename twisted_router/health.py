@@ -1,0 +1,346 @@
+# -*- test-case-name: tests.unit.test_health -*-
+"""
+Health probing and capability discovery: the only parts of the worker state
+that the router learns by asking the workers on its own initiative.
+
+The reactor (for time) and the HTTP client are injected, so the whole module
+runs on C{task.Clock} and C{treq.testing.StubTreq} in tests.
+
+The loop must never die: a C{LoopingCall} whose function fails stops for
+good, and then a dead worker is never noticed. So every probe catches and logs
+its own errors, has its own timeout (the loop waits for the slowest probe),
+and a round always succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+from weakref import WeakSet
+
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_router.calls import describe_failure, read_body, read_limited, with_deadline
+from twisted_router.pool import Worker, WorkerPool
+
+__all__ = ["HealthChecker", "refresh_capabilities"]
+
+_log = Logger()
+
+_T = TypeVar("_T")
+
+#: Largest C{/v1/models} body we read; a real one is well under 1 KiB.
+_MAX_MODELS_BODY = 1024 * 1024
+
+class _BadModelCard(Exception):
+    """A worker's C{/v1/models} answer has no usable model card."""
+
+
+def _parse_model_card(body: bytes) -> tuple[str | None, str | None]:
+    """
+    C{(task_type, model_id)} from a C{/v1/models} body. A real worker serves
+    exactly one card; anything not shaped like a list of cards is refused.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _BadModelCard("/v1/models is not JSON") from e
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        raise _BadModelCard("/v1/models has no model card in 'data'")
+    card = data[0]
+    task_type = card.get("task_type")
+    model_id = card.get("id")
+    task_type = (task_type.strip().upper() or None) if isinstance(task_type, str) else None
+    model_id = model_id if isinstance(model_id, str) and model_id else None
+    return task_type, model_id
+
+
+async def _fetch_capabilities(http: HTTPClient, url: str) -> tuple[str | None, str | None]:
+    response = await http.get(url + "/v1/models", allow_redirects=False, unbuffered=True)
+    body = await read_limited(response, _MAX_MODELS_BODY)
+    if response.code != 200:
+        raise _BadModelCard(f"/v1/models answered HTTP {response.code}")
+    return _parse_model_card(body)
+
+
+async def refresh_capabilities(
+    pool: WorkerPool,
+    worker: Worker,
+    http: HTTPClient,
+    clock: IReactorTime,
+    timeout: float = 5.0,
+) -> bool:
+    """
+    Learn what a worker serves from C{GET {url}/v1/models} (C{data[0].task_type}
+    and C{data[0].id}) and record it with L{WorkerPool.set_capabilities}.
+
+    Never raises: a worker that cannot tell us is logged and left as it was
+    (an unknown task type already means "not video-capable").
+
+    @return: C{True} iff a model card was read and recorded.
+    """
+    try:
+        d = Deferred.fromCoroutine(_fetch_capabilities(http, worker.url))
+        task_type, model_id = await with_deadline(d, timeout, clock)
+    except Exception as e:  # never raise: the caller only wants to know if it worked
+        reason = str(e) if isinstance(e, _BadModelCard) else describe_failure(Failure(), timeout)
+        _log.warn(
+            "could not read capabilities of worker {worker}: {reason}",
+            worker=worker.url,
+            reason=reason,
+        )
+        return False
+    try:
+        changed = (worker.task_type, worker.model_id) != (task_type, model_id)
+        pool.set_capabilities(worker, task_type=task_type, model_id=model_id)
+    except Exception:
+        _log.failure("recording capabilities of worker {worker} failed", worker=worker.url)
+        return False
+    if changed:
+        _log.info(
+            "worker {worker} serves {model_id} (task type {task_type}, video: {video})",
+            worker=worker.url,
+            model_id=model_id,
+            task_type=task_type,
+            video=worker.video_support,
+        )
+    return True
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+class _Probe:
+    """A probe in flight, and whether its outcome still counts."""
+
+    def __init__(self, deferred: Deferred[Any]) -> None:
+        self.deferred = deferred
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """Stop waiting (service stopping); whatever happens is not counted."""
+        self.abandoned = True
+        self.deferred.cancel()
+
+
+class HealthChecker(Service):
+    """
+    Probes C{GET {url}/health} of every routable worker every C{interval}
+    seconds and quarantines a worker after C{failure_threshold} consecutive
+    failures.
+
+    Quarantined (dead) workers are not probed and never re-admitted here: a
+    worker that was away may have missed a weight update, so only an operator
+    (C{PUT /workers/{id}} C{is_dead=false}) brings it back. Sleeping workers
+    are not probed either; they get no traffic, and the wake broadcast tells
+    whether they are back.
+
+    A worker whose model card is still unknown (registered before it was up)
+    has it fetched after its first successful probe, and again after it
+    recovers from failed probes, so C{video_support} does not stay false
+    for want of a retry.
+
+    @ivar interval: seconds between rounds.
+    @ivar failure_threshold: consecutive failures that quarantine a worker.
+    @ivar probe_timeout: limit for one probe (request and body).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        http: HTTPClient,
+        clock: IReactorTime,
+        *,
+        interval: float,
+        failure_threshold: int,
+        probe_timeout: float = 5.0,
+        on_quarantine: Callable[[Worker, str], None] | None = None,
+        fetch_missing_capabilities: bool = True,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"health check interval must be positive, not {interval!r}")
+        if failure_threshold < 1:
+            raise ValueError(
+                f"health check failure threshold must be at least 1, not {failure_threshold!r}"
+            )
+        if probe_timeout <= 0:
+            raise ValueError(f"health probe timeout must be positive, not {probe_timeout!r}")
+        self._pool = pool
+        self._http = http
+        self._clock = clock
+        self.interval = interval
+        self.failure_threshold = failure_threshold
+        self.probe_timeout = probe_timeout
+        self._on_quarantine = on_quarantine
+        self._fetch_missing_capabilities = fetch_missing_capabilities
+        self._loop: LoopingCall | None = None
+        self._loop_done: Deferred[None] | None = None
+        #: Probes in flight, so a manual L{check_all} during a round does not
+        #: probe (and count) a worker twice, and L{stopService} can cancel them.
+        self._probes: dict[Worker, _Probe] = {}
+        #: Workers whose capabilities we already tried to fetch on our own.
+        self._capabilities_tried: WeakSet[Worker] = WeakSet()
+
+    # -- service --------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start probing now, then every C{interval} seconds."""
+        super().startService()
+        loop = LoopingCall(self.check_all)
+        loop.clock = self._clock
+        self._loop = loop
+        done = loop.start(self.interval, now=True)
+        self._loop_done = done.addCallbacks(lambda _: None, self._loop_failed)
+
+    def stopService(self) -> Deferred[None] | None:
+        """
+        Stop the loop and cancel probes in flight (their outcome is not
+        counted). The Deferred fires once the loop has let go.
+        """
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        for probe in list(self._probes.values()):
+            probe.abandon()
+        done, self._loop_done = self._loop_done, None
+        return done
+
+    def _loop_failed(self, failure: Failure) -> None:
+        # check_all never fails, so this is a bug; say so loudly.
+        self.log.failure("health check loop stopped unexpectedly", failure)
+
+    # -- probing --------------------------------------------------------
+
+    def check_all(self) -> Deferred[None]:
+        """
+        Probe every routable worker concurrently.
+
+        @return: a Deferred that fires with C{None} when every probe has
+            finished or timed out; it never fails.
+        """
+        try:
+            probes = []
+            for worker in self._pool:
+                if worker.is_dead or worker.is_sleeping or worker in self._probes:
+                    continue
+                probes.append(self._probe(worker))
+        except Exception:
+            self.log.failure("starting a health check round failed")
+            return succeed(None)
+        if not probes:
+            return succeed(None)
+        round_done: Deferred[Any] = DeferredList(probes, consumeErrors=True)
+        round_done.addCallbacks(lambda _: None, self._round_failed)
+        return round_done
+
+    def _round_failed(self, failure: Failure) -> None:
+        self.log.failure("health check round failed", failure)
+
+    def _probe(self, worker: Worker) -> Deferred[None]:
+        """One probe; its Deferred never fails."""
+        d: Deferred[Any] = with_deadline(
+            Deferred.fromCoroutine(self._get_health(worker)), self.probe_timeout, self._clock
+        )
+        probe = _Probe(d)
+        d.addCallbacks(
+            self._answered,
+            self._not_answered,
+            callbackArgs=(worker, probe),
+            errbackArgs=(worker, probe),
+        )
+        d.addErrback(self._probe_crashed, worker)
+        self._probes[worker] = probe
+
+        def forget(result: object) -> None:
+            if self._probes.get(worker) is probe:
+                del self._probes[worker]
+
+        d.addBoth(forget)
+        return d
+
+    async def _get_health(self, worker: Worker) -> int:
+        response = await self._http.get(
+            worker.url + "/health", allow_redirects=False, unbuffered=True
+        )
+        # Read the body to the end even though we ignore it: only then does
+        # the connection go back to the pool.
+        await read_body(response, _discard)
+        return int(response.code)
+
+    def _is_current(self, worker: Worker) -> bool:
+        """Whether a probe result still concerns a worker we should judge."""
+        return worker in self._pool and not worker.is_dead
+
+    def _answered(self, code: int, worker: Worker, probe: _Probe) -> Deferred[None] | None:
+        if probe.abandoned or not self._is_current(worker):
+            return None
+        if code != 200:
+            self._failed(worker, f"HTTP {code}")
+            return None
+        previous_failures = worker.consecutive_failures
+        self._pool.record_probe_success(worker)
+        if previous_failures:
+            self.log.info(
+                "worker {worker} passed its health check again after {failures} failure(s)",
+                worker=worker.url,
+                failures=previous_failures,
+            )
+        wants_card = worker.task_type is None and (
+            previous_failures or worker not in self._capabilities_tried
+        )
+        if self._fetch_missing_capabilities and wants_card and not worker.is_sleeping:
+            self._capabilities_tried.add(worker)
+            d = Deferred.fromCoroutine(
+                refresh_capabilities(
+                    self._pool, worker, self._http, self._clock, self.probe_timeout
+                )
+            )
+            return d.addCallback(lambda _: None)
+        return None
+
+    def _not_answered(self, failure: Failure, worker: Worker, probe: _Probe) -> None:
+        if probe.abandoned or not self._is_current(worker):
+            # Cancelled by stopService (not the worker's fault), or about a
+            # worker that was removed or quarantined meanwhile.
+            return None
+        self._failed(worker, describe_failure(failure, self.probe_timeout))
+        return None
+
+    def _failed(self, worker: Worker, reason: str) -> None:
+        became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
+        if not became_dead:
+            self.log.warn(
+                "worker {worker} failed health check ({failures}/{threshold}): {reason}",
+                worker=worker.url,
+                failures=worker.consecutive_failures,
+                threshold=self.failure_threshold,
+                reason=reason,
+            )
+            return
+        self.log.error(
+            "worker {worker} quarantined after {failures} failed health checks: {reason}",
+            worker=worker.url,
+            failures=worker.consecutive_failures,
+            reason=reason,
+        )
+        if self._on_quarantine is not None:
+            try:
+                self._on_quarantine(worker, reason)
+            except Exception:
+                self.log.failure("quarantine hook failed for worker {worker}", worker=worker.url)
+
+    def _probe_crashed(self, failure: Failure, worker: Worker) -> None:
+        # A bug in our own bookkeeping; the loop must survive it anyway.
+        self.log.failure("health check of worker {worker} failed", failure, worker=worker.url)

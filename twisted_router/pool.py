@@ -1,0 +1,376 @@
+# -*- test-case-name: tests.unit.test_pool -*-
+"""
+The worker registry and each worker's state.
+
+Pure bookkeeping: no I/O and no reactor, so every rule here (who is routable,
+when a worker is quarantined, that an in-flight count is released exactly
+once) is tested without a network. Everything runs on the reactor thread, so
+there are no locks; the only concurrency hazard left is a count that is taken
+on one code path and released on another, which is why in-flight counting is
+only available through L{WorkerPool.lease}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote
+
+from twisted_router.urls import (
+    WorkerURLError,
+    display_id_for,
+    normalize_worker_url,
+    worker_id_for,
+)
+
+__all__ = [
+    "VIDEO_INCAPABLE_TASK_TYPES",
+    "Lease",
+    "UnknownWorker",
+    "Worker",
+    "WorkerPool",
+]
+
+#: Task types (C{/v1/models} C{data[0].task_type}) whose workers cannot serve
+#: C{/v1/videos}: the image types, and C{I2M} (image-to-mesh), which an
+#: earlier router wrongly counted as video-capable.
+VIDEO_INCAPABLE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I", "I2M"})
+
+
+@dataclass(eq=False)
+class Worker:
+    """
+    One registered worker and everything the router knows about it.
+
+    Compared and hashed by identity (C{eq=False}): a worker removed and
+    registered again is a new object, so a lease or probe still holding the
+    old one can never touch the new one's counters.
+
+    @ivar url: canonical C{scheme://host:port}.
+    @ivar worker_id: C{url} fully percent-encoded; the id in C{/workers/{id}}.
+    @ivar display_id: C{host:port}, for humans.
+    @ivar active_requests: requests in flight now; only L{WorkerPool.lease}
+        changes it.
+    @ivar consecutive_failures: failed health probes since the last success.
+    @ivar is_dead: quarantined; gets no traffic and is no longer probed until
+        an operator re-admits it (it may hold stale weights).
+    @ivar is_sleeping: memory released (C{/release_memory_occupation}); gets
+        no traffic until woken.
+    @ivar task_type: C{data[0].task_type} of the worker's C{/v1/models}.
+    @ivar model_id: C{data[0].id} of the worker's C{/v1/models}.
+    @ivar total_requests: requests ever dispatched to it.
+    @ivar failed_requests: dispatched requests that failed in transport
+        (unreachable, dropped, timed out), as recorded by the app.
+    """
+
+    url: str
+    worker_id: str
+    display_id: str
+    active_requests: int = 0
+    consecutive_failures: int = 0
+    is_dead: bool = False
+    dead_reason: str | None = None
+    is_sleeping: bool = False
+    task_type: str | None = None
+    model_id: str | None = None
+    total_requests: int = 0
+    failed_requests: int = 0
+    registered_at: float = field(default_factory=time.time)
+    last_probe_ok_at: float | None = None
+    last_error: str | None = None
+
+    @classmethod
+    def for_url(cls, url: str, *, registered_at: float | None = None) -> Worker:
+        """
+        Build a worker for an already-normalised URL, deriving both ids, so
+        the three names can never disagree.
+        """
+        worker = cls(url=url, worker_id=worker_id_for(url), display_id=display_id_for(url))
+        if registered_at is not None:
+            worker.registered_at = registered_at
+        return worker
+
+    @property
+    def video_support(self) -> bool:
+        """
+        Whether C{/v1/videos} may go here. Unknown task type means no: sending
+        a video job to an image worker fails, refusing it up front does not.
+        """
+        return self.task_type is not None and self.task_type not in VIDEO_INCAPABLE_TASK_TYPES
+
+    @property
+    def routable(self) -> bool:
+        """Whether new requests may be sent here."""
+        return not self.is_dead and not self.is_sleeping
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON-able C{/workers} representation (the first keys are the ones existing scripts read)."""
+        return {
+            "worker_id": self.worker_id,
+            "display_id": self.display_id,
+            "url": self.url,
+            "active_requests": self.active_requests,
+            "is_dead": self.is_dead,
+            "is_sleeping": self.is_sleeping,
+            "consecutive_failures": self.consecutive_failures,
+            "video_support": self.video_support,
+            "dead_reason": self.dead_reason,
+            "task_type": self.task_type,
+            "model_id": self.model_id,
+            "total_requests": self.total_requests,
+            "failed_requests": self.failed_requests,
+            "last_error": self.last_error,
+            "registered_at": self.registered_at,
+            "last_probe_ok_at": self.last_probe_ok_at,
+        }
+
+
+class UnknownWorker(KeyError):
+    """No worker in the pool matches the given id or URL."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument; make it a sentence.
+        return f"Worker not found: {self.key!r}"
+
+
+class Lease:
+    """
+    One in-flight request on one worker, as a context manager.
+
+    The count is taken on C{__enter__} and given back exactly once, on
+    C{__exit__} or L{release}, whichever comes first, on every path: normal
+    exit, exception, C{GeneratorExit}/cancellation of an enclosing coroutine.
+    A leaked count would make least-request avoid a healthy worker forever.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._entered = False
+        self._released = False
+
+    def __enter__(self) -> Worker:
+        if self._entered:
+            raise RuntimeError("a Lease can only be entered once")
+        self._entered = True
+        self.worker.active_requests += 1
+        self.worker.total_requests += 1
+        return self.worker
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @property
+    def released(self) -> bool:
+        """Whether the count has been given back."""
+        return self._released
+
+    def release(self) -> None:
+        """
+        Give the count back now (idempotent), for callback-style code where
+        the request ends outside the C{with} block's frame.
+        """
+        if not self._entered or self._released:
+            return
+        self._released = True
+        # Never below zero, even if something else has already reset it.
+        self.worker.active_requests = max(0, self.worker.active_requests - 1)
+
+
+class WorkerPool:
+    """
+    The registry: workers in registration order, keyed by canonical URL.
+
+    @param now: the clock for timestamps (C{time.time} by default); tests
+        inject a fake one.
+    """
+
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        self._now = now
+        # dicts keep insertion order, which is the registration order.
+        self._workers: dict[str, Worker] = {}
+
+    # -- membership -----------------------------------------------------
+
+    def add(self, raw_url: str) -> tuple[Worker, bool]:
+        """
+        Register a worker, idempotently.
+
+        @return: C{(worker, created)}; C{created} is C{False} when the URL (in
+            any spelling) is already registered, and the existing worker,
+            with its state, is returned.
+        @raise WorkerURLError: the URL is invalid or blocked.
+        """
+        url = normalize_worker_url(raw_url)
+        existing = self._workers.get(url)
+        if existing is not None:
+            return existing, False
+        worker = Worker.for_url(url, registered_at=self._now())
+        self._workers[url] = worker
+        return worker, True
+
+    def remove(self, key: str) -> Worker:
+        """
+        Deregister a worker; leases and probes still holding it finish
+        harmlessly on the detached object.
+
+        @param key: a worker id (percent-encoded URL, as in
+            C{/workers/{worker_id}}), or a URL in any spelling, or a unique
+            C{display_id}.
+        @raise UnknownWorker: nothing matches.
+        """
+        worker = self.get(key)
+        if worker is None:
+            raise UnknownWorker(key)
+        del self._workers[worker.url]
+        return worker
+
+    def get(self, key: str) -> Worker | None:
+        """
+        Find a worker by id, URL or unique display id (see L{remove});
+        C{None} if nothing matches. Never raises on a malformed key, because
+        keys come straight from request paths.
+        """
+        if not isinstance(key, str):
+            return None
+        found = self._workers.get(key)
+        if found is not None:
+            return found
+        for candidate in (unquote(key), key):
+            try:
+                url = normalize_worker_url(candidate)
+            except WorkerURLError:
+                continue
+            found = self._workers.get(url)
+            if found is not None:
+                return found
+        stripped = key.strip()
+        by_display = [w for w in self._workers.values() if w.display_id == stripped]
+        if len(by_display) == 1:
+            return by_display[0]
+        return None
+
+    def __iter__(self) -> Iterator[Worker]:
+        # Iterate over a snapshot, so callers may add or remove while iterating.
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __contains__(self, item: object) -> bool:
+        """A L{Worker} is in the pool only if it is I{this} registration of its URL."""
+        if isinstance(item, Worker):
+            return self._workers.get(item.url) is item
+        if isinstance(item, str):
+            return self.get(item) is not None
+        return False
+
+    def workers(self) -> list[Worker]:
+        """All workers, in registration order."""
+        return list(self._workers.values())
+
+    def routable(self, *, video: bool = False) -> list[Worker]:
+        """
+        Workers that may take a new request now, in registration order.
+
+        @param video: only those that can serve C{/v1/videos}.
+        """
+        return [w for w in self._workers.values() if w.routable and (not video or w.video_support)]
+
+    # -- load -----------------------------------------------------------
+
+    def lease(self, worker: Worker) -> Lease:
+        """
+        Count one in-flight request on C{worker} for the duration of a
+        C{with} block (see L{Lease}). Works on a worker removed meanwhile.
+        """
+        return Lease(worker)
+
+    def record_request_failure(self, worker: Worker, reason: str) -> None:
+        """
+        Note a dispatched request that failed in transport (the worker did not
+        answer), for C{/workers} and metrics.
+        """
+        worker.failed_requests += 1
+        worker.last_error = reason
+
+    # -- health ---------------------------------------------------------
+
+    def record_probe_success(self, worker: Worker) -> None:
+        """A health probe answered 200: the failure streak is over."""
+        worker.consecutive_failures = 0
+        worker.last_probe_ok_at = self._now()
+
+    def record_probe_failure(self, worker: Worker, reason: str, threshold: int) -> bool:
+        """
+        A health probe failed; quarantine the worker when the streak reaches
+        C{threshold}.
+
+        A sleeping worker's failures are counted but never quarantine it:
+        quarantine is sticky (only an operator lifts it), and a worker that is
+        releasing or restoring memory is in transition; it gets no traffic
+        anyway, and a failed wake shows the problem.
+
+        @return: C{True} iff the worker became dead because of this failure.
+        """
+        worker.consecutive_failures += 1
+        worker.last_error = reason
+        if worker.is_dead or worker.is_sleeping:
+            return False
+        if worker.consecutive_failures >= max(1, threshold):
+            return self.quarantine(
+                worker,
+                f"failed {worker.consecutive_failures} consecutive health checks (last: {reason})",
+            )
+        return False
+
+    def quarantine(self, worker: Worker, reason: str) -> bool:
+        """
+        Take a worker out of rotation until an operator re-admits it.
+
+        @return: C{True} iff it was not already dead (the first reason is
+            kept, because it is the one that explains the outage).
+        """
+        if worker.is_dead:
+            return False
+        worker.is_dead = True
+        worker.dead_reason = reason
+        return True
+
+    def readmit(self, worker: Worker) -> None:
+        """Put a quarantined worker back in rotation with a clean failure streak."""
+        worker.is_dead = False
+        worker.dead_reason = None
+        worker.consecutive_failures = 0
+
+    def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
+        """Record a successful sleep (C{True}) or wake (C{False}) broadcast."""
+        worker.is_sleeping = sleeping
+
+    def set_capabilities(
+        self, worker: Worker, *, task_type: str | None, model_id: str | None
+    ) -> None:
+        """Record what the worker's C{/v1/models} card says it serves."""
+        worker.task_type = task_type
+        worker.model_id = model_id
+
+    def counts(self) -> dict[str, int]:
+        """The numbers C{GET /health} reports."""
+        workers = list(self._workers.values())
+        return {
+            "healthy_workers": sum(1 for w in workers if w.routable),
+            "total_workers": len(workers),
+            "dead_workers": sum(1 for w in workers if w.is_dead),
+            "sleeping_workers": sum(1 for w in workers if w.is_sleeping),
+        }

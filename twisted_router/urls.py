@@ -1,0 +1,367 @@
+# -*- test-case-name: tests.unit.test_urls -*-
+"""
+Validate and normalise worker URLs.
+
+A worker URL is an address the router will connect to on behalf of whoever
+registered it, so C{POST /workers} is a server-side request forgery vector:
+without these rules anyone who can reach the admin API could point the router
+at a cloud metadata service and read credentials through the catch-all proxy.
+The rules are therefore strict and explain themselves, because their messages
+go straight into a C{400} JSON error.
+
+Everything here is pure: no DNS resolution, no I/O. A name that I{resolves}
+to a blocked address is not caught here; that needs egress rules on the host.
+
+The canonical form is C{scheme://host:port}: scheme and host lowercased, IPv6
+literals compressed and in brackets, numeric IPv4 spellings (C{2130706433},
+C{0x7f.1}) rewritten as dotted quads, an explicit port, and nothing else. Two
+spellings of one worker therefore always map to one registry entry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from urllib.parse import quote, urlsplit
+
+__all__ = [
+    "BlockedWorkerURL",
+    "WorkerURLError",
+    "display_id_for",
+    "normalize_worker_url",
+    "worker_id_for",
+]
+
+_ALLOWED_SCHEMES = ("http", "https")
+
+#: Longest URL we accept; far beyond any real worker address, short enough
+#: that a hostile value cannot bloat error messages or logs.
+_MAX_URL_LENGTH = 2048
+
+#: Host names that are cloud instance-metadata endpoints. Matched after
+#: lowercasing and dropping a trailing dot (C{"metadata."} is the same name).
+_BLOCKED_HOSTNAMES = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata.azure.internal",
+        "metadata.azure.com",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+
+#: C{metadata.<anything>.internal} and C{instance-data.<anything>.internal}
+#: are the naming pattern every cloud uses for its metadata service.
+_BLOCKED_HOSTNAME_PATTERN = re.compile(r"^(metadata|instance-data)(\.[a-z0-9-]+)*\.internal$")
+
+#: Networks that are never a legitimate worker and that reach either the
+#: host's own metadata service or something that is not a single host.
+_BLOCKED_NETWORKS: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = (
+    (ipaddress.ip_network("169.254.0.0/16"), "a link-local address (cloud metadata lives here)"),
+    (ipaddress.ip_network("fe80::/10"), "a link-local address"),
+    (ipaddress.ip_network("fd00:ec2::254/128"), "the AWS instance metadata address"),
+    (ipaddress.ip_network("100.100.100.200/32"), "the Alibaba Cloud metadata address"),
+    (ipaddress.ip_network("192.0.0.192/32"), "the Oracle Cloud metadata address"),
+    (ipaddress.ip_network("0.0.0.0/8"), "an unspecified ('this network') address"),
+    (ipaddress.ip_network("::/128"), "the unspecified address"),
+    (ipaddress.ip_network("255.255.255.255/32"), "the broadcast address"),
+    (ipaddress.ip_network("224.0.0.0/4"), "a multicast address"),
+    (ipaddress.ip_network("ff00::/8"), "a multicast address"),
+)
+
+#: The NAT64 well-known prefix embeds an IPv4 address in its low 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+_HOSTNAME_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_IPV4_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
+
+
+class _AmbiguousIPv4(Exception):
+    """A numeric host with a leading-zero (octal to a resolver) component."""
+
+
+class WorkerURLError(ValueError):
+    """
+    A worker URL that cannot be used.
+
+    C{str(error)} is a complete, user-facing sentence naming the URL and what
+    is wrong with it; the HTTP layer returns it verbatim in a C{400}.
+    """
+
+
+class BlockedWorkerURL(WorkerURLError):
+    """
+    A well-formed worker URL that points somewhere the router must never
+    connect to (cloud metadata, link-local, unspecified, multicast).
+
+    Scripts match on the word C{blocked} in the message, so it always has it.
+    """
+
+
+def _show(raw: str) -> str:
+    """Quote a user-supplied value for an error message, cut to a sane length."""
+    if len(raw) > 200:
+        raw = raw[:200] + "..."
+    return repr(raw)
+
+
+def _parse_ipv4_number(part: str) -> int | None:
+    """
+    Parse one component of a numeric IPv4 host the way C{inet_aton} does
+    (decimal or C{0x} hex), since that is how the resolver used at connect
+    time reads it; C{None} if it is not a number.
+
+    @raise _AmbiguousIPv4: a leading zero (octal to C{inet_aton}).
+    """
+    if not _IPV4_NUMBER.match(part):
+        return None
+    if part[:2].lower() == "0x":
+        return int(part[2:], 16) if len(part) > 2 else 0
+    if len(part) > 1 and part.startswith("0"):
+        # inet_aton reads "010" as octal 8, a person means 10: refuse rather
+        # than guess either way.
+        raise _AmbiguousIPv4()
+    return int(part, 10)
+
+
+def _ends_in_number(host: str) -> bool:
+    """
+    Whether a host must be read as an IPv4 address (the WHATWG rule: its last
+    label is numeric). No DNS name ends in an all-numeric label, and resolvers
+    turn such hosts into addresses, so they are validated as addresses too.
+    """
+    last = host.rsplit(".", 1)[-1] if host else ""
+    return bool(_IPV4_NUMBER.match(last))
+
+
+def _parse_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """
+    Parse the C{inet_aton} spellings of an IPv4 address (C{127.1},
+    C{2130706433}, C{0x7f.0.0.1}); C{None} if it is not one. Refusing them
+    instead would not be safer: the resolver would still accept them, and
+    only by parsing them can the blocking rules see the real address.
+    """
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    numbers = [_parse_ipv4_number(p) for p in parts]
+    if any(n is None for n in numbers):
+        return None
+    values = [n for n in numbers if n is not None]
+    *head, last = values
+    if any(n > 255 for n in head) or last >= 256 ** (5 - len(values)):
+        return None
+    value = 0
+    for n in head:
+        value = value * 256 + n
+    value = value * 256 ** (5 - len(values)) + last
+    return ipaddress.IPv4Address(value)
+
+
+def _blocked_reason(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why C{address} is refused, or C{None} if it may be a worker."""
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address tunnelled through an IPv6 spelling reaches the same
+        # host, so it must meet the same rules.
+        if address.ipv4_mapped is not None:
+            candidates.append(address.ipv4_mapped)
+        if address in _NAT64:
+            candidates.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    for candidate in candidates:
+        for network, why in _BLOCKED_NETWORKS:
+            if candidate.version == network.version and candidate in network:
+                return why
+    return None
+
+
+def _split_host_port(netloc: str, raw: str) -> tuple[str, str]:
+    """Split C{host:port} (C{[v6]:port} for IPv6) without trusting urlsplit's port parsing."""
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        if end == -1:
+            raise WorkerURLError(f"invalid worker URL {_show(raw)}: unterminated IPv6 literal")
+        host, rest = netloc[: end + 1], netloc[end + 1 :]
+        if not rest:
+            raise WorkerURLError(
+                f"invalid worker URL {_show(raw)}: an explicit port is required "
+                "(e.g. http://[::1]:30000)"
+            )
+        if not rest.startswith(":"):
+            raise WorkerURLError(f"invalid worker URL {_show(raw)}: unexpected text after the host")
+        return host, rest[1:]
+    host, sep, port = netloc.rpartition(":")
+    if not sep:
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: an explicit port is required "
+            "(e.g. http://127.0.0.1:30000)"
+        )
+    if ":" in host:
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: IPv6 addresses must be in brackets "
+            "(e.g. http://[::1]:30000)"
+        )
+    return host, port
+
+
+def _normalize_port(port: str, raw: str) -> int:
+    # str.isdigit() alone accepts non-ASCII digits, and int() accepts "+80"
+    # and "8_0"; neither is a port anyone meant.
+    if not port:
+        raise WorkerURLError(f"invalid worker URL {_show(raw)}: an explicit port is required")
+    if not (port.isascii() and port.isdigit()):
+        raise WorkerURLError(f"invalid worker URL {_show(raw)}: port {_show(port)} is not a number")
+    value = int(port)
+    if not 1 <= value <= 65535:
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: port {_show(port)} is out of range (1-65535)"
+        )
+    return value
+
+
+def _normalize_host(host: str, raw: str) -> str:
+    """Return the canonical spelling of C{host}, or raise; blocking is applied here too."""
+    if host.startswith("["):
+        literal = host[1:-1]
+        if "%" in literal:
+            raise WorkerURLError(
+                f"invalid worker URL {_show(raw)}: IPv6 zone identifiers are not supported"
+            )
+        try:
+            v6 = ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise WorkerURLError(
+                f"invalid worker URL {_show(raw)}: {_show(literal)} is not an IPv6 address"
+            ) from None
+        why = _blocked_reason(v6)
+        if why is not None:
+            raise BlockedWorkerURL(f"worker URL {_show(raw)} is blocked: {v6} is {why}")
+        if v6.ipv4_mapped is not None:
+            # Spell IPv4-mapped addresses the readable way, the same on every
+            # Python version.
+            return f"[::ffff:{v6.ipv4_mapped}]"
+        return f"[{v6.compressed}]"
+
+    if not host:
+        raise WorkerURLError(f"invalid worker URL {_show(raw)}: the host is missing")
+    if not host.isascii():
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: non-ASCII host names are not supported "
+            "(use the punycode form or an IP address)"
+        )
+    host = host.lower()
+    # "name." and "name" are the same DNS name; keep one spelling.
+    if host.endswith(".") and len(host) > 1:
+        host = host[:-1]
+
+    if _ends_in_number(host):
+        try:
+            v4 = _parse_ipv4(host)
+        except _AmbiguousIPv4:
+            raise WorkerURLError(
+                f"invalid worker URL {_show(raw)}: {_show(host)} has components with leading "
+                "zeros, which resolvers read as octal; write the address without them"
+            ) from None
+        if v4 is None:
+            raise WorkerURLError(
+                f"invalid worker URL {_show(raw)}: {_show(host)} is not a valid IPv4 address"
+            )
+        why = _blocked_reason(v4)
+        if why is not None:
+            raise BlockedWorkerURL(f"worker URL {_show(raw)} is blocked: {v4} is {why}")
+        return str(v4)
+
+    labels = host.split(".")
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: {_show(host)} is not a valid host name"
+        )
+    if host in _BLOCKED_HOSTNAMES or _BLOCKED_HOSTNAME_PATTERN.match(host):
+        raise BlockedWorkerURL(
+            f"worker URL {_show(raw)} is blocked: {host} is a cloud metadata host name"
+        )
+    return host
+
+
+def normalize_worker_url(raw: str) -> str:
+    """
+    Validate a worker URL and return its canonical C{scheme://host:port} form.
+
+    @param raw: what the operator or script supplied (surrounding whitespace
+        is ignored).
+    @return: the canonical URL; calling this again on it returns it unchanged.
+    @raise BlockedWorkerURL: the URL is well formed but points at a metadata,
+        link-local, unspecified, broadcast or multicast address.
+    @raise WorkerURLError: anything else is wrong with it.
+    """
+    if not isinstance(raw, str):
+        raise WorkerURLError(f"worker URL must be a string, not {type(raw).__name__}")
+    raw = raw.strip()
+    if not raw:
+        raise WorkerURLError("worker URL is empty")
+    if len(raw) > _MAX_URL_LENGTH:
+        raise WorkerURLError(f"worker URL is too long ({len(raw)} characters)")
+    # urlsplit silently deletes tabs and newlines; refuse them (and any other
+    # whitespace or control character) so what we store is what was meant.
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: whitespace and control characters are not allowed"
+        )
+
+    scheme, sep, _ = raw.partition("://")
+    if not sep:
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: it must start with http:// or https:// "
+            "(e.g. http://127.0.0.1:30000)"
+        )
+    scheme = scheme.lower()
+    if scheme not in _ALLOWED_SCHEMES:
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: scheme {_show(scheme)} is not supported "
+            "(use http or https)"
+        )
+
+    try:
+        parts = urlsplit(raw)
+    except ValueError as e:
+        raise WorkerURLError(f"invalid worker URL {_show(raw)}: {e}") from None
+
+    if "@" in parts.netloc:
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: credentials (user:password@) are not allowed"
+        )
+    if parts.path not in ("", "/"):
+        raise WorkerURLError(
+            f"invalid worker URL {_show(raw)}: a path ({_show(parts.path)}) is not allowed; "
+            "give only scheme://host:port"
+        )
+    if "?" in raw:
+        raise WorkerURLError(f"invalid worker URL {_show(raw)}: a query string is not allowed")
+    if "#" in raw:
+        raise WorkerURLError(f"invalid worker URL {_show(raw)}: a fragment is not allowed")
+
+    host, port = _split_host_port(parts.netloc, raw)
+    port_number = _normalize_port(port, raw)
+    canonical_host = _normalize_host(host, raw)
+    return f"{scheme}://{canonical_host}:{port_number}"
+
+
+def worker_id_for(url: str) -> str:
+    """
+    The worker's id in the admin API: its canonical URL, percent-encoded
+    entirely (C{safe=""}) so that it is one path segment in
+    C{/workers/{worker_id}} and C{unquote(worker_id) == url}.
+    """
+    return quote(url, safe="")
+
+
+def display_id_for(url: str) -> str:
+    """
+    A short human label, C{host:port} (C{[::1]:8000} for IPv6), for logs,
+    metrics labels and dashboards. Not unique across schemes; use the
+    worker id for lookups.
+    """
+    netloc = urlsplit(url.strip()).netloc
+    return netloc.rpartition("@")[2]
