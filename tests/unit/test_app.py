@@ -1,0 +1,492 @@
+"""
+The router's HTTP surface, in memory: a real Router over fake workers, driven
+through StubTreq, on a fake clock.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+import pytest
+from twisted.web.server import Request
+
+from tests.support.deferreds import assert_no_result, success_result_of
+from tests.support.fleet import Fleet, RouterHarness, json_answer
+
+
+def make(n: int = 2, *, task_types: tuple[str, ...] = (), **config: object) -> tuple[RouterHarness, list]:
+    fleet = Fleet()
+    harness = RouterHarness(fleet, **config)
+    workers = []
+    for i in range(n):
+        task_type = task_types[i] if i < len(task_types) else "T2I"
+        url, worker = fleet.add(f"w{i}", task_type=task_type)
+        harness.register(url)
+        workers.append(worker)
+    return harness, workers
+
+
+def served_by(response: object) -> str:
+    return response.headers.getRawHeaders(b"x-worker-id")[0].decode()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- health and registry
+
+
+def test_health_with_no_workers_is_503() -> None:
+    h, _ = make(0)
+    code, body = h.json("GET", "/health")
+    assert code == 503
+    assert body == {
+        "status": "unhealthy",
+        "healthy_workers": 0,
+        "total_workers": 0,
+        "dead_workers": 0,
+        "sleeping_workers": 0,
+    }
+
+
+def test_health_counts_workers() -> None:
+    h, _ = make(3)
+    h.pool.workers()[0].is_dead = True
+    h.pool.workers()[1].is_sleeping = True
+    code, body = h.json("GET", "/health")
+    assert code == 200
+    assert body["status"] == "healthy"
+    assert (body["healthy_workers"], body["dead_workers"], body["sleeping_workers"]) == (1, 1, 1)
+
+
+def test_register_worker_by_query_and_json_and_probe_capabilities() -> None:
+    h, _ = make(0)
+    url_a, _ = h.fleet.add("a", task_type="T2V")
+    url_b, _ = h.fleet.add("b")
+    code, body = h.json("POST", f"/workers?url={url_a}/")
+    assert code == 200 and body["status"] == "success"
+    worker = body["worker"]
+    assert worker["url"] == url_a
+    assert worker["worker_id"] == quote(url_a, safe="")
+    assert worker["display_id"] == "a:8000"
+    assert worker["video_support"] is True
+    assert worker["active_requests"] == 0 and worker["is_dead"] is False
+    code, body = h.json("POST", "/workers", json={"worker_url": url_b})
+    assert code == 200 and body["worker"]["video_support"] is False
+    code, body = h.json("GET", "/workers")
+    assert [w["url"] for w in body["workers"]] == [url_a, url_b]
+    # registering again is idempotent
+    code, body = h.json("POST", "/workers", json={"url": url_a})
+    assert code == 200 and len(h.pool) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({}, "worker_url is required (use query ?url=... or JSON body)"),
+        ({"data": b"{not json"}, "Invalid JSON body"),
+        ({"data": b"[1, 2]"}, "Invalid JSON body"),
+        ({"json": {"url": "ftp://x:1"}}, "http"),
+        ({"json": {"url": "http://169.254.169.254:80"}}, "blocked"),
+        ({"json": {"url": "http://h:1/path"}}, "path"),
+    ],
+)
+def test_register_rejects_bad_input_without_registering(kwargs: dict, needle: str) -> None:
+    h, _ = make(0)
+    code, body = h.json("POST", "/workers", **kwargs)
+    assert code == 400
+    assert needle in body["error"]
+    assert len(h.pool) == 0
+
+
+def test_get_put_delete_worker_by_encoded_id() -> None:
+    h, _ = make(1)
+    wid = h.pool.workers()[0].worker_id
+    code, body = h.json("GET", f"/workers/{wid}")
+    assert code == 200 and body["worker"]["worker_id"] == wid
+    code, body = h.json("PUT", f"/workers/{wid}", json={"is_dead": True})
+    assert code == 200 and body["worker"]["is_dead"] is True
+    assert body["worker"]["dead_reason"] == "marked dead by operator"
+    code, body = h.json("PUT", f"/workers/{wid}", json={"is_dead": False, "refresh_video_support": True})
+    assert code == 200 and body["worker"]["is_dead"] is False
+    code, body = h.json("DELETE", f"/workers/{wid}")
+    assert (code, body) == (200, {"status": "success", "worker_id": wid})
+    assert len(h.pool) == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"is_dead": "yes"}, {"weight": 1}, {}, [True]],
+)
+def test_put_worker_rejects_anything_but_two_booleans(payload: object) -> None:
+    h, _ = make(1)
+    wid = h.pool.workers()[0].worker_id
+    code, body = h.json("PUT", f"/workers/{wid}", json=payload)
+    assert code == 400 and "error" in body
+    assert h.pool.workers()[0].is_dead is False
+
+
+def test_unknown_worker_is_404() -> None:
+    h, _ = make(1)
+    for method in ("GET", "PUT", "DELETE"):
+        code, body = h.json(method, "/workers/http%3A%2F%2Fnope%3A1", json={"is_dead": True})
+        assert (code, body) == (404, {"error": "Worker not found"})
+
+
+def test_legacy_worker_api() -> None:
+    h, _ = make(0)
+    url, _ = h.fleet.add("a")
+    code, body = h.json("POST", f"/add_worker?url={url}")
+    assert (code, body) == (200, {"status": "success", "worker_urls": [url]})
+    code, body = h.json("GET", "/list_workers")
+    assert body == {"urls": [url]}
+    code, body = h.json("GET", "/health_workers")
+    entry = body["workers"][0]
+    assert {"url", "active_requests", "is_dead", "consecutive_failures"} <= set(entry)
+    code, body = h.json("POST", "/remove_worker", json={"url": url})
+    assert (code, body) == (200, {"status": "success", "worker_urls": []})
+    code, body = h.json("POST", "/remove_worker", json={"url": url})
+    assert (code, body) == (404, {"error": "Worker not found"})
+
+
+# ---------------------------------------------------------------- generation routing
+
+
+def test_generation_with_no_workers_is_503() -> None:
+    h, _ = make(0)
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert (code, body) == (503, {"error": "No workers registered in the pool"})
+
+
+def test_generation_with_only_dead_workers_is_503() -> None:
+    h, _ = make(1)
+    h.pool.workers()[0].is_dead = True
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert (code, body) == (503, {"error": "No healthy workers available in the pool"})
+
+
+def test_all_sleeping_is_immediate_503() -> None:
+    h, _ = make(2)
+    for w in h.pool.workers():
+        w.is_sleeping = True
+    code, body = h.json("POST", "/v1/diffusion/generate", json={"prompt": "x"})
+    assert code == 503 and body["error"].startswith("all workers are sleeping")
+
+
+def test_worker_answer_is_passed_through_untouched() -> None:
+    h, (w0,) = make(1)
+
+    def crash(request: Request) -> bytes:
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Internal Server Error"
+
+    w0.on(b"POST", b"/v1/images/generations", crash)
+    code, body, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 500 and body == b"Internal Server Error"
+    assert response.headers.getRawHeaders(b"content-type") == [b"text/plain; charset=utf-8"]
+    assert h.pool.workers()[0].active_requests == 0
+
+
+def test_request_body_and_raw_query_reach_the_worker() -> None:
+    h, (w0,) = make(1)
+    raw = b'{"prompt": "a cat",  "n": 2}'
+    code, _, _ = h.call(
+        "POST", "/v1/images/generations?x=%2F&y=1", data=raw, headers={"content-type": "application/json"}
+    )
+    assert code == 200
+    seen = w0.seen[-1]
+    assert seen.uri == b"/v1/images/generations?x=%2F&y=1"
+    assert seen.body == raw
+
+
+def test_round_robin_alternates_exactly() -> None:
+    h, _ = make(3, routing_algorithm="round-robin")
+    served = [served_by(h.call("POST", "/v1/images/generations", json={"prompt": "x"})[2]) for _ in range(9)]
+    assert sorted(served) == sorted(["w0", "w1", "w2"] * 3)
+    assert served[:3] != served[3:4] * 3
+
+
+def test_least_request_avoids_the_busy_worker() -> None:
+    h, (w0, w1) = make(2)
+    w0.hold(b"POST", b"/v1/images/generations")
+    w1.hold(b"POST", b"/v1/images/generations")
+    first = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
+    h.pump()
+    busy = [w for w in (w0, w1) if w.held]
+    assert len(busy) == 1
+    second = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
+    h.pump()
+    assert len(w0.held) == 1 and len(w1.held) == 1
+    assert sorted(w.active_requests for w in h.pool.workers()) == [1, 1]
+    for w in (w0, w1):
+        req = w.held.pop()
+        req.write(b"{}")
+        req.finish()
+    h.pump()
+    assert success_result_of(first).code == 200 and success_result_of(second).code == 200
+    assert [w.active_requests for w in h.pool.workers()] == [0, 0]
+
+
+def test_unreachable_worker_is_quarantined_and_request_retried_elsewhere() -> None:
+    h, (w0, w1) = make(2, routing_algorithm="round-robin")
+    h.fleet.down.add("w0:8000")
+    for _ in range(2):
+        code, body, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+        assert code == 200 and served_by(response) == "w1"
+    dead = h.pool.workers()[0]
+    assert dead.is_dead and "unreachable" in dead.dead_reason
+    assert dead.active_requests == 0 and dead.failed_requests == 1
+
+
+def test_single_unreachable_worker_gives_502() -> None:
+    h, _ = make(1)
+    h.fleet.down.add("w0:8000")
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 502 and body["error"].startswith("Worker request failed: ")
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert (code, body) == (503, {"error": "No healthy workers available in the pool"})
+    assert h.pool.workers()[0].active_requests == 0
+
+
+def test_timeout_gives_504_and_releases_the_count() -> None:
+    h, (w0,) = make(1, timeout=30)
+    w0.hold(b"POST", b"/v1/images/generations")
+    d = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
+    h.pump()
+    assert_no_result(d)
+    assert h.pool.workers()[0].active_requests == 1
+    h.clock.advance(31)
+    h.pump()
+    response = success_result_of(d)
+    assert response.code == 504
+    body = json.loads(success_result_of(h.client.content(response)))
+    assert "within 30s" in body["error"]
+    assert h.pool.workers()[0].active_requests == 0
+    assert not h.pool.workers()[0].is_dead  # slow is not dead
+
+
+def test_client_disconnect_releases_the_count() -> None:
+    h, (w0,) = make(1)
+    w0.hold(b"POST", b"/v1/images/generations")
+    d = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
+    h.pump()
+    assert h.pool.workers()[0].active_requests == 1
+    d.cancel()  # the client goes away
+    h.pump()
+    assert h.pool.workers()[0].active_requests == 0
+
+
+def test_catch_all_goes_to_least_loaded_worker() -> None:
+    h, (w0, w1) = make(2)
+    code, body = h.json("POST", "/get_weights_checksum", json={"module_names": None})
+    assert code == 200 and body["path"] == "/get_weights_checksum"
+    code, body = h.json("GET", "/some/unknown/path?q=1")
+    assert code == 200 and body["path"] == "/some/unknown/path"
+
+
+def test_catch_all_without_workers_is_503() -> None:
+    h, _ = make(0)
+    code, body = h.json("GET", "/anything")
+    assert (code, body) == (503, {"error": "No workers registered in the pool"})
+
+
+def test_legacy_generate_goes_to_images_generations() -> None:
+    h, (w0,) = make(1)
+    code, _, _ = h.call("POST", "/generate?a=1", json={"prompt": "x"})
+    assert code == 200 and w0.seen[-1].uri == b"/v1/images/generations?a=1"
+
+
+# ---------------------------------------------------------------- sticky images and videos
+
+
+def test_image_content_goes_to_the_worker_that_made_it() -> None:
+    h, (w0, w1) = make(2, routing_algorithm="round-robin")
+    ids = []
+    for _ in range(2):
+        _, body = h.json("POST", "/v1/images/generations", json={"prompt": "x", "response_format": "url"})
+        ids.append(body["id"])
+    for image_id in ids:
+        code, content, response = h.call("GET", f"/v1/images/{image_id}/content")
+        assert code == 200 and served_by(response) == image_id.split("-")[0]
+    code, body = h.json("GET", "/v1/images/nope/content")
+    assert code == 404 and "Unknown image_id" in body["error"]
+
+
+def test_videos_go_only_to_video_capable_workers() -> None:
+    h, (img, vid) = make(2, task_types=("T2I", "T2V"))
+    for _ in range(3):
+        code, body, response = h.call("POST", "/v1/videos", json={"prompt": "x"})
+        assert code == 200 and served_by(response) == "w1"
+
+
+@pytest.mark.parametrize("task_type", ["T2I", "I2I", "TI2I", "I2M"])
+def test_videos_without_video_workers_is_400(task_type: str) -> None:
+    h, _ = make(1, task_types=(task_type,))
+    code, body = h.json("POST", "/v1/videos", json={"prompt": "x"})
+    assert (code, body) == (400, {"error": "No video-capable workers available in current worker pool."})
+
+
+def test_video_job_is_sticky_for_poll_content_list_and_delete() -> None:
+    h, (v0, v1) = make(2, task_types=("T2V", "T2V"), routing_algorithm="round-robin")
+    jobs = [h.json("POST", "/v1/videos", json={"prompt": "x"})[1]["id"] for _ in range(4)]
+    for job in jobs:
+        owner = job.split("-")[0]
+        for path in (f"/v1/videos/{job}", f"/v1/videos/{job}/content", f"/v1/videos?video_id={job}", f"/v1/videos?id={job}"):
+            code, _, response = h.call("GET", path)
+            assert code == 200 and served_by(response) == owner, path
+        code, _, response = h.call("DELETE", f"/v1/videos/{job}")
+        assert code == 200 and served_by(response) == owner
+
+
+def test_unknown_video_is_found_by_asking_the_workers() -> None:
+    h, (v0, v1) = make(2, task_types=("T2V", "T2V"))
+
+    def not_found(request: Request) -> bytes:
+        return json_answer(request, 404, {"detail": "Video not found"})
+
+    v0.on(b"GET", b"/v1/videos/job-42", not_found)
+    code, body, response = h.call("GET", "/v1/videos/job-42")
+    assert code == 200 and served_by(response) == "w1"
+    assert h.parts.router.videos.owner("job-42") == h.pool.workers()[1].url
+
+
+def test_unknown_video_nobody_has_is_404() -> None:
+    h, (v0,) = make(1, task_types=("T2V",))
+    v0.on(b"GET", b"/v1/videos/ghost", lambda r: json_answer(r, 404, {"detail": "Video not found"}))
+    code, body = h.json("GET", "/v1/videos/ghost")
+    assert code == 404 and "Unknown video_id" in body["error"]
+
+
+def test_video_list_is_merged_across_workers() -> None:
+    h, (v0, v1) = make(2, task_types=("T2V", "TI2V"))
+
+    def listing(name: str, created: list[int]):
+        def answer(request: Request) -> bytes:
+            data = [{"id": f"{name}-{c}", "created_at": c, "status": "completed"} for c in created]
+            return json_answer(request, 200, {"object": "list", "data": data})
+
+        return answer
+
+    v0.on(b"GET", b"/v1/videos", listing("w0", [1, 4]))
+    v1.on(b"GET", b"/v1/videos", listing("w1", [2, 3]))
+    code, body = h.json("GET", "/v1/videos")
+    assert code == 200
+    assert [j["id"] for j in body["data"]] == ["w0-4", "w1-3", "w1-2", "w0-1"]
+    code, body = h.json("GET", "/v1/videos?order=asc&limit=2")
+    assert [j["id"] for j in body["data"]] == ["w0-1", "w1-2"] and body["has_more"] is True
+    assert h.parts.router.videos.owner("w1-3") == h.pool.workers()[1].url
+
+
+def test_video_map_is_bounded() -> None:
+    h, _ = make(1, task_types=("T2V",), max_video_jobs=3)
+    for _ in range(10):
+        h.call("POST", "/v1/videos", json={"prompt": "x"})
+    assert len(h.parts.router.videos) == 3
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_models_are_merged_and_deduplicated() -> None:
+    h, (w0, w1, w2) = make(3)
+    w2.model_id = "other/model"
+    code, body = h.json("GET", "/v1/models")
+    assert code == 200
+    assert sorted(c["id"] for c in body["data"]) == ["fake/model", "other/model"]
+
+
+def test_models_without_workers_is_503() -> None:
+    h, _ = make(0)
+    code, body = h.json("GET", "/v1/models")
+    assert code == 503 and "error" in body
+
+
+# ---------------------------------------------------------------- control plane
+
+
+def test_update_weights_broadcasts_to_awake_live_workers() -> None:
+    h, (w0, w1, w2) = make(3)
+    h.pool.workers()[2].is_dead = True
+    code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})
+    assert code == 200 and body["success"] is True
+    assert [r["worker_url"] for r in body["results"]] == [w.url for w in h.pool.workers()[:2]]
+    assert all(r["status_code"] == 200 for r in body["results"])
+    assert json.loads(w0.seen[-1].body) == {"model_path": "/ckpt/1"}
+    assert not any(s.request.path == b"/update_weights_from_disk" for s in w2.seen)
+
+
+def test_failed_update_is_reported_as_502() -> None:
+    h, (w0, w1) = make(2)
+    w1.on(
+        b"POST",
+        b"/update_weights_from_disk",
+        lambda r: json_answer(r, 400, {"success": False, "message": "Failed to update module 'vae'"}),
+    )
+    code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})
+    assert code == 502 and body["success"] is False
+    assert [r["success"] for r in body["results"]] == [True, False]
+
+
+def test_sleep_and_wake_change_routability() -> None:
+    h, (w0, w1) = make(2)
+    code, body = h.json("POST", "/release_memory_occupation", json={})
+    assert code == 200 and len(body["results"]) == 2
+    assert all(w.is_sleeping for w in h.pool.workers())
+    code, body = h.json("POST", "/release_memory_occupation", json={})
+    assert code == 200 and body["message"] == "all workers are already sleeping"
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 503
+    code, body = h.json("POST", "/resume_memory_occupation")
+    assert code == 200 and not any(w.is_sleeping for w in h.pool.workers())
+    code, _, _ = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 200
+
+
+def test_control_with_no_workers_is_503() -> None:
+    h, _ = make(0)
+    for path in ("/update_weights_from_disk", "/release_memory_occupation", "/resume_memory_occupation"):
+        code, body = h.json("POST", path, json={})
+        assert (code, body) == (503, {"error": "No workers registered in the pool"})
+
+
+def test_in_flight_counts_return_to_zero_after_a_mixed_workload() -> None:
+    h, (w0, w1) = make(2, task_types=("T2I", "T2V"))
+    for path in ("/v1/images/generations", "/v1/videos", "/v1/diffusion/generate", "/rollout/generate"):
+        h.call("POST", path, json={"prompt": "x"})
+    assert [w.active_requests for w in h.pool.workers()] == [0, 0]
+    assert sum(w.total_requests for w in h.pool.workers()) == 4
+
+
+def test_held_request_is_not_answered_early() -> None:
+    """A route must not finish the response before the worker does (Klein + NOT_DONE_YET trap)."""
+    h, (w0,) = make(1)
+    w0.hold(b"POST", b"/v1/diffusion/generate")
+    d = h.client.post("http://router/v1/diffusion/generate", json={"prompt": "x"})
+    h.pump()
+    req = w0.held[0]
+    req.setHeader(b"content-type", b"application/json")
+    req.write(b'{"partial": ')
+    h.pump()
+    response = success_result_of(d)
+    chunks: list[bytes] = []
+    done = h.client.collect(response, chunks.append)
+    h.pump()
+    assert b"".join(chunks) == b'{"partial": '
+    assert_no_result(done)
+    req.write(b"true}")
+    req.finish()
+    h.pump()
+    success_result_of(done)
+    assert b"".join(chunks) == b'{"partial": true}'
+
+
+def test_metrics_expose_per_worker_state() -> None:
+    h, (w0, w1) = make(2)
+    h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+    h.pool.workers()[1].is_dead = True
+    code, body, response = h.call("GET", "/metrics")
+    assert code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    text = body.decode()
+    assert 'sglang_router_worker_dead{worker="http://w1:8001"} 1.0' in text
+    assert 'sglang_router_workers{state="routable"} 1.0' in text
+    assert 'sglang_router_worker_requests_total{worker="http://w0:8000"}' in text

@@ -1,0 +1,58 @@
+"""
+Which worker owns which video job or image: the router's sticky-routing memory.
+
+A real worker keeps its jobs and images in per-process memory, so a poll,
+download or delete must reach the worker that made them. The map is bounded:
+when it is full, the oldest I{finished} entries are forgotten first, and only
+then the oldest unfinished ones, so a long RL run can never grow it without
+limit while jobs still running keep their owner. A forgotten owner is not
+fatal: the router can still find it by asking the workers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+#: Job states after which the worker's answer will no longer change.
+FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
+
+
+class OwnerMap:
+    """A bounded C{id -> worker URL} map with finished-first eviction. Pure, no I/O."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._running: OrderedDict[str, str] = OrderedDict()
+        self._finished: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._finished)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._running or item_id in self._finished
+
+    def owner(self, item_id: str) -> str | None:
+        """The URL of the worker that owns C{item_id}, or None when unknown."""
+        return self._running.get(item_id) or self._finished.get(item_id)
+
+    def remember(self, item_id: str, worker_url: str, *, finished: bool = False) -> None:
+        """Record (or move) C{item_id}; evict the oldest entries beyond capacity."""
+        self._running.pop(item_id, None)
+        self._finished.pop(item_id, None)
+        (self._finished if finished else self._running)[item_id] = worker_url
+        while len(self) > self._capacity:
+            victims = self._finished if self._finished else self._running
+            victims.popitem(last=False)
+
+    def mark_finished(self, item_id: str) -> None:
+        """Note that C{item_id} reached a final state, making it first in line for eviction."""
+        url = self._running.pop(item_id, None)
+        if url is not None:
+            self._finished[item_id] = url
+
+    def forget(self, item_id: str) -> None:
+        """Drop C{item_id} (e.g. after a successful DELETE)."""
+        self._running.pop(item_id, None)
+        self._finished.pop(item_id, None)

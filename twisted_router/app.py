@@ -1,0 +1,642 @@
+"""
+The router's HTTP surface.
+
+Handlers are thin: they parse the request, ask the pool and the policy for a
+worker, hand the request to the streaming proxy or the control plane, and
+answer. Everything the router says itself is JSON C{{"error": ...}}; every
+worker answer is passed through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlencode
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from twisted_router.affinity import FINISHED_STATES, OwnerMap
+from twisted_router.calls import WorkerCaller, WorkerReply
+from twisted_router.config import RouterConfig
+from twisted_router.control import BroadcastOutcome, FleetController
+from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from twisted_router.metrics import RouterMetrics
+from twisted_router.policies import LeastRequest, RoutingPolicy
+from twisted_router.pool import UnknownWorker, Worker, WorkerPool
+from twisted_router.proxy import (
+    ForwardResult,
+    StreamingProxy,
+    UpstreamBodyFailed,
+    WorkerTimedOut,
+    WorkerUnreachable,
+)
+from twisted_router.urls import WorkerURLError
+
+#: Answers up to this size are kept (while streaming) to learn image and job ids.
+IMAGE_CAPTURE_LIMIT = 1024 * 1024
+JOB_CAPTURE_LIMIT = 256 * 1024
+#: How long the router waits for a worker while looking up who owns a job.
+LOOKUP_TIMEOUT = 5.0
+#: Largest JSON body accepted on the router's own management endpoints.
+MAX_ADMIN_BODY = 1024 * 1024
+
+_IMAGE_URL = re.compile(r"/v1/images/([^/?#]+)/content")
+_WORKER_UPDATE_KEYS = frozenset({"is_dead", "refresh_video_support"})
+_URL_REQUIRED = "worker_url is required (use query ?url=... or JSON body)"
+
+CapabilityRefresher = Callable[[Worker], Awaitable[bool]]
+
+
+class BadRequest(Exception):
+    """The client's request is malformed; the message is the JSON error text."""
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """A request that a worker answered (its body has been streamed to the client)."""
+
+    worker: Worker
+    result: ForwardResult
+
+
+def json_body(request: Request, status: int, payload: Any) -> bytes:
+    """Set the status and JSON content type, and return the encoded payload."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload).encode("utf-8")
+
+
+def json_error(request: Request, status: int, message: str) -> bytes:
+    """The router's own error answer: C{{"error": message}} with a fitting status."""
+    return json_body(request, status, {"error": message})
+
+
+def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | None:
+    """
+    The request body as a JSON object.
+
+    @return: None when the body is empty and not C{required}.
+    @raise BadRequest: when the body is not a JSON object.
+    """
+    request.content.seek(0)
+    raw = request.content.read(MAX_ADMIN_BODY + 1)
+    if len(raw) > MAX_ADMIN_BODY:
+        raise BadRequest("Invalid JSON body: larger than 1 MiB")
+    if not raw.strip():
+        if required:
+            raise BadRequest("Invalid JSON body: the body is empty, expected a JSON object")
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"Invalid JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("Invalid JSON body: expected a JSON object")
+    return value
+
+
+def query_arg(request: Request, *names: str) -> str | None:
+    """The first non-empty query argument among C{names}, decoded."""
+    for name in names:
+        values = request.args.get(name.encode())
+        if values and values[0]:
+            return values[0].decode("utf-8", "replace")
+    return None
+
+
+def _parse_json(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+class Router:
+    """The Klein application: one instance per running router."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        config: RouterConfig,
+        pool: WorkerPool,
+        policy: RoutingPolicy,
+        proxy: StreamingProxy,
+        caller: WorkerCaller,
+        control: FleetController,
+        refresh_capabilities: CapabilityRefresher,
+        clock: IReactorTime,
+    ) -> None:
+        self._config = config
+        self._pool = pool
+        self._policy = policy
+        self._least_loaded = LeastRequest()
+        self._proxy = proxy
+        self._caller = caller
+        self._control = control
+        self._refresh = refresh_capabilities
+        self._clock = clock
+        self.metrics = RouterMetrics(pool)
+        self.videos = OwnerMap(config.max_video_jobs)
+        self.images = OwnerMap(config.max_image_ids)
+
+    async def refresh_worker(self, worker: Worker) -> bool:
+        """Learn (again) what a worker serves: task type, model, video support."""
+        return await self._refresh(worker)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _unavailable(self, request: Request, *, video: bool) -> bytes:
+        """The right error when no worker can take a request, most specific first."""
+        if len(self._pool) == 0:
+            return json_error(request, 503, "No workers registered in the pool")
+        live = [w for w in self._pool.workers() if not w.is_dead]
+        if video and not any(w.video_support for w in live):
+            return json_error(request, 400, "No video-capable workers available in current worker pool.")
+        eligible = [w for w in live if w.video_support] if video else live
+        if eligible and all(w.is_sleeping for w in eligible):
+            return json_error(
+                request,
+                503,
+                "all workers are sleeping (call /resume_memory_occupation to wake them)",
+            )
+        return json_error(request, 503, "No healthy workers available in the pool")
+
+    async def _dispatch(
+        self,
+        request: Request,
+        *,
+        video: bool = False,
+        path: bytes | None = None,
+        capture: int = 0,
+        policy: RoutingPolicy | None = None,
+    ) -> Dispatched | bytes:
+        """
+        Send the request to one routable worker and stream its answer back.
+
+        A worker that cannot be reached is quarantined at once and the request
+        goes to the next one, so a dead worker never costs a request that a
+        live one could serve. The in-flight lease is held for the whole
+        exchange and released on every path, cancellation included.
+
+        @return: L{Dispatched}, or the bytes of the router's own error answer.
+        """
+        chooser = policy or self._policy
+        tried: set[str] = set()
+        last_failure: str | None = None
+        while True:
+            candidates = [w for w in self._pool.routable(video=video) if w.url not in tried]
+            if not candidates:
+                if last_failure is not None:
+                    return json_error(request, 502, f"Worker request failed: {last_failure}")
+                return self._unavailable(request, video=video)
+            worker = chooser.choose(candidates)
+            with self._pool.lease(worker):
+                try:
+                    result = await self._proxy.forward(
+                        request, worker.url, path=path, capture_limit=capture
+                    )
+                except WorkerUnreachable as exc:
+                    tried.add(worker.url)
+                    last_failure = f"{worker.display_id}: {exc}"
+                    self._pool.record_request_failure(worker, str(exc))
+                    if self._pool.quarantine(worker, f"unreachable: {exc}"):
+                        self.log.warn(
+                            "worker {worker} quarantined: unreachable ({reason}); retrying elsewhere",
+                            worker=worker.display_id,
+                            reason=str(exc),
+                        )
+                    continue
+                except WorkerTimedOut as exc:
+                    self._pool.record_request_failure(worker, str(exc))
+                    return json_error(
+                        request, 504, f"Worker request failed: {worker.display_id}: {exc}"
+                    )
+                except UpstreamBodyFailed as exc:
+                    self._pool.record_request_failure(worker, str(exc))
+                    self.log.warn(
+                        "answer from {worker} broke off: {reason}",
+                        worker=worker.display_id,
+                        reason=str(exc),
+                    )
+                    return b""
+            return Dispatched(worker, result)
+
+    async def _forward_to(
+        self, request: Request, worker: Worker, *, path: bytes | None = None, capture: int = 0
+    ) -> Dispatched | bytes:
+        """Send a request to one particular worker (sticky routing): no retry elsewhere."""
+        with self._pool.lease(worker):
+            try:
+                result = await self._proxy.forward(request, worker.url, path=path, capture_limit=capture)
+            except (WorkerUnreachable, WorkerTimedOut) as exc:
+                self._pool.record_request_failure(worker, str(exc))
+                status = 504 if isinstance(exc, WorkerTimedOut) else 502
+                return json_error(request, status, f"Worker request failed: {worker.display_id}: {exc}")
+            except UpstreamBodyFailed as exc:
+                self._pool.record_request_failure(worker, str(exc))
+                return b""
+        return Dispatched(worker, result)
+
+    # ------------------------------------------------------------------ generation
+
+    @app.route("/v1/images/generations", methods=["POST"])
+    async def images_generations(self, request: Request) -> bytes | None:
+        return await self._generate_image(request, path=None)
+
+    @app.route("/generate", methods=["POST"])
+    async def legacy_generate(self, request: Request) -> bytes | None:
+        return await self._generate_image(request, path=_with_query(request, b"/v1/images/generations"))
+
+    @app.route("/v1/images/edits", methods=["POST"])
+    async def images_edits(self, request: Request) -> bytes | None:
+        return await self._generate_image(request, path=None)
+
+    async def _generate_image(self, request: Request, *, path: bytes | None) -> bytes | None:
+        out = await self._dispatch(request, path=path, capture=IMAGE_CAPTURE_LIMIT)
+        if isinstance(out, bytes):
+            return out
+        self._learn_images(out)
+        return None
+
+    def _learn_images(self, out: Dispatched) -> None:
+        answer = _parse_json(out.result.captured)
+        if not isinstance(answer, dict) or not 200 <= out.result.status < 300:
+            return
+        ids: set[str] = set()
+        if isinstance(answer.get("id"), str):
+            ids.add(answer["id"])
+        for item in answer.get("data") or []:
+            if isinstance(item, dict) and isinstance(item.get("url"), str):
+                m = _IMAGE_URL.search(item["url"])
+                if m:
+                    ids.add(unquote(m.group(1)))
+        for image_id in ids:
+            self.images.remember(image_id, out.worker.url, finished=True)
+
+    @app.route("/v1/images/<image_id>/content", methods=["GET", "HEAD"])
+    async def image_content(self, request: Request, image_id: str) -> bytes | None:
+        owner = self._registered(self.images.owner(image_id))
+        if owner is None:
+            return json_error(request, 404, f"Unknown image_id: {image_id}")
+        out = await self._forward_to(request, owner)
+        return out if isinstance(out, bytes) else None
+
+    @app.route("/v1/diffusion/generate", methods=["POST"])
+    async def diffusion_generate(self, request: Request) -> bytes | None:
+        out = await self._dispatch(request)
+        return out if isinstance(out, bytes) else None
+
+    @app.route("/rollout/generate", methods=["POST"])
+    async def rollout_generate(self, request: Request) -> bytes | None:
+        out = await self._dispatch(request)
+        return out if isinstance(out, bytes) else None
+
+    # ------------------------------------------------------------------ videos
+
+    @app.route("/v1/videos", methods=["POST"])
+    async def create_video(self, request: Request) -> bytes | None:
+        return await self._create_video(request, path=None)
+
+    @app.route("/generate_video", methods=["POST"])
+    async def legacy_generate_video(self, request: Request) -> bytes | None:
+        return await self._create_video(request, path=_with_query(request, b"/v1/videos"))
+
+    async def _create_video(self, request: Request, *, path: bytes | None) -> bytes | None:
+        out = await self._dispatch(request, video=True, path=path, capture=JOB_CAPTURE_LIMIT)
+        if isinstance(out, bytes):
+            return out
+        self._learn_job(out.worker, _parse_json(out.result.captured))
+        return None
+
+    def _learn_job(self, worker: Worker, job: Any) -> None:
+        """Remember who owns a job from a worker's job object (creation or poll answer)."""
+        if not isinstance(job, dict):
+            return
+        for key in ("id", "video_id", "job_id"):
+            job_id = job.get(key)
+            if isinstance(job_id, str) and job_id:
+                self.videos.remember(job_id, worker.url, finished=job.get("status") in FINISHED_STATES)
+                return
+
+    def _registered(self, worker_url: str | None) -> Worker | None:
+        return self._pool.get(worker_url) if worker_url else None
+
+    async def _video_owner(self, video_id: str) -> Worker | None:
+        """
+        The worker that owns job C{video_id}.
+
+        Unknown ids are looked up by asking every live video-capable worker, so
+        a router restart (or an evicted entry) never orphans a running job.
+        """
+        owner = self._registered(self.videos.owner(video_id))
+        if owner is not None:
+            return owner
+        suspects = [w for w in self._pool.workers() if not w.is_dead and w.video_support]
+        if not suspects:
+            return None
+        replies = await self._caller.fan_out(
+            [w.url for w in suspects],
+            "GET",
+            "/v1/videos/" + quote(video_id, safe=""),
+            timeout=LOOKUP_TIMEOUT,
+        )
+        for worker, reply in zip(suspects, replies):
+            if reply.status_code == 200:
+                self._learn_job(worker, reply.body)
+                if video_id not in self.videos:
+                    self.videos.remember(video_id, worker.url)
+                self.log.info("found owner {worker} of video {video}", worker=worker.display_id, video=video_id)
+                return worker
+        return None
+
+    @app.route("/v1/videos", methods=["GET"])
+    async def list_videos(self, request: Request) -> bytes | None:
+        video_id = query_arg(request, "video_id", "id")
+        if video_id is not None:
+            return await self._video_request(request, video_id, path=b"/v1/videos/" + quote(video_id, safe="").encode())
+        workers = [w for w in self._pool.workers() if not w.is_dead and w.video_support]
+        if not workers:
+            return self._unavailable(request, video=True)
+        if len(workers) == 1:
+            out = await self._forward_to(request, workers[0], capture=JOB_CAPTURE_LIMIT)
+            if isinstance(out, bytes):
+                return out
+            self._learn_job_list(out.worker, _parse_json(out.result.captured))
+            return None
+        return await self._merged_video_list(request, workers)
+
+    def _learn_job_list(self, worker: Worker, answer: Any) -> None:
+        if isinstance(answer, dict) and isinstance(answer.get("data"), list):
+            for job in answer["data"]:
+                self._learn_job(worker, job)
+
+    async def _merged_video_list(self, request: Request, workers: list[Worker]) -> bytes:
+        """
+        One job list across several video workers.
+
+        Each worker lists only its own jobs, so the router asks them all and
+        applies C{order}, C{after} and C{limit} to the merged list itself.
+        """
+        order = query_arg(request, "order") or "desc"
+        after = query_arg(request, "after")
+        limit_text = query_arg(request, "limit")
+        try:
+            limit = int(limit_text) if limit_text is not None else None
+        except ValueError:
+            return json_error(request, 400, f"limit must be an integer, got {limit_text!r}")
+        if limit is not None and not 1 <= limit <= 100:
+            return json_error(request, 400, f"limit must be between 1 and 100, got {limit}")
+        forwarded = {"order": order, "limit": "100"}
+        replies = await self._caller.fan_out(
+            [w.url for w in workers], "GET", "/v1/videos?" + urlencode(forwarded), timeout=self._config.timeout
+        )
+        jobs: list[dict[str, Any]] = []
+        template: dict[str, Any] = {"object": "list"}
+        failures: list[WorkerReply] = []
+        for worker, reply in zip(workers, replies):
+            body = reply.body
+            if reply.status_code == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+                template = {k: v for k, v in body.items() if k not in ("data", "first_id", "last_id", "has_more")}
+                for job in body["data"]:
+                    if isinstance(job, dict):
+                        self._learn_job(worker, job)
+                        jobs.append(job)
+            else:
+                failures.append(reply)
+        if failures and not jobs and len(failures) == len(workers):
+            return json_error(request, 502, "Worker request failed: " + "; ".join(
+                f"{r.worker_url}: {r.error or r.status_code}" for r in failures))
+        jobs.sort(key=lambda j: j.get("created_at") or 0, reverse=(order != "asc"))
+        if after is not None:
+            ids = [j.get("id") for j in jobs]
+            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        has_more = limit is not None and len(jobs) > limit
+        if limit is not None:
+            jobs = jobs[:limit]
+        answer = dict(template)
+        answer["data"] = jobs
+        answer["first_id"] = jobs[0].get("id") if jobs else None
+        answer["last_id"] = jobs[-1].get("id") if jobs else None
+        answer["has_more"] = has_more
+        return json_body(request, 200, answer)
+
+    async def _video_request(self, request: Request, video_id: str, *, path: bytes | None = None) -> bytes | None:
+        owner = await self._video_owner(video_id)
+        if owner is None:
+            return json_error(request, 404, f"Unknown video_id: {video_id}")
+        out = await self._forward_to(request, owner, path=path, capture=JOB_CAPTURE_LIMIT)
+        if isinstance(out, bytes):
+            return out
+        if request.method == b"DELETE" and 200 <= out.result.status < 300:
+            self.videos.forget(video_id)
+        else:
+            self._learn_job(owner, _parse_json(out.result.captured))
+        return None
+
+    @app.route("/v1/videos/<video_id>", methods=["GET", "DELETE"])
+    async def video_job(self, request: Request, video_id: str) -> bytes | None:
+        return await self._video_request(request, video_id)
+
+    @app.route("/v1/videos/<video_id>/content", methods=["GET", "HEAD"])
+    async def video_content(self, request: Request, video_id: str) -> bytes | None:
+        owner = await self._video_owner(video_id)
+        if owner is None:
+            return json_error(request, 404, f"Unknown video_id: {video_id}")
+        out = await self._forward_to(request, owner)
+        return out if isinstance(out, bytes) else None
+
+    # ------------------------------------------------------------------ models and health
+
+    @app.route("/v1/models", methods=["GET"])
+    async def models(self, request: Request) -> bytes:
+        live = [w for w in self._pool.workers() if not w.is_dead]
+        if not live:
+            return self._unavailable(request, video=False)
+        replies = await self._caller.fan_out([w.url for w in live], "GET", "/v1/models", timeout=LOOKUP_TIMEOUT)
+        cards: dict[str, Any] = {}
+        for reply in replies:
+            body = reply.body
+            if reply.status_code == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+                for card in body["data"]:
+                    if isinstance(card, dict) and isinstance(card.get("id"), str):
+                        cards.setdefault(card["id"], card)
+        if not cards:
+            return json_error(request, 503, "No healthy workers available in the pool (no model cards)")
+        return json_body(request, 200, {"object": "list", "data": list(cards.values())})
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: Request) -> bytes:
+        counts = self._pool.counts()
+        healthy = counts["healthy_workers"] > 0
+        return json_body(
+            request, 200 if healthy else 503, {"status": "healthy" if healthy else "unhealthy", **counts}
+        )
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus_metrics(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.render()
+
+    @app.route("/health_workers", methods=["GET"])
+    def health_workers(self, request: Request) -> bytes:
+        return json_body(request, 200, {"workers": [w.payload() for w in self._pool.workers()]})
+
+    # ------------------------------------------------------------------ worker management
+
+    def _url_from_request(self, request: Request) -> str:
+        url = query_arg(request, "url", "worker_url")
+        if url is not None:
+            return url
+        body = read_json_object(request, required=False)
+        if body is not None:
+            for key in ("url", "worker_url"):
+                value = body.get(key)
+                if isinstance(value, str) and value.strip():
+                    return value
+                if value is not None and not isinstance(value, str):
+                    raise BadRequest(f"{key} must be a string")
+        raise BadRequest(_URL_REQUIRED)
+
+    async def _register(self, request: Request) -> Worker:
+        url = self._url_from_request(request)
+        try:
+            worker, created = self._pool.add(url)
+        except WorkerURLError as exc:
+            raise BadRequest(str(exc)) from None
+        if created:
+            self.log.info("worker {worker} registered", worker=worker.display_id)
+            await self._refresh(worker)
+        return worker
+
+    def _lookup(self, worker_key: str) -> Worker:
+        worker = self._pool.get(worker_key)
+        if worker is None:
+            raise UnknownWorker(worker_key)
+        return worker
+
+    @app.route("/workers", methods=["POST"])
+    async def add_worker(self, request: Request) -> bytes:
+        worker = await self._register(request)
+        return json_body(request, 200, {"status": "success", "worker": worker.payload()})
+
+    @app.route("/workers", methods=["GET"])
+    def list_worker_payloads(self, request: Request) -> bytes:
+        return json_body(request, 200, {"workers": [w.payload() for w in self._pool.workers()]})
+
+    @app.route("/workers/<path:worker_key>", methods=["GET"])
+    def get_worker(self, request: Request, worker_key: str) -> bytes:
+        return json_body(request, 200, {"worker": self._lookup(worker_key).payload()})
+
+    @app.route("/workers/<path:worker_key>", methods=["PUT"])
+    async def update_worker(self, request: Request, worker_key: str) -> bytes:
+        worker = self._lookup(worker_key)
+        changes = read_json_object(request, required=True)
+        assert changes is not None
+        unknown = sorted(set(changes) - _WORKER_UPDATE_KEYS)
+        if unknown:
+            raise BadRequest(
+                f"unknown field(s) {', '.join(unknown)}; only is_dead and refresh_video_support can be set"
+            )
+        if not changes:
+            raise BadRequest("nothing to update: give is_dead and/or refresh_video_support")
+        for key, value in changes.items():
+            if not isinstance(value, bool):
+                raise BadRequest(f"{key} must be a boolean, got {json.dumps(value)}")
+        if "is_dead" in changes:
+            if changes["is_dead"]:
+                if self._pool.quarantine(worker, "marked dead by operator"):
+                    self.log.info("worker {worker} marked dead by operator", worker=worker.display_id)
+            elif worker.is_dead:
+                self._pool.readmit(worker)
+                self.log.info("worker {worker} re-admitted by operator", worker=worker.display_id)
+        if changes.get("refresh_video_support"):
+            await self._refresh(worker)
+        return json_body(request, 200, {"status": "success", "worker": worker.payload()})
+
+    @app.route("/workers/<path:worker_key>", methods=["DELETE"])
+    def delete_worker(self, request: Request, worker_key: str) -> bytes:
+        worker = self._pool.remove(worker_key)
+        self.log.info("worker {worker} deregistered", worker=worker.display_id)
+        return json_body(request, 200, {"status": "success", "worker_id": worker.worker_id})
+
+    @app.route("/add_worker", methods=["POST"])
+    async def legacy_add_worker(self, request: Request) -> bytes:
+        await self._register(request)
+        return json_body(request, 200, {"status": "success", "worker_urls": self._urls()})
+
+    @app.route("/list_workers", methods=["GET"])
+    def legacy_list_workers(self, request: Request) -> bytes:
+        return json_body(request, 200, {"urls": self._urls()})
+
+    @app.route("/remove_worker", methods=["POST"])
+    def legacy_remove_worker(self, request: Request) -> bytes:
+        worker = self._pool.remove(self._url_from_request(request))
+        self.log.info("worker {worker} deregistered", worker=worker.display_id)
+        return json_body(request, 200, {"status": "success", "worker_urls": self._urls()})
+
+    def _urls(self) -> list[str]:
+        return [w.url for w in self._pool.workers()]
+
+    # ------------------------------------------------------------------ control plane
+
+    def _control_answer(self, request: Request, outcome: BroadcastOutcome) -> bytes:
+        return json_body(request, outcome.status, outcome.body)
+
+    @app.route("/update_weights_from_disk", methods=["POST"])
+    async def update_weights(self, request: Request) -> bytes:
+        request.content.seek(0)
+        return self._control_answer(request, await self._control.update_weights(request.content.read()))
+
+    @app.route("/release_memory_occupation", methods=["POST"])
+    async def release_memory(self, request: Request) -> bytes:
+        request.content.seek(0)
+        return self._control_answer(request, await self._control.release_memory(request.content.read() or b"{}"))
+
+    @app.route("/resume_memory_occupation", methods=["POST"])
+    async def resume_memory(self, request: Request) -> bytes:
+        request.content.seek(0)
+        return self._control_answer(request, await self._control.resume_memory(request.content.read() or b"{}"))
+
+    # ------------------------------------------------------------------ catch-all
+
+    @app.route("/", branch=True)
+    async def catch_all(self, request: Request) -> bytes | None:
+        out = await self._dispatch(request, policy=self._least_loaded)
+        return out if isinstance(out, bytes) else None
+
+    # ------------------------------------------------------------------ errors
+
+    @app.handle_errors(BadRequest)
+    def bad_request(self, request: Request, failure: Failure) -> bytes:
+        return json_error(request, 400, failure.getErrorMessage())
+
+    @app.handle_errors(UnknownWorker)
+    def unknown_worker(self, request: Request, failure: Failure) -> bytes:
+        return json_error(request, 404, "Worker not found")
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: Request, failure: Failure) -> bytes | Failure:
+        if failure.check(CancelledError):
+            return failure  # the client went away; Klein finishes nothing and logs nothing
+        self.log.failure("unexpected error handling {method} {uri}", failure,
+                         method=request.method, uri=request.uri)
+        return json_error(request, 500, f"internal router error: {failure.getErrorMessage()}")
+
+
+def _with_query(request: Request, path: bytes) -> bytes:
+    """C{path} plus the request's raw query string, for the legacy aliases."""
+    _, sep, query = request.uri.partition(b"?")
+    return path + sep + query

@@ -1,0 +1,226 @@
+"""
+The router's one configuration object, and the command line that builds it.
+
+Both entry points (the C{sglang-d-router} console script and the
+C{twistd -n sglang-d-router} plugin) parse the same argparse parser into the
+same frozen L{RouterConfig}, so an option can never mean one thing under
+twistd and another on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PROGRAM_NAME = "sglang-d-router"
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the option and why."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """
+    Every router option, validated once at start-up.
+
+    @ivar listen: a Twisted server endpoint string; when given it overrides
+        C{host}/C{port} (so C{ssl:...} and C{unix:...} listeners work).
+    @ivar timeout: seconds the router waits for a worker's response headers,
+        and the longest pause it tolerates between two chunks of a body.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 30080
+    listen: str | None = None
+    worker_urls: tuple[str, ...] = ()
+    max_connections: int = 100
+    timeout: float = 120.0
+    health_check_interval: float = 10.0
+    health_check_failure_threshold: int = 3
+    health_check_timeout: float = 5.0
+    routing_algorithm: str = "least-request"
+    launcher_config: str | None = None
+    verbose: bool = False
+    log_level: str = "info"
+    max_video_jobs: int = 10_000
+    max_image_ids: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}")
+        if self.timeout <= 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.health_check_interval <= 0:
+            raise ConfigError(
+                f"--health-check-interval must be a positive number of seconds, "
+                f"got {self.health_check_interval}"
+            )
+        if self.health_check_failure_threshold < 1:
+            raise ConfigError(
+                f"--health-check-failure-threshold must be at least 1, "
+                f"got {self.health_check_failure_threshold}"
+            )
+        if self.health_check_timeout <= 0:
+            raise ConfigError(
+                f"--health-check-timeout must be a positive number of seconds, "
+                f"got {self.health_check_timeout}"
+            )
+        if self.routing_algorithm not in ROUTING_ALGORITHMS:
+            raise ConfigError(
+                f"--routing-algorithm must be one of {', '.join(ROUTING_ALGORITHMS)}, "
+                f"got {self.routing_algorithm!r}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        if self.max_video_jobs < 1 or self.max_image_ids < 1:
+            raise ConfigError("--max-video-jobs and --max-image-ids must be at least 1")
+
+    @property
+    def endpoint_description(self) -> str:
+        """The Twisted endpoint string the router listens on."""
+        if self.listen:
+            return self.listen
+        host = self.host.replace(":", r"\:")
+        return f"tcp:{self.port}:interface={host}"
+
+    @property
+    def effective_log_level(self) -> str:
+        """C{--verbose} is shorthand for C{--log-level debug}."""
+        return "debug" if self.verbose else self.log_level
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """
+    The router's command line, shared by the console script and the twistd plugin.
+
+    @param parser_class: lets the twistd plugin substitute a parser that raises
+        C{usage.UsageError} instead of exiting.
+    """
+    defaults = RouterConfig()
+    parser = parser_class(
+        prog=PROGRAM_NAME,
+        description=(
+            "Load-balancing router for SGLang diffusion workers: spreads image and video "
+            "generation over workers, streams answers back, quarantines failing workers and "
+            "broadcasts RL control calls (sleep, wake, weight refit)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default=defaults.host, help="address to listen on")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port to listen on (0: any free port)")
+    parser.add_argument(
+        "--listen",
+        default=None,
+        metavar="ENDPOINT",
+        help="Twisted server endpoint string (e.g. tcp:30080:interface=127.0.0.1 or "
+        "ssl:443:privateKey=key.pem:certKey=cert.pem); overrides --host/--port",
+    )
+    parser.add_argument(
+        "--worker-urls",
+        nargs="*",
+        default=[],
+        metavar="URL",
+        help="workers to register at start-up, e.g. http://127.0.0.1:30000",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=defaults.max_connections,
+        help="most concurrent connections from the router to one worker",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=defaults.timeout,
+        help="seconds to wait for a worker's response headers (and longest pause inside a body)",
+    )
+    parser.add_argument(
+        "--health-check-interval",
+        type=_positive_float,
+        default=defaults.health_check_interval,
+        help="seconds between health probes of each worker",
+    )
+    parser.add_argument(
+        "--health-check-failure-threshold",
+        type=_positive_int,
+        default=defaults.health_check_failure_threshold,
+        help="consecutive failed probes before a worker is quarantined",
+    )
+    parser.add_argument(
+        "--health-check-timeout",
+        type=_positive_float,
+        default=defaults.health_check_timeout,
+        help="seconds one health probe may take",
+    )
+    parser.add_argument(
+        "--routing-algorithm",
+        choices=ROUTING_ALGORITHMS,
+        default=defaults.routing_algorithm,
+        help="how a worker is chosen for each request",
+    )
+    parser.add_argument(
+        "--launcher-config",
+        default=None,
+        metavar="FILE",
+        help="YAML file describing workers to launch and supervise",
+    )
+    parser.add_argument(
+        "--max-video-jobs",
+        type=_positive_int,
+        default=defaults.max_video_jobs,
+        help="video job ids remembered for sticky routing (oldest finished ones forgotten first)",
+    )
+    parser.add_argument(
+        "--max-image-ids",
+        type=_positive_int,
+        default=defaults.max_image_ids,
+        help="image ids remembered for sticky GET /v1/images/{id}/content",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log at debug level, including every request")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level, help="lowest level logged")
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> RouterConfig:
+    """Parse C{argv} into a L{RouterConfig}; bad values raise L{ConfigError} or exit via argparse."""
+    parser = parser or build_parser()
+    ns = parser.parse_args(list(argv) if argv is not None else None)
+    return RouterConfig(
+        host=ns.host,
+        port=ns.port,
+        listen=ns.listen,
+        worker_urls=tuple(ns.worker_urls),
+        max_connections=ns.max_connections,
+        timeout=ns.timeout,
+        health_check_interval=ns.health_check_interval,
+        health_check_failure_threshold=ns.health_check_failure_threshold,
+        health_check_timeout=ns.health_check_timeout,
+        routing_algorithm=ns.routing_algorithm,
+        launcher_config=ns.launcher_config,
+        verbose=ns.verbose,
+        log_level=ns.log_level,
+        max_video_jobs=ns.max_video_jobs,
+        max_image_ids=ns.max_image_ids,
+    )

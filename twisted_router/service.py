@@ -1,0 +1,171 @@
+"""
+Composing the running router: HTTP listener, health checker, worker
+registration and connection-pool cleanup, as one C{MultiService}.
+
+The console script and the twistd plugin both call L{make_router_service}, so
+the two ways of running the router are the same program.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IAgent
+from twisted.web.server import Request, Site
+
+from twisted_router.app import Router
+from twisted_router.calls import WorkerCaller, make_http_client
+from twisted_router.config import RouterConfig
+from twisted_router.control import FleetController
+from twisted_router.health import HealthChecker, refresh_capabilities
+from twisted_router.listener import ListenerService
+from twisted_router.policies import make_policy
+from twisted_router.pool import Worker, WorkerPool
+from twisted_router.proxy import StreamingProxy, make_agent
+from twisted_router.urls import WorkerURLError
+
+
+class RouterSite(Site):
+    """A Site whose per-request access log is on only when asked for: it costs CPU per request."""
+
+    def __init__(self, resource: object, *, access_log: bool, reactor: IReactorTime) -> None:
+        super().__init__(resource, reactor=reactor)
+        self._access_log = access_log
+
+    def log(self, request: Request) -> None:
+        if self._access_log:
+            super().log(request)
+
+
+@dataclass
+class RouterParts:
+    """The wired pieces of one router, kept together so tests and services can reach them."""
+
+    config: RouterConfig
+    pool: WorkerPool
+    router: Router
+    health: HealthChecker
+    connection_pool: HTTPConnectionPool | None
+
+
+def build_router(
+    config: RouterConfig,
+    reactor: IReactorTime,
+    *,
+    agent: IAgent | None = None,
+    rng: random.Random | None = None,
+) -> RouterParts:
+    """
+    Wire the router's pieces on an injected reactor.
+
+    @param agent: the HTTP client agent for worker calls; tests pass an
+        in-memory one, production leaves it to a pooled L{Agent}.
+    """
+    connection_pool: HTTPConnectionPool | None = None
+    if agent is None:
+        agent, connection_pool = make_agent(reactor, max_connections=config.max_connections)
+    http = make_http_client(agent)
+    pool = WorkerPool(now=reactor.seconds)
+    caller = WorkerCaller(http, reactor)
+
+    async def refresh(worker: Worker) -> bool:
+        return await refresh_capabilities(pool, worker, http, reactor, timeout=config.health_check_timeout)
+
+    router = Router(
+        config=config,
+        pool=pool,
+        policy=make_policy(config.routing_algorithm, rng),
+        proxy=StreamingProxy(
+            reactor, agent, timeout=config.timeout, max_connections_per_worker=config.max_connections
+        ),
+        caller=caller,
+        control=FleetController(pool, caller, timeout=config.timeout),
+        refresh_capabilities=refresh,
+        clock=reactor,
+    )
+    health = HealthChecker(
+        pool,
+        http,
+        reactor,
+        interval=config.health_check_interval,
+        failure_threshold=config.health_check_failure_threshold,
+        probe_timeout=config.health_check_timeout,
+    )
+    return RouterParts(config, pool, router, health, connection_pool)
+
+
+class _StartupWorkers(Service):
+    """Registers the C{--worker-urls} workers when the router starts, and learns their capabilities."""
+
+    log = Logger()
+
+    def __init__(self, parts: RouterParts) -> None:
+        self._parts = parts
+
+    def startService(self) -> None:
+        super().startService()
+        for url in self._parts.config.worker_urls:
+            try:
+                worker, created = self._parts.pool.add(url)
+            except WorkerURLError as exc:  # validated at start-up already; keep the service alive regardless
+                self.log.error("cannot register worker {url}: {reason}", url=url, reason=str(exc))
+                continue
+            if created:
+                self.log.info("worker {worker} registered from --worker-urls", worker=worker.display_id)
+                Deferred.fromCoroutine(self._parts.router.refresh_worker(worker))
+
+
+class _ConnectionPoolCleanup(Service):
+    """Closes pooled worker connections on shutdown, so no connection or timer outlives the router."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+def make_router_service(
+    config: RouterConfig,
+    reactor: IReactorTCP,
+    *,
+    on_listen_failure: Callable[[Failure], None] | None = None,
+) -> tuple[MultiService, RouterParts, ListenerService]:
+    """The whole router as one service, plus its parts and its listener."""
+    parts = build_router(config, reactor)  # type: ignore[arg-type]
+    top = MultiService()
+    site = RouterSite(parts.router.app.resource(), access_log=config.verbose, reactor=reactor)  # type: ignore[arg-type]
+    listener = ListenerService(
+        serverFromString(reactor, config.endpoint_description),
+        site,
+        name="sglang-d-router",
+        on_failure=on_listen_failure,
+    )
+    if parts.connection_pool is not None:
+        _ConnectionPoolCleanup(parts.connection_pool).setServiceParent(top)
+    parts.health.setServiceParent(top)
+    _StartupWorkers(parts).setServiceParent(top)
+    listener.setServiceParent(top)
+    return top, parts, listener
+
+
+def stop_reactor_on_failure(reactor: IReactorCore) -> Callable[[Failure], None]:
+    """For unattended runs (twistd): a router that cannot listen must not keep running."""
+
+    def stop(_: Failure) -> None:
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
+
+    return stop
