@@ -353,7 +353,7 @@ class Router:
             "/v1/videos/" + quote(video_id, safe=""),
             timeout=LOOKUP_TIMEOUT,
         )
-        for worker, reply in zip(suspects, replies):
+        for worker, reply in zip(suspects, replies, strict=True):
             if reply.status_code == 200:
                 self._learn_job(worker, reply.body)
                 if video_id not in self.videos:
@@ -406,7 +406,7 @@ class Router:
         jobs: list[dict[str, Any]] = []
         template: dict[str, Any] = {"object": "list"}
         failures: list[WorkerReply] = []
-        for worker, reply in zip(workers, replies):
+        for worker, reply in zip(workers, replies, strict=True):
             body = reply.body
             if reply.status_code == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
                 template = {k: v for k, v in body.items() if k not in ("data", "first_id", "last_id", "has_more")}

@@ -34,7 +34,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IAgent
 
-from twisted_router.proxy import _BytesProducer as BytesProducer
+from twisted_router.proxy import BytesProducer
 
 _T = TypeVar("_T")
 

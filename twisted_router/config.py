@@ -80,6 +80,10 @@ class RouterConfig:
             raise ConfigError(
                 f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
             )
+        if self.launcher_config is not None:
+            # Refuse rather than ignore: an operator who asked for launched
+            # workers must not get a router that silently has none.
+            raise ConfigError("--launcher-config is not supported by this version yet")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:
             raise ConfigError("--max-video-jobs and --max-image-ids must be at least 1")
 

@@ -83,7 +83,7 @@ class FleetController:
                     )
                 return self._no_target("release_memory_occupation")
             replies = await self._broadcast(targets, "/release_memory_occupation", body)
-            for worker, reply in zip(targets, replies):
+            for worker, reply in zip(targets, replies, strict=True):
                 if reply.success:
                     self._pool.set_sleeping(worker, True)
             return self._summarise(replies, failure_status=200)
@@ -103,7 +103,7 @@ class FleetController:
                     )
                 return self._no_target("resume_memory_occupation")
             replies = await self._broadcast(targets, "/resume_memory_occupation", body)
-            for worker, reply in zip(targets, replies):
+            for worker, reply in zip(targets, replies, strict=True):
                 if reply.success:
                     self._pool.set_sleeping(worker, False)
             return self._summarise(replies, failure_status=200)

@@ -1,0 +1,1093 @@
+# -*- test-case-name: tests.unit.test_proxy -*-
+"""
+Forwarding one client request to one worker, streaming both ways.
+
+Why this module exists rather than C{twisted.web.proxy} or treq: diffusion
+workers answer with 10-200 MB bodies (trajectories, videos), so the answer must
+be relayed chunk by chunk with end-to-end backpressure (the upstream socket is
+registered as a push producer on the downstream request), memory must not grow
+with body size, and every way a forward can end (success, worker refused,
+worker timed out, worker died mid-body, client went away, the caller cancelled)
+must release everything it took: the per-worker slot, timers, the upstream
+connection.
+
+The caller (the Klein app) gets typed outcomes so it can decide what to do:
+
+  - L{WorkerUnreachable}: nothing was written to the client; retry elsewhere.
+  - L{WorkerTimedOut}: nothing was written to the client; answer 504.
+  - L{UpstreamBodyFailed}: the status line was already sent; the client
+    connection has been aborted, so the caller must not write or finish.
+  - L{CancelledError}: the client went away (or the caller cancelled).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, cast
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    succeed,
+)
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionClosed,
+    DNSLookupError,
+)
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http import NO_BODY_CODES
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "BytesProducer",
+    "ForwardResult",
+    "StreamingProxy",
+    "UpstreamBodyFailed",
+    "WorkerTimedOut",
+    "WorkerUnreachable",
+    "make_agent",
+]
+
+HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""
+Lower-case names of headers that describe one connection, not the message
+(RFC 9110 section 7.6.1, plus the de-facto C{Proxy-Connection}); a proxy must
+never forward them.
+"""
+
+# Request headers we never copy upstream besides the hop-by-hop ones:
+# Content-Length is recomputed by the body producer, Host is the worker's
+# (Agent sets it), and Expect: 100-continue was already answered by Twisted
+# (the body is fully buffered before render), while Agent cannot speak it.
+_NOT_FORWARDED_UPSTREAM = frozenset({b"content-length", b"host", b"expect"})
+
+# Methods whose empty body is sent without any Content-Length (no producer).
+_BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+
+# Request bodies up to this size are read in one go and written synchronously;
+# Twisted keeps bodies below 100 000 bytes in memory anyway.
+_SYNC_BODY_LIMIT = 256 * 1024
+
+# The pull loop for large request bodies reads this much per read() call and at
+# most _UPLOAD_TICK_BUDGET per reactor turn, so one upload cannot starve others.
+_UPLOAD_CHUNK = 64 * 1024
+_UPLOAD_TICK_BUDGET = 4 * _UPLOAD_CHUNK
+
+
+# Structural views of the zope interfaces we call. mypy cannot type-check
+# calls through zope Interfaces without the mypy-zope plugin (their methods
+# lack C{self}), so the public signatures keep the interfaces while the code
+# talks to these Protocols.
+
+
+class _DelayedCall(Protocol):
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def reset(self, secondsLater: float) -> None: ...
+
+
+class _Clock(Protocol):
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> _DelayedCall: ...
+
+
+class _Consumer(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class _PushProducer(Protocol):
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
+class _Response(Protocol):
+    code: int
+    phrase: bytes
+    headers: Headers
+    length: int | object
+
+    def deliverBody(self, protocol: TwistedProtocol) -> None: ...
+
+
+class WorkerUnreachable(Exception):
+    """
+    The worker did not answer and nothing reached the client yet: connection
+    refused, connect failure or connect timeout, DNS failure, or the connection
+    dropped before the response headers arrived.
+
+    The caller should quarantine the worker and retry on another one.
+    C{str(e)} is a short human-readable reason.
+    """
+
+
+class WorkerTimedOut(Exception):
+    """
+    No response headers arrived within the timeout (the wait for a free
+    per-worker slot counts). The upstream request was cancelled and nothing was
+    written to the client, so the caller can still answer 504.
+    """
+
+
+class UpstreamBodyFailed(Exception):
+    """
+    The worker failed or stalled after the response headers had been sent to
+    the client. The client connection has already been aborted, so the client
+    sees a truncated transfer instead of a complete-looking short body; the
+    caller must not write to or finish the request.
+    """
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """
+    The outcome of a completed forward.
+
+    @ivar status: The worker's status code (relayed unchanged).
+    @ivar body_bytes: Number of body bytes relayed to the client.
+    @ivar captured: The complete body if C{capture_limit > 0} and the body was
+        at most C{capture_limit} bytes, else L{None}.
+    """
+
+    status: int
+    body_bytes: int
+    captured: bytes | None
+
+
+def make_agent(
+    reactor: Any,
+    *,
+    max_connections: int,
+    connect_timeout: float = 10.0,
+    cached_connection_timeout: int = 4,
+) -> tuple[Agent, HTTPConnectionPool]:
+    """
+    Build the shared upstream L{Agent} with a persistent connection pool.
+
+    The pool's default of 2 cached connections per host would make almost
+    every request to a busy worker open a fresh TCP connection, hence
+    C{maxPersistentPerHost = max_connections}. The pool is returned too so the
+    service can call C{closeCachedConnections()} on shutdown (its idle timers
+    would otherwise leak).
+
+    Idle connections are dropped after C{cached_connection_timeout} seconds
+    (Twisted's default is 240) because workers run uvicorn, which closes idle
+    keep-alive connections after 5 s. A POST written onto a connection the
+    worker just closed fails before any response (Agent retries only
+    idempotent requests without a body), and that would look like an
+    unreachable worker and get a healthy worker quarantined.
+
+    @param reactor: An L{IReactorTCP} + L{IReactorTime} provider.
+    @param max_connections: Idle connections kept per worker.
+    @param connect_timeout: Seconds allowed for the TCP connect.
+    @param cached_connection_timeout: Seconds an idle pooled connection is
+        kept; keep it below the workers' keep-alive timeout.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_connections
+    pool.cachedConnectionTimeout = cached_connection_timeout
+    pool._factory = _QuietClientFactory  # one "Starting factory" log line per connection is noise
+    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    return agent, pool
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+# --------------------------------------------------------------------------
+# Header hygiene
+
+
+def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """
+    Header names listed in C{Connection} values: the sender declares them
+    hop-by-hop, so they must be dropped together with C{Connection}.
+    """
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def _client_host(request: Request) -> str:
+    """
+    The client's address for X-Forwarded-For. Listening on a UNIX socket (or
+    behind an exotic transport) yields an address without C{host}; RFC 7239
+    spells an unknown node C{unknown}, which is better than failing the
+    request.
+    """
+    try:
+        address = request.getClientAddress()
+    except Exception:
+        return "unknown"
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) and host else "unknown"
+
+
+def _upstream_headers(request: Request) -> Headers:
+    """
+    The headers sent to the worker: the client's own, minus everything that
+    described the client's connection, plus the X-Forwarded-* trio so the
+    worker can still see who asked and how.
+    """
+    client_headers = request.requestHeaders
+    drop = (
+        HOP_BY_HOP_HEADERS
+        | _NOT_FORWARDED_UPSTREAM
+        | _connection_tokens(client_headers.getRawHeaders(b"connection", []))
+    )
+    headers = Headers()
+    for name, values in client_headers.getAllRawHeaders():
+        if name.lower() not in drop:
+            headers.setRawHeaders(name, list(values))
+
+    forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])
+    client = _client_host(request).encode("ascii", "replace")
+    headers.setRawHeaders(b"X-Forwarded-For", [b", ".join([*forwarded_for, client])])
+    headers.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])
+    host = client_headers.getRawHeaders(b"host")
+    if host:
+        headers.setRawHeaders(b"X-Forwarded-Host", [host[0]])
+    return headers
+
+
+def _copy_response_headers(request: Request, response: _Response, method: bytes) -> None:
+    """
+    Copy the worker's headers onto the downstream request.
+
+    Headers are I{replaced} (C{setRawHeaders}), so Twisted's defaults
+    (C{Server}, C{Date}, C{Content-Type: text/html}) are not duplicated; and if
+    the worker sent no Content-Type, Twisted's default is suppressed so the
+    answer passes through untouched. C{Content-Length} comes from
+    C{response.length}, because L{Agent} moves it out of C{response.headers}
+    (except for HEAD, where it is an entity header and stays). The real Agent
+    also hides the worker's C{Connection} header; tokens are still honoured if
+    another L{IAgent} leaves it in place.
+    """
+    upstream = response.headers
+    drop = (
+        HOP_BY_HOP_HEADERS
+        | _connection_tokens(upstream.getRawHeaders(b"connection", []))
+        | {b"content-length"}
+    )
+    for name, values in upstream.getAllRawHeaders():
+        if name.lower() not in drop:
+            request.responseHeaders.setRawHeaders(name, list(values))
+
+    if not upstream.hasHeader(b"content-type"):
+        request.responseHeaders.removeHeader(b"content-type")
+        request.defaultContentType = None
+
+    request.responseHeaders.removeHeader(b"content-length")
+    if method == b"HEAD":
+        head_length = upstream.getRawHeaders(b"content-length")
+        if head_length:
+            request.responseHeaders.setRawHeaders(b"Content-Length", [head_length[-1]])
+    elif (
+        response.length is not UNKNOWN_LENGTH
+        and response.code not in NO_BODY_CODES
+        and not 100 <= response.code < 200
+    ):
+        request.responseHeaders.setRawHeaders(
+            b"Content-Length", [b"%d" % (cast(int, response.length),)]
+        )
+
+
+def _origin_form(path: bytes) -> bytes:
+    """
+    The path to append to the worker URL. Normally the raw C{request.uri}
+    (never decoded and re-encoded: C{%2F} must stay C{%2F}); an absolute-form
+    target (C{GET http://host/x}) is reduced to its path.
+    """
+    lowered = path[:8].lower()
+    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        rest = path.split(b"//", 1)[1]
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        if slash == -1 or (query != -1 and query < slash):
+            path = b"/" + (rest[query:] if query != -1 else b"")
+        else:
+            path = rest[slash:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path
+
+
+# --------------------------------------------------------------------------
+# Request bodies
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A body already in memory, written synchronously: no reactor turn, no
+    cooperator, and therefore nothing scheduled that could outlive a forward.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: _Consumer) -> Deferred[None]:
+        if self._data:
+            consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IBodyProducer, IPushProducer)
+class _FileBodyProducer:
+    """
+    Streams a large (spooled-to-disk) request body on the injected reactor.
+
+    Unlike L{twisted.web.client.FileBodyProducer} this does not use the global
+    cooperator, and it never closes the file: the caller may retry the same
+    body on another worker. It reads at its own offset (seek before each read)
+    so a leftover producer from an earlier attempt cannot disturb a retry. The
+    upstream transport pauses and resumes it (upload backpressure).
+    """
+
+    def __init__(self, reactor: _Clock, body: IO[bytes], length: int) -> None:
+        self._reactor = reactor
+        self._body = body
+        self.length = length
+        self._offset = 0
+        self._consumer: _Consumer | None = None
+        self._finished: Deferred[None] | None = None
+        self._call: _DelayedCall | None = None
+        self._paused = False
+        self._stopped = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the upload started and neither completed nor was stopped."""
+        return self._finished is not None and not self._finished.called and not self._stopped
+
+    def startProducing(self, consumer: _Consumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._finished = Deferred()
+        self._schedule()
+        return self._finished
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._unschedule()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        # IBodyProducer: after stopProducing the Deferred must never fire.
+        self._stopped = True
+        self._unschedule()
+
+    def _schedule(self) -> None:
+        if (
+            self._call is None
+            and self._finished is not None
+            and not self._finished.called
+            and not self._paused
+            and not self._stopped
+        ):
+            self._call = self._reactor.callLater(0, self._tick)
+
+    def _unschedule(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _tick(self) -> None:
+        self._call = None
+        assert self._consumer is not None and self._finished is not None
+        budget = _UPLOAD_TICK_BUDGET
+        while budget > 0 and not self._paused and not self._stopped:
+            remaining = self.length - self._offset
+            if remaining <= 0:
+                self._finished.callback(None)
+                return
+            try:
+                self._body.seek(self._offset)
+                data = self._body.read(min(_UPLOAD_CHUNK, remaining))
+            except Exception:
+                # E.g. the client went away and Twisted closed request.content.
+                self._stopped = True
+                self._finished.errback(Failure())
+                return
+            if not data:
+                self._stopped = True
+                self._finished.errback(
+                    Failure(ValueError(f"request body ended {remaining} bytes early"))
+                )
+                return
+            self._offset += len(data)
+            budget -= len(data)
+            self._consumer.write(data)  # may call pauseProducing synchronously
+        if self._offset >= self.length and not self._stopped and not self._finished.called:
+            self._finished.callback(None)
+            return
+        self._schedule()
+
+
+def _body_producer(
+    reactor: _Clock, method: bytes, body: IO[bytes] | None
+) -> BytesProducer | _FileBodyProducer | None:
+    """
+    Pick the cheapest correct producer for a buffered request body.
+
+    An empty body gets no producer for methods that normally carry none (no
+    C{Content-Length} at all), and a zero-length producer otherwise, so a POST
+    still says C{Content-Length: 0}.
+    """
+    if body is None:
+        length = 0
+    else:
+        try:
+            body.seek(0, io.SEEK_END)
+            length = body.tell()
+            body.seek(0)
+        except (OSError, ValueError, AttributeError):
+            # Not seekable: nothing better to do than to buffer it.
+            data = body.read()
+            return BytesProducer(data) if data or method not in _BODYLESS_METHODS else None
+    if length == 0:
+        return None if method in _BODYLESS_METHODS else BytesProducer(b"")
+    assert body is not None
+    if length <= _SYNC_BODY_LIMIT:
+        return BytesProducer(body.read(length))
+    return _FileBodyProducer(reactor, body, length)
+
+
+# --------------------------------------------------------------------------
+# Failure classification
+
+
+def _reasons(exc: BaseException) -> list[BaseException]:
+    """The wrapped causes of Twisted's C{_WrapperException}s (ResponseFailed & co)."""
+    reasons = getattr(exc, "reasons", None)
+    if not isinstance(reasons, list):
+        return []
+    return [r.value for r in reasons if isinstance(r, Failure)]
+
+
+def _was_cancelled(exc: BaseException) -> bool:
+    """
+    Whether C{exc} is (or wraps) a cancellation: cancelling the Agent's
+    Deferred mid-request surfaces as C{ResponseNeverReceived([CancelledError])}.
+    """
+    return isinstance(exc, CancelledError) or any(_was_cancelled(r) for r in _reasons(exc))
+
+
+_UNREACHABLE = (
+    ConnectError,  # refused, connect timeout, no route, cancelled connect
+    DNSLookupError,
+    ConnectionError,  # builtin refused/reset/aborted
+    ConnectionClosed,  # Twisted ConnectionLost / ConnectionDone
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    RequestNotSent,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for logs and for C{str(WorkerUnreachable)}."""
+    inner = _reasons(exc)
+    if inner:
+        return f"{type(exc).__name__}: {_describe(inner[0])}"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _abort_client(request: Request) -> None:
+    """
+    Drop the client connection without a clean end, so a truncated body can
+    never look complete (a chunked body without its last chunk, or fewer bytes
+    than Content-Length). C{transport.abortConnection()} comes first because
+    it is the plain abort for both HTTP/1.1 and HTTP/2 streams, while
+    C{HTTPChannel.forceAbortClient} logs a misleading "Forcibly timing out
+    client".
+    """
+    transport = getattr(request, "transport", None)
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+        return
+    channel = getattr(request, "channel", None)
+    force = getattr(channel, "forceAbortClient", None)
+    if force is not None:
+        force()
+
+
+def _client_gone(request: Request) -> bool:
+    """Twisted sets C{channel} to None in C{Request.connectionLost}."""
+    return getattr(request, "channel", None) is None
+
+
+# --------------------------------------------------------------------------
+# Response body relay
+
+
+class _DownstreamRequest(Protocol):
+    """What the relay needs of the downstream request (eases unit testing)."""
+
+    channel: Any
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+@implementer(IPushProducer)
+class _RelayProducer:
+    """
+    The push producer registered on the downstream request: it forwards pause
+    and resume to the upstream transport (end-to-end backpressure) and tells
+    the relay, which stops its idle timer while the I{client} is the slow one.
+    """
+
+    def __init__(self, relay: _Relay) -> None:
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay._pause()
+
+    def resumeProducing(self) -> None:
+        self._relay._resume()
+
+    def stopProducing(self) -> None:
+        # The channel calls this when the client connection goes away.
+        self._relay.client_gone()
+
+
+class _Relay(TwistedProtocol):
+    """
+    Relays the upstream response body to the downstream request.
+
+    C{done} fires with L{None} when the body completed, fails with
+    L{CancelledError} when the client went away or the forward was cancelled,
+    with L{UpstreamBodyFailed} on the idle timeout, and with the upstream's
+    failure otherwise. C{done} is cancellable: cancelling stops the upstream
+    transport, so that connection is closed rather than pooled half-read.
+    Every way out goes through L{_end}, which cancels the idle timer and
+    unregisters the producer (only while the client is still connected:
+    after a disconnect C{unregisterProducer} raises AttributeError).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        request: _DownstreamRequest,
+        reactor: _Clock,
+        *,
+        idle_timeout: float,
+        capture_limit: int = 0,
+        write_body: bool = True,
+        worker: str = "",
+    ) -> None:
+        self._request = request
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._capture_limit = capture_limit
+        self._captured: list[bytes] | None = [] if capture_limit > 0 else None
+        self._write_body = write_body
+        self._worker = worker
+        self._idle_call: _DelayedCall | None = None
+        self._registered = False
+        self._ended = False
+        self.paused = False
+        self.body_bytes = 0
+        self.done: Deferred[None] = Deferred(self._cancel)
+
+    @property
+    def captured(self) -> bytes | None:
+        """The whole body if capturing was on and it fit, else None."""
+        return b"".join(self._captured) if self._captured is not None else None
+
+    # IProtocol
+
+    def connectionMade(self) -> None:
+        if self._ended:
+            return
+        if self._request.channel is None:
+            # The client is already gone: registerProducer would raise.
+            self.client_gone()
+            return
+        self._request.registerProducer(_RelayProducer(self), True)
+        self._registered = True
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._ended:
+            return
+        self._arm_idle()
+        self.body_bytes += len(data)
+        if self._captured is not None:
+            if self.body_bytes <= self._capture_limit:
+                self._captured.append(data)
+            else:
+                self._captured = None
+        if self._write_body:
+            self._request.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._ended:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._end(None)
+        else:
+            self._end(reason)
+
+    # Backpressure (called through _RelayProducer)
+
+    @property
+    def upstream(self) -> _PushProducer | None:
+        """The upstream C{TransportProxyProducer}, once connected."""
+        return cast("_PushProducer | None", self.transport)
+
+    def _pause(self) -> None:
+        self.paused = True
+        self._disarm_idle()
+        if self.upstream is not None:
+            self.upstream.pauseProducing()
+
+    def _resume(self) -> None:
+        self.paused = False
+        if self.upstream is not None:
+            self.upstream.resumeProducing()
+        self._arm_idle()
+
+    # Ways out
+
+    def client_gone(self, reason: object = None) -> None:
+        """The client disconnected: stop the upstream and stop writing."""
+        if self._ended:
+            return
+        self._stop_upstream()
+        self._end(Failure(CancelledError("client disconnected")))
+
+    def _cancel(self, d: Deferred[None]) -> None:
+        # Canceller of self.done: Klein cancels the route when the client
+        # leaves; the caller may also cancel (e.g. its own deadline).
+        if self._ended:
+            return
+        self._stop_upstream()
+        self._end(Failure(CancelledError("forward cancelled")))
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self._ended:
+            return
+        self._log.warn(
+            "worker {worker} sent no body bytes for {timeout}s; aborting",
+            worker=self._worker,
+            timeout=self._idle_timeout,
+        )
+        self._stop_upstream()
+        self._end(Failure(UpstreamBodyFailed(f"no body bytes for {self._idle_timeout:g}s")))
+
+    def _stop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.stopProducing()
+
+    def _end(self, outcome: Failure | None) -> None:
+        self._ended = True
+        self._disarm_idle()
+        if self._registered:
+            self._registered = False
+            if self._request.channel is not None:
+                self._request.unregisterProducer()
+        if self.done.called:
+            return
+        if outcome is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(outcome)
+
+    # Idle timer: runs only while we wait for the worker, never while the
+    # client is the bottleneck (paused), so slow clients are not punished.
+
+    def _arm_idle(self) -> None:
+        if self._ended or self.paused:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._reactor.callLater(self._idle_timeout, self._idle_expired)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_call is not None:
+            if self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+
+
+# --------------------------------------------------------------------------
+# The proxy
+
+
+class _Exchange:
+    """
+    Bookkeeping for one forward before the body phase: which Deferred it is
+    waiting on (so a client disconnect or the headers timeout can cancel it)
+    and why it ended.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.current: Deferred[Any] | None = None
+        self.timed_out = False
+        self.gone = _client_gone(request)
+        self.relay: _Relay | None = None
+        if not self.gone:
+            # notifyFinish after a disconnect would never fire, hence the check.
+            request.notifyFinish().addErrback(self._on_client_gone)
+
+    def _on_client_gone(self, reason: Failure) -> None:
+        # Klein cancels the route first (it hooked notifyFinish earlier), but
+        # forward may run outside Klein or be shielded: act on it ourselves.
+        self.gone = True
+        if self.relay is not None:
+            self.relay.client_gone(reason)
+        elif self.current is not None:
+            self.current.cancel()
+
+    def time_out(self) -> None:
+        self.timed_out = True
+        if self.current is not None:
+            self.current.cancel()
+
+    async def wait(self, d: Deferred[Any]) -> Any:
+        self.current = d
+        try:
+            return await d
+        finally:
+            self.current = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.gone or _client_gone(self.request)
+
+
+class StreamingProxy:
+    """
+    Forwards requests to workers over a shared L{IAgent}, streaming the answer
+    back with backpressure and at most C{max_connections_per_worker}
+    concurrent upstream requests per worker.
+
+    @ivar _semaphores: Per-worker-URL concurrency caps, created on first use
+        and dropped as soon as they are idle, so workers that were removed
+        leave nothing behind.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        agent: IAgent,
+        *,
+        timeout: float,
+        max_connections_per_worker: int = 100,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if max_connections_per_worker < 1:
+            raise ValueError(
+                f"max_connections_per_worker must be >= 1, got {max_connections_per_worker!r}"
+            )
+        self._reactor: _Clock = cast(_Clock, reactor)
+        self._agent = agent
+        self._timeout = timeout
+        self._max_per_worker = max_connections_per_worker
+        self._semaphores: dict[str, DeferredSemaphore] = {}
+
+    # Introspection (metrics, tests)
+
+    def active_count(self, worker_url: str) -> int:
+        """Upstream requests to C{worker_url} currently holding a slot."""
+        sem = self._semaphores.get(worker_url)
+        return 0 if sem is None else sem.limit - sem.tokens
+
+    def waiting_count(self, worker_url: str) -> int:
+        """Forwards to C{worker_url} queued for a free slot."""
+        sem = self._semaphores.get(worker_url)
+        return 0 if sem is None else len(sem.waiting)
+
+    def tracked_workers(self) -> frozenset[str]:
+        """Worker URLs that currently have a (non-idle) slot semaphore."""
+        return frozenset(self._semaphores)
+
+    def _semaphore(self, worker_url: str) -> DeferredSemaphore:
+        sem = self._semaphores.get(worker_url)
+        if sem is None:
+            sem = self._semaphores[worker_url] = DeferredSemaphore(self._max_per_worker)
+        return sem
+
+    def _drop_if_idle(self, worker_url: str, sem: DeferredSemaphore) -> None:
+        """Forget an idle semaphore so removed workers leave nothing behind."""
+        if sem.tokens == sem.limit and not sem.waiting and self._semaphores.get(worker_url) is sem:
+            del self._semaphores[worker_url]
+
+    async def forward(
+        self,
+        request: Request,
+        worker_url: str,
+        *,
+        path: bytes | None = None,
+        method: bytes | None = None,
+        body: IO[bytes] | None = None,
+        extra_response_headers: (
+            Mapping[bytes, bytes] | Callable[[IResponse], Mapping[bytes, bytes]] | None
+        ) = None,
+        capture_limit: int = 0,
+        timeout: float | None = None,
+    ) -> ForwardResult:
+        """
+        Forward C{request} to C{worker_url} and relay the answer.
+
+        Returns once the whole body was written to C{request}; does not call
+        C{request.finish()} (Klein does when the route returns).
+
+        @param path: Upstream path; defaults to the raw C{request.uri}.
+        @param method: Upstream method; defaults to C{request.method}.
+        @param body: Upstream body; defaults to C{request.content}. It is
+            rewound and never closed, so a retry can reuse it.
+        @param extra_response_headers: Headers set on the answer after the
+            worker's (they win), or a callable computing them from the
+            worker's response.
+        @param capture_limit: Keep the body in memory up to this many bytes
+            (0: don't capture).
+        @param timeout: Seconds to wait for response headers (including the
+            wait for a per-worker slot), and the longest gap between body
+            chunks; defaults to the proxy's timeout.
+
+        @raise WorkerUnreachable: The worker could not be reached or dropped
+            the connection before answering; nothing was written.
+        @raise WorkerTimedOut: No response headers in time; nothing written.
+        @raise UpstreamBodyFailed: The worker failed mid-body; the client
+            connection was aborted.
+        @raise CancelledError: The client disconnected, or the caller
+            cancelled; the upstream request was cancelled or aborted.
+        """
+        limit = self._timeout if timeout is None else timeout
+        method = request.method if method is None else method
+        upstream_path = _origin_form(request.uri if path is None else path)
+        url = worker_url.rstrip("/").encode() + upstream_path
+        body_file = request.content if body is None else body
+
+        exchange = _Exchange(request)
+        if exchange.gone:
+            raise CancelledError("client already disconnected")
+
+        timer = self._reactor.callLater(limit, exchange.time_out)
+        sem = self._semaphore(worker_url)
+        acquired = False
+        producer: BytesProducer | _FileBodyProducer | None = None
+        try:
+            try:
+                await exchange.wait(sem.acquire())
+                acquired = True
+                headers = _upstream_headers(request)
+                producer = _body_producer(self._reactor, method, body_file)
+                response: _Response = await exchange.wait(
+                    cast(Any, self._agent).request(method, url, headers, producer)
+                )
+            except Exception as exc:
+                mapped = self._before_headers_error(
+                    exc, exchange, worker_url, limit, waiting_for_slot=not acquired
+                )
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            finally:
+                if timer.active():
+                    timer.cancel()
+            return await self._relay(
+                request,
+                response,
+                exchange,
+                worker_url=worker_url,
+                method=method,
+                extra_response_headers=extra_response_headers,
+                capture_limit=capture_limit,
+                idle_timeout=limit,
+            )
+        finally:
+            if isinstance(producer, _FileBodyProducer) and producer.active:
+                producer.stopProducing()
+            if acquired:
+                sem.release()
+            self._drop_if_idle(worker_url, sem)
+
+    def _before_headers_error(
+        self,
+        exc: Exception,
+        exchange: _Exchange,
+        worker_url: str,
+        limit: float,
+        *,
+        waiting_for_slot: bool,
+    ) -> Exception:
+        """
+        Map a failure before the response headers to the public outcome.
+        Flags beat exception types: cancelling the Agent's Deferred can
+        surface as C{ResponseNeverReceived([CancelledError])}, which would
+        otherwise look like an unreachable worker.
+        """
+        if exchange.timed_out:
+            reason = (
+                f"no free connection slot within {limit:g}s"
+                if waiting_for_slot
+                else f"no response headers within {limit:g}s"
+            )
+            self._log.warn("worker {worker} timed out: {reason}", worker=worker_url, reason=reason)
+            return WorkerTimedOut(reason)
+        if exchange.cancelled or _was_cancelled(exc):
+            self._log.info(
+                "forward to {worker} cancelled before response headers (client gone: {gone})",
+                worker=worker_url,
+                gone=exchange.cancelled,
+            )
+            return exc if isinstance(exc, CancelledError) else CancelledError(str(exc))
+        if isinstance(exc, _UNREACHABLE):
+            reason = _describe(exc)
+            self._log.warn(
+                "worker {worker} unreachable: {reason}", worker=worker_url, reason=reason
+            )
+            return WorkerUnreachable(reason)
+        return exc
+
+    async def _relay(
+        self,
+        request: Request,
+        response: _Response,
+        exchange: _Exchange,
+        *,
+        worker_url: str,
+        method: bytes,
+        extra_response_headers: (
+            Mapping[bytes, bytes] | Callable[[IResponse], Mapping[bytes, bytes]] | None
+        ),
+        capture_limit: int,
+        idle_timeout: float,
+    ) -> ForwardResult:
+        """Send the status and headers, then stream the body through a L{_Relay}."""
+        relay = _Relay(
+            request,
+            self._reactor,
+            idle_timeout=idle_timeout,
+            capture_limit=capture_limit,
+            write_body=method != b"HEAD",
+            worker=worker_url,
+        )
+        if exchange.cancelled:
+            # The client left while the headers were on their way: connecting
+            # the relay lets it abort the upstream instead of pooling it.
+            response.deliverBody(relay)
+            relay.client_gone()
+            relay.done.addErrback(lambda _: None)  # nobody awaits it
+            raise CancelledError("client disconnected")
+
+        request.setResponseCode(response.code, response.phrase)
+        _copy_response_headers(request, response, method)
+        extra = (
+            extra_response_headers(cast(IResponse, response))
+            if callable(extra_response_headers)
+            else extra_response_headers
+        )
+        for name, value in (extra or {}).items():
+            request.responseHeaders.setRawHeaders(name, [value])
+
+        exchange.relay = relay
+        response.deliverBody(relay)
+        # Response._deliverBody_INITIAL resumes the upstream transport after
+        # connectionMade; if the client paused us meanwhile, re-apply the pause.
+        if relay.paused and not relay.done.called and relay.upstream is not None:
+            relay.upstream.pauseProducing()
+        try:
+            await exchange.wait(relay.done)
+        except CancelledError:
+            self._log.info(
+                "forward from {worker} ended mid-body after {nbytes} bytes: "
+                "client gone or cancelled",
+                worker=worker_url,
+                nbytes=relay.body_bytes,
+            )
+            if not _client_gone(request):
+                # Cancelled by the caller while the client is still here: the
+                # status line may be out, so a clean end would lie.
+                _abort_client(request)
+            raise
+        except Exception as exc:
+            _abort_client(request)
+            if isinstance(exc, UpstreamBodyFailed):
+                raise
+            reason = _describe(exc)
+            self._log.warn(
+                "worker {worker} failed mid-body after {nbytes} bytes: {reason}",
+                worker=worker_url,
+                nbytes=relay.body_bytes,
+                reason=reason,
+            )
+            raise UpstreamBodyFailed(reason) from exc
+        return ForwardResult(
+            status=response.code, body_bytes=relay.body_bytes, captured=relay.captured
+        )
