@@ -41,10 +41,10 @@ class OwnerMap:
         """Record (or move) C{item_id}; evict the oldest entries beyond capacity."""
         self._running.pop(item_id, None)
         self._finished.pop(item_id, None)
+        # Make room first, so the entry being remembered is never the one evicted.
+        while len(self) >= self._capacity:
+            (self._finished or self._running).popitem(last=False)
         (self._finished if finished else self._running)[item_id] = worker_url
-        while len(self) > self._capacity:
-            victims = self._finished if self._finished else self._running
-            victims.popitem(last=False)
 
     def mark_finished(self, item_id: str) -> None:
         """Note that C{item_id} reached a final state, making it first in line for eviction."""

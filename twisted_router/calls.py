@@ -34,7 +34,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IAgent
 
-from twisted_router.proxy import BytesProducer
+from twisted_router.proxy import BytesProducer, was_cancelled
 
 _T = TypeVar("_T")
 
@@ -260,10 +260,12 @@ class WorkerCaller:
 
         try:
             code, raw = await with_deadline(Deferred.fromCoroutine(exchange()), timeout, self._clock)
-        except CancelledError:
-            raise
-        except Exception as exc:  # every failure is a per-worker result, never a crash
-            return WorkerReply(worker_url, None, None, describe_failure(exc, timeout))
+        except Exception as exc:
+            # with_deadline turns its own expiry into TimeoutError, so a
+            # cancellation still here came from our caller: let it through.
+            if was_cancelled(exc):
+                raise CancelledError() from exc
+            return WorkerReply(worker_url, None, None, describe_failure(exc, timeout))  # a result, never a crash
         return WorkerReply(worker_url, code, decode_body(raw))
 
     async def fan_out(

@@ -10,6 +10,7 @@ twistd and another on the command line.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,9 +55,9 @@ class RouterConfig:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_connections < 1:
             raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}")
-        if self.timeout <= 0:
+        if not _positive_finite(self.timeout):
             raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
-        if self.health_check_interval <= 0:
+        if not _positive_finite(self.health_check_interval):
             raise ConfigError(
                 f"--health-check-interval must be a positive number of seconds, "
                 f"got {self.health_check_interval}"
@@ -66,7 +67,7 @@ class RouterConfig:
                 f"--health-check-failure-threshold must be at least 1, "
                 f"got {self.health_check_failure_threshold}"
             )
-        if self.health_check_timeout <= 0:
+        if not _positive_finite(self.health_check_timeout):
             raise ConfigError(
                 f"--health-check-timeout must be a positive number of seconds, "
                 f"got {self.health_check_timeout}"
@@ -101,6 +102,11 @@ class RouterConfig:
         return "debug" if self.verbose else self.log_level
 
 
+def _positive_finite(value: float) -> bool:
+    """NaN and infinity compare oddly and make timers that never fire: refuse them with the negatives."""
+    return math.isfinite(value) and value > 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -110,8 +116,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    if not _positive_finite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 

@@ -9,6 +9,7 @@ exposes the bound port as a Deferred.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from twisted.application.service import Service
@@ -25,7 +26,8 @@ def describe_address(port: IListeningPort, scheme: str = "http") -> str:
     host = getattr(address, "host", None)
     number = getattr(address, "port", None)
     if host is None or number is None:
-        return f"{scheme}+unix://{getattr(address, 'name', address)}"
+        name = getattr(address, "name", address)
+        return f"{scheme}+unix://{os.fsdecode(name) if isinstance(name, bytes) else name}"
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{number}"
@@ -85,6 +87,10 @@ class ListenerService(Service):
         d.addCallbacks(self._bound, self._failed)
 
     def _bound(self, port: IListeningPort) -> None:
+        if not self.running:  # stopped while binding: do not keep a port nobody will close
+            port.stopListening()
+            self._settle(port)
+            return
         self._port = port
         self.log.info(
             "{name} listening on {address}",

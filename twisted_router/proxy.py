@@ -69,6 +69,7 @@ __all__ = [
     "WorkerTimedOut",
     "WorkerUnreachable",
     "make_agent",
+    "was_cancelled",
 ]
 
 HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
@@ -524,12 +525,12 @@ def _reasons(exc: BaseException) -> list[BaseException]:
     return [r.value for r in reasons if isinstance(r, Failure)]
 
 
-def _was_cancelled(exc: BaseException) -> bool:
+def was_cancelled(exc: BaseException) -> bool:
     """
     Whether C{exc} is (or wraps) a cancellation: cancelling the Agent's
     Deferred mid-request surfaces as C{ResponseNeverReceived([CancelledError])}.
     """
-    return isinstance(exc, CancelledError) or any(_was_cancelled(r) for r in _reasons(exc))
+    return isinstance(exc, CancelledError) or any(was_cancelled(r) for r in _reasons(exc))
 
 
 _UNREACHABLE = (
@@ -1000,7 +1001,7 @@ class StreamingProxy:
             )
             self._log.warn("worker {worker} timed out: {reason}", worker=worker_url, reason=reason)
             return WorkerTimedOut(reason)
-        if exchange.cancelled or _was_cancelled(exc):
+        if exchange.cancelled or was_cancelled(exc):
             self._log.info(
                 "forward to {worker} cancelled before response headers (client gone: {gone})",
                 worker=worker_url,

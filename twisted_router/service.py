@@ -110,6 +110,7 @@ class _StartupWorkers(Service):
 
     def __init__(self, parts: RouterParts) -> None:
         self._parts = parts
+        self._pending: set[Deferred[bool]] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -121,7 +122,17 @@ class _StartupWorkers(Service):
                 continue
             if created:
                 self.log.info("worker {worker} registered from --worker-urls", worker=worker.display_id)
-                Deferred.fromCoroutine(self._parts.router.refresh_worker(worker))
+                d = Deferred.fromCoroutine(self._parts.router.refresh_worker(worker))
+                self._pending.add(d)
+                d.addBoth(self._settled, d)
+
+    def _settled(self, result: object, d: Deferred[bool]) -> None:
+        self._pending.discard(d)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for d in list(self._pending):  # nothing may outlive the router
+            d.cancel()
 
 
 class _ConnectionPoolCleanup(Service):
