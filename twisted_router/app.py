@@ -152,6 +152,28 @@ class Router:
         self.videos = OwnerMap(config.max_video_jobs)
         self.images = OwnerMap(config.max_image_ids)
 
+    async def worker_ready(self, url: str) -> Worker:
+        """
+        A managed worker answers its health check: register it (or re-admit it
+        after a restart) and learn its capabilities.
+
+        Called by the launcher; raises L{WorkerURLError} for an unusable URL.
+        """
+        worker, created = self._pool.add(url)
+        if worker.is_dead:
+            self._pool.readmit(worker)
+        self.log.info(
+            "managed worker {worker} {what}", worker=worker.display_id, what="registered" if created else "re-admitted"
+        )
+        await self._refresh(worker)
+        return worker
+
+    def worker_lost(self, url: str, reason: str) -> None:
+        """A managed worker's process is gone: take it out of rotation at once."""
+        worker = self._pool.get(url)
+        if worker is not None and self._pool.quarantine(worker, reason):
+            self.log.warn("managed worker {worker} out of rotation: {reason}", worker=worker.display_id, reason=reason)
+
     async def refresh_worker(self, worker: Worker) -> bool:
         """Learn (again) what a worker serves: task type, model, video support."""
         return await self._refresh(worker)

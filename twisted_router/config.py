@@ -40,6 +40,7 @@ class RouterConfig:
     worker_urls: tuple[str, ...] = ()
     max_connections: int = 100
     timeout: float = 120.0
+    weight_update_timeout: float = 600.0
     health_check_interval: float = 10.0
     health_check_failure_threshold: int = 3
     health_check_timeout: float = 5.0
@@ -57,6 +58,10 @@ class RouterConfig:
             raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}")
         if not _positive_finite(self.timeout):
             raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if not _positive_finite(self.weight_update_timeout):
+            raise ConfigError(
+                f"--weight-update-timeout must be a positive number of seconds, got {self.weight_update_timeout}"
+            )
         if not _positive_finite(self.health_check_interval):
             raise ConfigError(
                 f"--health-check-interval must be a positive number of seconds, "
@@ -167,6 +172,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         help="seconds to wait for a worker's response headers (and longest pause inside a body)",
     )
     parser.add_argument(
+        "--weight-update-timeout",
+        type=_positive_float,
+        default=defaults.weight_update_timeout,
+        help="seconds one worker may take for a weight update, sleep or wake (real reloads take minutes)",
+    )
+    parser.add_argument(
         "--health-check-interval",
         type=_positive_float,
         default=defaults.health_check_interval,
@@ -224,6 +235,7 @@ def config_from_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser
         worker_urls=tuple(ns.worker_urls),
         max_connections=ns.max_connections,
         timeout=ns.timeout,
+        weight_update_timeout=ns.weight_update_timeout,
         health_check_interval=ns.health_check_interval,
         health_check_failure_threshold=ns.health_check_failure_threshold,
         health_check_timeout=ns.health_check_timeout,
