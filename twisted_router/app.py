@@ -162,6 +162,7 @@ class Router:
         worker, created = self._pool.add(url)
         if worker.is_dead:
             self._pool.readmit(worker)
+        self._control.admit(worker)  # a (re)started process holds start-up weights
         self.log.info(
             "managed worker {worker} {what}", worker=worker.display_id, what="registered" if created else "re-admitted"
         )
@@ -218,17 +219,38 @@ class Router:
         chooser = policy or self._policy
         tried: set[str] = set()
         last_failure: str | None = None
+        deadline = self._clock.seconds() + self._config.timeout
         while True:
             candidates = [w for w in self._pool.routable(video=video) if w.url not in tried]
             if not candidates:
                 if last_failure is not None:
                     return json_error(request, 502, f"Worker request failed: {last_failure}")
+                busy = self._pool.coming_back(video=video)
+                remaining = deadline - self._clock.seconds()
+                if busy and remaining > 0:
+                    # Workers mid-refit, mid-catch-up or mid-wake will be back:
+                    # wait for them rather than fail, and never reach them early.
+                    await self._control.changed.wait(remaining)
+                    continue
+                if busy:
+                    return json_error(
+                        request,
+                        503,
+                        f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
+                        f"({', '.join(sorted({w.activity or '' for w in busy}))}) after "
+                        f"{self._config.timeout:g}s",
+                    )
                 return self._unavailable(request, video=video)
             worker = chooser.choose(candidates)
+            version = worker.weight_version
             with self._pool.lease(worker):
                 try:
                     result = await self._proxy.forward(
-                        request, worker.url, path=path, capture_limit=capture
+                        request,
+                        worker.url,
+                        path=path,
+                        capture_limit=capture,
+                        extra_response_headers={b"x-weight-version": version.encode()} if version else None,
                     )
                 except WorkerUnreachable as exc:
                     tried.add(worker.url)
@@ -502,9 +524,12 @@ class Router:
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: Request) -> bytes:
         counts = self._pool.counts()
-        healthy = counts["healthy_workers"] > 0
+        # Workers mid-refit or mid-catch-up count: requests wait for them.
+        healthy = counts["healthy_workers"] + counts["busy_workers"] > 0
         return json_body(
-            request, 200 if healthy else 503, {"status": "healthy" if healthy else "unhealthy", **counts}
+            request,
+            200 if healthy else 503,
+            {"status": "healthy" if healthy else "unhealthy", **counts, **self._control.status()},
         )
 
     @app.route("/metrics", methods=["GET"])
@@ -532,14 +557,27 @@ class Router:
                     raise BadRequest(f"{key} must be a string")
         raise BadRequest(_URL_REQUIRED)
 
+    def register(self, url: str) -> tuple[Worker, bool]:
+        """
+        Register a worker (idempotently). A new worker's weights are unknown,
+        so the control plane admits it: current at once when the fleet was
+        never refitted, otherwise caught up before it gets traffic.
+
+        @raise WorkerURLError: the URL is invalid or blocked.
+        """
+        worker, created = self._pool.add(url)
+        if created:
+            self.log.info("worker {worker} registered", worker=worker.display_id)
+            self._control.admit(worker)
+        return worker, created
+
     async def _register(self, request: Request) -> Worker:
         url = self._url_from_request(request)
         try:
-            worker, created = self._pool.add(url)
+            worker, created = self.register(url)
         except WorkerURLError as exc:
             raise BadRequest(str(exc)) from None
         if created:
-            self.log.info("worker {worker} registered", worker=worker.display_id)
             await self._refresh(worker)
         return worker
 
@@ -583,6 +621,7 @@ class Router:
                     self.log.info("worker {worker} marked dead by operator", worker=worker.display_id)
             elif worker.is_dead:
                 self._pool.readmit(worker)
+                self._control.admit(worker)
                 self.log.info("worker {worker} re-admitted by operator", worker=worker.display_id)
         if changes.get("refresh_video_support"):
             await self._refresh(worker)

@@ -1,21 +1,45 @@
 """
-The RL control plane: fleet-wide weight refits and sleep/wake.
+The RL control plane: fleet-wide weight refits and sleep/wake, with the
+invariant that no worker serves generations on weights older than the fleet's.
 
-Control calls are serialised by one lock, so a refit never interleaves with
-another refit or with a sleep/wake broadcast: the controller always sees the
-fleet move from one consistent state to the next.
+How the invariant is kept:
+
+  - The router records the fleet's weights: the body of the last successful
+    C{update_weights_from_disk} and its version (the request's
+    C{weight_version}, else a counter). Version C{"0"} means the weights the
+    workers were started with.
+  - Every operation that changes what weights a worker holds (refit, sleep,
+    wake, catch-up) runs under one lock, so they never interleave.
+  - A worker being updated, or caught up, or put to sleep or woken, has an
+    C{activity} and gets no new requests; requests wait for it (bounded by
+    the request timeout) instead of reaching a worker mid-change.
+  - A worker whose weights are unknown (just registered, re-admitted after
+    quarantine, restarted) or older than the fleet's (slept through a refit)
+    is first sent the fleet's last update body, and becomes routable only
+    when that succeeds. A failed refit or catch-up quarantines the worker.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_router.calls import WorkerCaller, WorkerReply
 from twisted_router.pool import Worker, WorkerPool
+
+UPDATING = "updating weights"
+SYNCING = "syncing weights"
+RELEASING = "releasing memory"
+RESUMING = "resuming memory"
+
+INITIAL_VERSION = "0"
 
 
 @dataclass(frozen=True)
@@ -26,21 +50,102 @@ class BroadcastOutcome:
     body: dict[str, Any]
 
 
+class ChangeSignal:
+    """
+    Lets requests wait for "some worker may have become routable".
+
+    Each waiter has its own timer and a canceller, so a client that goes away
+    while waiting leaves nothing behind.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._waiters: dict[Deferred[bool], IDelayedCall] = {}
+
+    def wait(self, timeout: float) -> Deferred[bool]:
+        """Fire with True on the next L{notify}, or False after C{timeout} seconds."""
+
+        def cancel(d: Deferred[bool]) -> None:
+            timer = self._waiters.pop(d, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        d: Deferred[bool] = Deferred(cancel)
+
+        def expire() -> None:
+            if self._waiters.pop(d, None) is not None:
+                d.callback(False)
+
+        self._waiters[d] = self._clock.callLater(max(0.0, timeout), expire)
+        return d
+
+    def notify(self) -> None:
+        """Wake every waiter (they re-check the pool themselves)."""
+        waiters, self._waiters = self._waiters, {}
+        for d, timer in waiters.items():
+            if timer.active():
+                timer.cancel()
+            d.callback(True)
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+
+def weight_version_of(body: dict[str, Any], counter: int) -> str:
+    """The version an update installs: the caller's C{weight_version}, else the counter."""
+    given = body.get("weight_version")
+    if given is None or given == "":
+        return str(counter)
+    return str(given)
+
+
 class FleetController:
-    """Runs control broadcasts against the pool and applies their effect on worker state."""
+    """Runs control broadcasts against the pool and keeps the fleet's weights consistent."""
 
     log = Logger()
 
-    def __init__(self, pool: WorkerPool, caller: WorkerCaller, *, timeout: float) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        caller: WorkerCaller,
+        clock: IReactorTime,
+        *,
+        timeout: float,
+    ) -> None:
+        """
+        @param timeout: seconds one worker may take for a refit, sleep, wake
+            or catch-up (real reloads take minutes).
+        """
         self._pool = pool
         self._caller = caller
+        self._clock = clock
         self._timeout = timeout
         self._lock = DeferredLock()
+        self.changed = ChangeSignal(clock)
+        self.version = INITIAL_VERSION
+        self.model_path: str | None = None
+        self._update_body: bytes | None = None
+        self._updates_applied = 0
+        self._sync_pending = False
+        self._sync_runs: set[Deferred[None]] = set()
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _locked(self, operation: Callable[[], Any]) -> Any:
+        await self._lock.acquire()
+        try:
+            return await operation()
+        finally:
+            self._lock.release()
+
+    def _set_activity(self, workers: list[Worker], activity: str | None) -> None:
+        for worker in workers:
+            worker.activity = activity
+        if activity is None:
+            self.changed.notify()
 
     async def _broadcast(self, targets: list[Worker], path: str, body: bytes) -> list[WorkerReply]:
-        self.log.info(
-            "broadcasting {path} to {count} worker(s)", path=path, count=len(targets)
-        )
+        self.log.info("sending {path} to {count} worker(s)", path=path, count=len(targets))
         return await self._caller.fan_out(
             [w.url for w in targets], "POST", path, body=body, timeout=self._timeout
         )
@@ -48,87 +153,224 @@ class FleetController:
     def _no_target(self, what: str) -> BroadcastOutcome:
         if len(self._pool) == 0:
             return BroadcastOutcome(503, {"error": "No workers registered in the pool"})
-        return BroadcastOutcome(503, {"error": f"No eligible workers for {what}: {self._describe_fleet()}"})
-
-    def _describe_fleet(self) -> str:
         counts = self._pool.counts()
-        return (
-            f"{counts['total_workers']} registered, {counts['dead_workers']} dead, "
-            f"{counts['sleeping_workers']} sleeping"
+        return BroadcastOutcome(
+            503,
+            {
+                "error": f"No eligible workers for {what}: {counts['total_workers']} registered, "
+                f"{counts['dead_workers']} dead, {counts['sleeping_workers']} sleeping"
+            },
         )
+
+    def _quarantine(self, worker: Worker, reason: str) -> None:
+        worker.weight_version = None  # it may hold anything now
+        if self._pool.quarantine(worker, reason):
+            self.log.warn("worker {worker} quarantined: {reason}", worker=worker.display_id, reason=reason)
+
+    def _report(self, replies: list[WorkerReply], **extra: Any) -> dict[str, Any]:
+        return {"success": all(r.success for r in replies), **extra, "results": [r.payload() for r in replies]}
+
+    def status(self) -> dict[str, Any]:
+        """The fleet's weights, for C{/health}."""
+        return {"weight_version": self.version, "model_path": self.model_path}
+
+    # ------------------------------------------------------------------ refit
 
     async def update_weights(self, body: bytes) -> BroadcastOutcome:
-        """Forward the refit body unchanged to every live, awake worker."""
-        await self._lock.acquire()
+        """
+        Refit every live, awake worker with C{body} (forwarded unchanged).
+
+        Answers 200 only when every targeted worker succeeded; otherwise 502
+        with the same per-worker body, and the failed workers quarantined.
+        """
         try:
-            targets = [w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping]
-            if not targets:
-                return self._no_target("a weight update")
+            parsed = json.loads(body or b"{}")
+        except ValueError as exc:
+            return BroadcastOutcome(400, {"error": f"Invalid JSON body: {exc}"})
+        if not isinstance(parsed, dict):
+            return BroadcastOutcome(400, {"error": "Invalid JSON body: expected a JSON object"})
+        return await self._locked(lambda: self._update(body, parsed))  # type: ignore[no-any-return]
+
+    async def _update(self, body: bytes, parsed: dict[str, Any]) -> BroadcastOutcome:
+        targets = [w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping]
+        if not targets:
+            return self._no_target("a weight update")
+        version = weight_version_of(parsed, self._updates_applied + 1)
+        model_path = parsed.get("model_path") if isinstance(parsed.get("model_path"), str) else None
+        self._set_activity(targets, UPDATING)
+        try:
             replies = await self._broadcast(targets, "/update_weights_from_disk", body)
-            return self._summarise(replies, failure_status=502)
         finally:
-            self._lock.release()
+            for worker in targets:
+                worker.activity = None
+        applied = 0
+        for worker, reply in zip(targets, replies, strict=True):
+            if reply.success:
+                worker.weight_version, worker.model_path = version, model_path
+                applied += 1
+            else:
+                self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}")
+        if applied:
+            self._updates_applied += 1
+            self.version, self.model_path, self._update_body = version, model_path, body
+            self.log.info(
+                "fleet weights now version {version} ({applied}/{total} workers updated)",
+                version=version,
+                applied=applied,
+                total=len(targets),
+            )
+        self.changed.notify()
+        report = self._report(replies, weight_version=self.version)
+        return BroadcastOutcome(200 if report["success"] else 502, report)
+
+    # ------------------------------------------------------------------ sleep and wake
 
     async def release_memory(self, body: bytes) -> BroadcastOutcome:
-        """Put every live, awake worker to sleep; the ones that succeed get no more traffic."""
-        await self._lock.acquire()
+        """Put every live, awake worker to sleep; the ones that succeed get no traffic."""
+        return await self._locked(lambda: self._release(body))  # type: ignore[no-any-return]
+
+    async def _release(self, body: bytes) -> BroadcastOutcome:
+        live = [w for w in self._pool.workers() if not w.is_dead]
+        targets = [w for w in live if not w.is_sleeping]
+        if not targets:
+            if live:
+                return BroadcastOutcome(
+                    200, {"success": True, "message": "all workers are already sleeping", "results": []}
+                )
+            return self._no_target("release_memory_occupation")
+        self._set_activity(targets, RELEASING)
         try:
-            live = [w for w in self._pool.workers() if not w.is_dead]
-            targets = [w for w in live if not w.is_sleeping]
-            if not targets:
-                if live:
-                    return BroadcastOutcome(
-                        200,
-                        {"success": True, "results": [], "message": "all workers are already sleeping"},
-                    )
-                return self._no_target("release_memory_occupation")
             replies = await self._broadcast(targets, "/release_memory_occupation", body)
-            for worker, reply in zip(targets, replies, strict=True):
-                if reply.success:
-                    self._pool.set_sleeping(worker, True)
-            return self._summarise(replies, failure_status=200)
         finally:
-            self._lock.release()
+            for worker in targets:
+                worker.activity = None
+        for worker, reply in zip(targets, replies, strict=True):
+            if reply.success:
+                self._pool.set_sleeping(worker, True)
+            elif reply.status_code is None:
+                self._quarantine(worker, f"release_memory_occupation failed: {_reason(reply)}")
+        self.changed.notify()
+        return BroadcastOutcome(200, self._report(replies))
 
     async def resume_memory(self, body: bytes) -> BroadcastOutcome:
-        """Wake every live, sleeping worker; the ones that succeed become routable."""
-        await self._lock.acquire()
-        try:
-            live = [w for w in self._pool.workers() if not w.is_dead]
-            targets = [w for w in live if w.is_sleeping]
-            if not targets:
-                if live:
-                    return BroadcastOutcome(
-                        200, {"success": True, "results": [], "message": "all workers are already awake"}
-                    )
-                return self._no_target("resume_memory_occupation")
-            replies = await self._broadcast(targets, "/resume_memory_occupation", body)
-            for worker, reply in zip(targets, replies, strict=True):
-                if reply.success:
-                    self._pool.set_sleeping(worker, False)
-            return self._summarise(replies, failure_status=200)
-        finally:
-            self._lock.release()
-
-    def _summarise(self, replies: list[WorkerReply], *, failure_status: int) -> BroadcastOutcome:
         """
-        Per-worker results plus an overall verdict.
-
-        A failed refit answers 502 because the fleet is no longer uniform; a
-        partly failed sleep or wake still answers 200 because each worker's own
-        state is exact and the controller reads C{success} per worker.
+        Wake every live, sleeping worker. A woken worker that slept through a
+        refit is caught up before it gets traffic (it shows C{syncing}).
         """
-        success = all(r.success for r in replies)
-        for reply in replies:
-            if not reply.success:
-                self.log.warn(
-                    "worker {worker} failed a control call: status={status} error={error} body={body}",
-                    worker=reply.worker_url,
-                    status=reply.status_code,
-                    error=reply.error,
-                    body=reply.body,
+        return await self._locked(lambda: self._resume(body))  # type: ignore[no-any-return]
+
+    async def _resume(self, body: bytes) -> BroadcastOutcome:
+        live = [w for w in self._pool.workers() if not w.is_dead]
+        targets = [w for w in live if w.is_sleeping]
+        if not targets:
+            if live:
+                return BroadcastOutcome(
+                    200, {"success": True, "message": "all workers are already awake", "results": []}
                 )
-        return BroadcastOutcome(
-            200 if success else failure_status,
-            {"success": success, "results": [r.payload() for r in replies]},
+            return self._no_target("resume_memory_occupation")
+        self._set_activity(targets, RESUMING)
+        try:
+            replies = await self._broadcast(targets, "/resume_memory_occupation", body)
+        finally:
+            for worker in targets:
+                worker.activity = None
+        behind = []
+        for worker, reply in zip(targets, replies, strict=True):
+            if reply.success:
+                self._pool.set_sleeping(worker, False)
+                if worker.weight_version != self.version:
+                    worker.activity = SYNCING
+                    behind.append(worker.url)
+            elif reply.status_code is None:
+                self._quarantine(worker, f"resume_memory_occupation failed: {_reason(reply)}")
+        if behind:
+            self._schedule_sync()
+        self.changed.notify()
+        return BroadcastOutcome(200, self._report(replies, catching_up=behind))
+
+    # ------------------------------------------------------------------ catch-up
+
+    def admit(self, worker: Worker) -> None:
+        """
+        A worker joins (registered, re-admitted, restarted): its weights are
+        unknown. With no refit yet it holds the fleet's start-up weights;
+        otherwise it is caught up before it gets any traffic.
+        """
+        worker.weight_version = None
+        if self._update_body is None:
+            worker.weight_version = self.version
+            self.changed.notify()
+            return
+        if worker.is_dead or worker.is_sleeping:
+            return  # caught up when it is re-admitted or woken
+        worker.activity = SYNCING
+        self._schedule_sync()
+
+    def _schedule_sync(self) -> None:
+        """Run one catch-up pass soon; passes coalesce, so N joining workers cost one broadcast."""
+        if self._sync_pending:
+            return
+        self._sync_pending = True
+        d = Deferred.fromCoroutine(self._locked(self._sync_pass))
+        self._sync_runs.add(d)
+
+        def done(result: object) -> None:
+            self._sync_runs.discard(d)
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                self.log.failure("catch-up pass failed", result)
+
+        d.addBoth(done)
+
+    async def _sync_pass(self) -> None:
+        self._sync_pending = False
+        behind = [w for w in self._pool.workers() if w.activity == SYNCING and w in self._pool]
+        if not behind:
+            return
+        body, version, model_path = self._update_body, self.version, self.model_path
+        if body is None:  # nothing to catch up to
+            for worker in behind:
+                worker.weight_version = version
+            self._set_activity(behind, None)
+            return
+        self.log.info(
+            "catching up {count} worker(s) to weight version {version}", count=len(behind), version=version
         )
+        try:
+            replies = await self._broadcast(behind, "/update_weights_from_disk", body)
+        except BaseException:
+            self._set_activity(behind, None)
+            for worker in behind:
+                self._quarantine(worker, "catch-up interrupted")
+            raise
+        for worker, reply in zip(behind, replies, strict=True):
+            worker.activity = None
+            if worker.is_dead or worker.is_sleeping:
+                continue
+            if reply.success:
+                worker.weight_version, worker.model_path = version, model_path
+                self.log.info(
+                    "worker {worker} caught up to weight version {version}",
+                    worker=worker.display_id,
+                    version=version,
+                )
+            else:
+                self._quarantine(worker, f"catch-up to weight version {version} failed: {_reason(reply)}")
+        self.changed.notify()
+
+    def stop(self) -> None:
+        """Abandon catch-ups in flight (router shutting down)."""
+        for d in list(self._sync_runs):
+            d.cancel()
+
+
+def _reason(reply: WorkerReply) -> str:
+    """A short account of a failed reply, for dead_reason and logs."""
+    if reply.error is not None:
+        return reply.error
+    body = reply.body
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("detail") or body.get("error")
+        if message:
+            return f"HTTP {reply.status_code}: {message}"
+    text = body if isinstance(body, str) else json.dumps(body)
+    return f"HTTP {reply.status_code}: {text[:200]}"

@@ -61,6 +61,13 @@ class Worker:
         no traffic until woken.
     @ivar task_type: C{data[0].task_type} of the worker's C{/v1/models}.
     @ivar model_id: C{data[0].id} of the worker's C{/v1/models}.
+    @ivar weight_version: the fleet weight version this worker is known to
+        hold; C{None} when unknown (just registered, re-admitted or restarted:
+        it may hold anything until it has been caught up).
+    @ivar model_path: the C{model_path} of the last weight update it applied.
+    @ivar activity: a control operation in progress on it ("updating
+        weights", "syncing weights", "releasing memory", "resuming memory");
+        a worker with an activity gets no new requests, which wait for it.
     @ivar total_requests: requests ever dispatched to it.
     @ivar failed_requests: dispatched requests that failed in transport
         (unreachable, dropped, timed out), as recorded by the app.
@@ -76,6 +83,9 @@ class Worker:
     is_sleeping: bool = False
     task_type: str | None = None
     model_id: str | None = None
+    weight_version: str | None = None
+    model_path: str | None = None
+    activity: str | None = None
     total_requests: int = 0
     failed_requests: int = 0
     registered_at: float = field(default_factory=time.time)
@@ -104,7 +114,23 @@ class Worker:
     @property
     def routable(self) -> bool:
         """Whether new requests may be sent here."""
-        return not self.is_dead and not self.is_sleeping
+        return not self.is_dead and not self.is_sleeping and self.activity is None
+
+    @property
+    def coming_back(self) -> bool:
+        """Busy with a control operation that will end with it routable or quarantined: worth waiting for."""
+        return not self.is_dead and not self.is_sleeping and self.activity is not None
+
+    @property
+    def state(self) -> str:
+        """One word for dashboards: dead, sleeping, syncing, updating, ... or ready."""
+        if self.is_dead:
+            return "dead"
+        if self.is_sleeping:
+            return "sleeping"
+        if self.activity is not None:
+            return self.activity.split()[0]
+        return "ready"
 
     def payload(self) -> dict[str, Any]:
         """The JSON-able C{/workers} representation (the first keys are the ones existing scripts read)."""
@@ -117,6 +143,10 @@ class Worker:
             "is_sleeping": self.is_sleeping,
             "consecutive_failures": self.consecutive_failures,
             "video_support": self.video_support,
+            "state": self.state,
+            "syncing": self.activity == "syncing weights",
+            "weight_version": self.weight_version,
+            "model_path": self.model_path,
             "dead_reason": self.dead_reason,
             "task_type": self.task_type,
             "model_id": self.model_id,
@@ -280,6 +310,12 @@ class WorkerPool:
         """All workers, in registration order."""
         return list(self._workers.values())
 
+    def coming_back(self, *, video: bool = False) -> list[Worker]:
+        """Workers busy with a control operation (weights, memory) that requests may wait for."""
+        return [
+            w for w in self._workers.values() if w.coming_back and (not video or w.video_support)
+        ]
+
     def routable(self, *, video: bool = False) -> list[Worker]:
         """
         Workers that may take a new request now, in registration order.
@@ -373,4 +409,5 @@ class WorkerPool:
             "total_workers": len(workers),
             "dead_workers": sum(1 for w in workers if w.is_dead),
             "sleeping_workers": sum(1 for w in workers if w.is_sleeping),
+            "busy_workers": sum(1 for w in workers if w.coming_back),
         }

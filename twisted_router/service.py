@@ -53,6 +53,7 @@ class RouterParts:
     config: RouterConfig
     pool: WorkerPool
     router: Router
+    control: FleetController
     health: HealthChecker
     connection_pool: HTTPConnectionPool | None
 
@@ -80,6 +81,7 @@ def build_router(
     async def refresh(worker: Worker) -> bool:
         return await refresh_capabilities(pool, worker, http, reactor, timeout=config.health_check_timeout)
 
+    control = FleetController(pool, caller, reactor, timeout=config.weight_update_timeout)
     router = Router(
         config=config,
         pool=pool,
@@ -88,7 +90,7 @@ def build_router(
             reactor, agent, timeout=config.timeout, max_connections_per_worker=config.max_connections
         ),
         caller=caller,
-        control=FleetController(pool, caller, timeout=config.timeout),
+        control=control,
         refresh_capabilities=refresh,
         clock=reactor,
     )
@@ -100,7 +102,7 @@ def build_router(
         failure_threshold=config.health_check_failure_threshold,
         probe_timeout=config.health_check_timeout,
     )
-    return RouterParts(config, pool, router, health, connection_pool)
+    return RouterParts(config, pool, router, control, health, connection_pool)
 
 
 class _StartupWorkers(Service):
@@ -116,12 +118,11 @@ class _StartupWorkers(Service):
         super().startService()
         for url in self._parts.config.worker_urls:
             try:
-                worker, created = self._parts.pool.add(url)
+                worker, created = self._parts.router.register(url)
             except WorkerURLError as exc:  # validated at start-up already; keep the service alive regardless
                 self.log.error("cannot register worker {url}: {reason}", url=url, reason=str(exc))
                 continue
             if created:
-                self.log.info("worker {worker} registered from --worker-urls", worker=worker.display_id)
                 d = Deferred.fromCoroutine(self._parts.router.refresh_worker(worker))
                 self._pending.add(d)
                 d.addBoth(self._settled, d)
@@ -135,15 +136,16 @@ class _StartupWorkers(Service):
             d.cancel()
 
 
-class _ConnectionPoolCleanup(Service):
-    """Closes pooled worker connections on shutdown, so no connection or timer outlives the router."""
+class _OnStop(Service):
+    """Runs a clean-up action when the router stops, so no connection, timer or call outlives it."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self._pool = pool
+    def __init__(self, action: Callable[[], object]) -> None:
+        self._action = action
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        return self._pool.closeCachedConnections()
+        result = self._action()
+        return result if isinstance(result, Deferred) else None
 
 
 def make_router_service(
@@ -163,7 +165,8 @@ def make_router_service(
         on_failure=on_listen_failure,
     )
     if parts.connection_pool is not None:
-        _ConnectionPoolCleanup(parts.connection_pool).setServiceParent(top)
+        _OnStop(parts.connection_pool.closeCachedConnections).setServiceParent(top)
+    _OnStop(parts.control.stop).setServiceParent(top)
     parts.health.setServiceParent(top)
     _StartupWorkers(parts).setServiceParent(top)
     listener.setServiceParent(top)

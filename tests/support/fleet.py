@@ -207,7 +207,7 @@ class RouterHarness:
             self.clock.advance(0)
 
     def register(self, url: str) -> None:
-        worker, _ = self.pool.add(url)
+        worker, _ = self.parts.router.register(url)
         d = Deferred.fromCoroutine(self.parts.router.refresh_worker(worker))
         self.pump()
         success_result_of(d)

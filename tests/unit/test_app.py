@@ -44,6 +44,9 @@ def test_health_with_no_workers_is_503() -> None:
         "total_workers": 0,
         "dead_workers": 0,
         "sleeping_workers": 0,
+        "busy_workers": 0,
+        "weight_version": "0",
+        "model_path": None,
     }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
@@ -68,7 +69,8 @@ class Fleet:
         self.pool = WorkerPool(now=lambda: 0.0)
         self.workers = [self.pool.add(u)[0] for u in urls]
         self.caller = FakeCaller()
-        self.control = FleetController(self.pool, self.caller, timeout=TIMEOUT)  # type: ignore[arg-type]
+        self.clock = Clock()
+        self.control = FleetController(self.pool, self.caller, self.clock, timeout=TIMEOUT)  # type: ignore[arg-type]
 
     def worker(self, url: str) -> Worker:
         found = self.pool.get(url)
@@ -115,6 +117,7 @@ def test_update_answers_200_when_all_succeed() -> None:
     assert outcome.status == 200
     assert outcome.body == {
         "success": True,
+        "weight_version": "1",
         "results": [
             {"worker_url": A, "status_code": 200, "body": {"success": True, "message": "ok"}, "success": True},
             {"worker_url": B, "status_code": 200, "body": {"success": True}, "success": True},
@@ -145,7 +148,10 @@ def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[in
         assert results[1]["body"] == bad[1]
     warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
     assert len(warnings) == 1
-    assert B in warnings[0]
+    assert "10.0.0.2:30000 quarantined: weight update to version 1 failed" in warnings[0]
+    # The worker that failed holds unknown weights: never left routable.
+    assert fleet.worker(B).is_dead and fleet.worker(B).weight_version is None
+    assert [w.url for w in fleet.pool.routable()] == [A, C]
 
 
 def test_update_does_not_change_sleep_state() -> None:
@@ -209,7 +215,9 @@ def test_release_marks_only_the_successful_workers_sleeping() -> None:
     assert outcome.status == 200
     assert outcome.body["success"] is False
     assert [r["success"] for r in outcome.body["results"]] == [True, False, False]
-    assert [w.url for w in fleet.pool.routable()] == [B, C]
+    # B did not answer: its memory state is unknown, so it is quarantined; C refused and stays awake.
+    assert fleet.worker(B).is_dead
+    assert [w.url for w in fleet.pool.routable()] == [C]
 
 
 def test_release_all_ok() -> None:
@@ -358,36 +366,36 @@ def test_queued_call_sees_the_state_left_by_the_previous_one() -> None:
 
 def test_a_failing_broadcast_releases_the_lock() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b"1"))
-    second = fleet.run(fleet.control.update_weights(b"2"))
+    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
+    second = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
     fleet.caller.calls[0].deferred.errback(RuntimeError("caller bug"))
     failure_result_of(first, RuntimeError)
-    assert [c.body for c in fleet.caller.calls] == [b"1", b"2"]
+    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 2}']
     fleet.caller.calls[1].all_ok()
     assert success_result_of(second).status == 200
 
 
 def test_cancelling_a_call_in_flight_releases_the_lock() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b"1"))
-    second = fleet.run(fleet.control.update_weights(b"2"))
+    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
+    second = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
     first.cancel()
     failure_result_of(first, CancelledError)
-    assert [c.body for c in fleet.caller.calls] == [b"1", b"2"]
+    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 2}']
     fleet.caller.calls[1].all_ok()
     assert success_result_of(second).status == 200
 
 
 def test_cancelling_a_queued_call_skips_it() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b"1"))
-    queued = fleet.run(fleet.control.update_weights(b"2"))
-    third = fleet.run(fleet.control.update_weights(b"3"))
+    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
+    queued = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
+    third = fleet.run(fleet.control.update_weights(b'{"step": 3}'))
     queued.cancel()
     failure_result_of(queued, CancelledError)
     fleet.caller.calls[0].all_ok()
     success_result_of(first)
-    assert [c.body for c in fleet.caller.calls] == [b"1", b"3"]
+    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 3}']
     fleet.caller.calls[1].all_ok()
     assert success_result_of(third).status == 200
 

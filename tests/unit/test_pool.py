@@ -218,18 +218,37 @@ def test_counts(pool: WorkerPool) -> None:
         "total_workers": 0,
         "dead_workers": 0,
         "sleeping_workers": 0,
+        "busy_workers": 0,
     }
     a, _ = pool.add("http://a:1")
     b, _ = pool.add("http://b:1")
     pool.add("http://c:1")
+    d, _ = pool.add("http://d:1")
     pool.quarantine(a, "x")
     pool.set_sleeping(b, True)
+    d.activity = "syncing weights"
     assert pool.counts() == {
         "healthy_workers": 1,
-        "total_workers": 3,
+        "total_workers": 4,
         "dead_workers": 1,
         "sleeping_workers": 1,
+        "busy_workers": 1,
     }
+    assert pool.coming_back() == [d]
+    assert [w.url for w in pool.routable()] == ["http://c:1"]
+
+
+def test_state_word_and_routability_follow_the_control_activity(pool: WorkerPool) -> None:
+    w, _ = pool.add("http://a:1")
+    assert (w.state, w.routable, w.coming_back) == ("ready", True, False)
+    w.activity = "updating weights"
+    assert (w.state, w.routable, w.coming_back) == ("updating", False, True)
+    w.activity = "syncing weights"
+    assert w.payload()["syncing"] is True and w.payload()["state"] == "syncing"
+    pool.set_sleeping(w, True)
+    assert (w.state, w.coming_back) == ("sleeping", False)
+    pool.quarantine(w, "x")
+    assert (w.state, w.routable) == ("dead", False)
 
 
 def test_payload_is_json_and_complete(pool: WorkerPool, now: FakeTime) -> None:
