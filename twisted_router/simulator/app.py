@@ -1,0 +1,1018 @@
+# -*- test-case-name: tests.unit.test_simulator_app -*-
+"""
+The simulated worker's HTTP surface: a Klein app speaking the real API.
+
+Every route follows C{sglang-worker-api.md} (section numbers below refer to
+it): status codes, error bodies and field names are the real worker's, so
+the router is tested against the answers it will really get, including the
+awkward ones (text/plain 500s, 422 lists, the C{[SLEEPING]} 400, jobs that
+fail after a 200). Handlers are thin: they validate with
+L{twisted_router.simulator.model}, queue GPU work on the
+L{GpuQueue<twisted_router.simulator.queue.GpuQueue>}, change
+L{WorkerState<twisted_router.simulator.state.WorkerState>} when the work
+completes, and answer with bodies from
+L{twisted_router.simulator.payloads}.
+
+Simulator-only additions, all harmless to a router: an C{X-Worker-Id}
+header on every answer, C{GET /sim/state} and C{POST /sim/faults}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from twisted_router.simulator import payloads
+from twisted_router.simulator.config import SimulatorConfig
+from twisted_router.simulator.model import (
+    DIFFUSION_GENERATE_FIELDS,
+    IMAGE_EDIT_FIELDS,
+    IMAGE_GENERATION_FIELDS,
+    MEDIA_TYPES,
+    ROLLOUT_FIELDS,
+    SLEEPING_MESSAGE,
+    VIDEO_FIELDS,
+    Field,
+    TaskType,
+    ValidationFailed,
+    clamp_n,
+    finite_non_negative,
+    image_extension,
+    json_decode_error,
+    latent_shape,
+    parse_size,
+    resolve_dimensions,
+    resolve_steps,
+    service_seconds,
+    timestep_values,
+    validate,
+    video_frames,
+)
+from twisted_router.simulator.queue import GpuQueue, Work, as_clock
+from twisted_router.simulator.state import WorkerState
+from twisted_router.simulator.streaming import ChunkProducer
+
+#: Bodies up to this size are returned whole; larger ones are streamed.
+INLINE_LIMIT = 1024 * 1024
+
+JSON = b"application/json"
+PLAIN = b"text/plain; charset=utf-8"
+
+#: The message every injected generation failure carries (§1: the real
+#: C{process_generation_batch} raises C{RuntimeError} with this prefix).
+INJECTED_FAILURE = "Model generation returned no output. Error from scheduler: simulated failure"
+
+
+class Reply(Exception):
+    """
+    An answer other than the success path, raised from a handler or a job.
+
+    @ivar code: HTTP status.
+    @ivar body: the JSON value of the body, or C{None} for the plain-text
+        C{Internal Server Error} that uncaught exceptions give (§1).
+    @ivar reason: why, for the log (never sent).
+    """
+
+    def __init__(self, code: int, body: Any = None, reason: str = "") -> None:
+        super().__init__(code, body, reason)
+        self.code = code
+        self.body = body
+        self.reason = reason
+
+    @classmethod
+    def plain500(cls, reason: str) -> Reply:
+        """FastAPI's answer to an uncaught exception: text/plain 500."""
+        return cls(500, None, reason)
+
+    @classmethod
+    def sleeping(cls) -> Reply:
+        """The 400 a generation gets while the worker sleeps (§5.3)."""
+        return cls(400, {"detail": {"message": SLEEPING_MESSAGE}}, "sleeping")
+
+
+@dataclass
+class StoredImage:
+    """An entry of the per-worker C{IMAGE_STORE}: what C{/content} serves."""
+
+    ext: str
+    size: int
+
+
+@dataclass
+class VideoJob:
+    """
+    One C{/v1/videos} job: its public C{VideoResponse} fields and bookkeeping.
+
+    @ivar fields: the C{VideoResponse} as served (mutated as the job runs).
+    @ivar seq: arrival number, to keep list order stable for equal C{created_at}.
+    """
+
+    fields: dict[str, Any]
+    seq: int
+    deleted: bool = field(default=False)
+
+    @property
+    def id(self) -> str:
+        return str(self.fields["id"])
+
+    @property
+    def status(self) -> str:
+        return str(self.fields["status"])
+
+
+def _tensor(shape: list[int], kind: str) -> dict[str, Any]:
+    """An upstream C{__tensor__} dict: base64 safetensors of C{{"t": tensor}}."""
+    return {
+        "__tensor__": True,
+        "data": payloads.Blob(payloads.safetensors_b64(tuple(shape), kind)),
+        "shape": list(shape),
+        "dtype": "torch.float32",
+    }
+
+
+async def _settle(result: bytes | Deferred[None]) -> bytes | None:
+    """Turn what L{SimulatedWorker._send} returns into a Klein route result."""
+    if isinstance(result, Deferred):
+        await result
+        return None
+    return result
+
+
+class SimulatedWorker:
+    """
+    A CPU stand-in for one SGLang diffusion worker (C{sglang serve}).
+
+    Construct it with a config and a reactor (anything providing
+    L{IReactorTime}: the real reactor, or C{task.Clock} in tests) and serve
+    L{resource}.
+
+    @ivar worker_id: the value of the C{X-Worker-Id} header; the command line
+        sets it to C{host:port} once bound when C{--worker-id} is not given.
+    """
+
+    app = Klein()
+    _log = Logger()
+
+    def __init__(self, config: SimulatorConfig, reactor: IReactorTime) -> None:
+        self.config = config
+        self._clock = as_clock(reactor)
+        self.state = WorkerState(config)
+        self.queue = GpuQueue(reactor)
+        self.worker_id = config.worker_id
+        self._images: dict[str, StoredImage] = {}
+        self._videos: dict[str, VideoJob] = {}
+        self._video_seq = 0
+        self._task: TaskType = config.task_type
+
+    def resource(self) -> Resource:
+        """The root resource to serve: the Klein app behind the header wrapper."""
+        return _WorkerResource(self, self.app.resource())
+
+    # ------------------------------------------------------------------
+    # Answer helpers
+
+    def _now(self) -> int:
+        return int(self._clock.seconds())
+
+    def _send(
+        self,
+        request: Request,
+        pieces: list[bytes],
+        content_type: bytes = JSON,
+        code: int = 200,
+        headers: Mapping[bytes, bytes] | None = None,
+        chunks: Iterator[bytes] | None = None,
+        length: int | None = None,
+    ) -> bytes | Deferred[None]:
+        """
+        Answer with C{pieces} (or an iterator of C{chunks} of C{length} bytes).
+
+        Sets C{Content-Length} as the real (FastAPI) worker does. Small
+        bodies are returned whole; large ones are written by a
+        L{ChunkProducer}, so the simulator never joins a 70 MB trajectory
+        into one string or holds a 200 MB video.
+        """
+        # Twisted has no phrase for 422; uvicorn sends the standard ones.
+        request.setResponseCode(code, HTTPStatus(code).phrase.encode("ascii"))
+        request.setHeader(b"content-type", content_type)
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)
+        total = sum(len(piece) for piece in pieces) if length is None else length
+        request.setHeader(b"content-length", str(total).encode("ascii"))
+        if chunks is None:
+            if total <= INLINE_LIMIT:
+                return b"".join(pieces)
+            chunks = payloads.slices(pieces)
+        return ChunkProducer(request, chunks).start()
+
+    def _json(self, request: Request, value: Any, code: int = 200) -> bytes | Deferred[None]:
+        return self._send(request, payloads.json_pieces(value), code=code)
+
+    def _seconds(self, steps: int, width: int, height: int, frames: int, n: int) -> float:
+        cfg = self.config
+        return service_seconds(
+            step_ms=cfg.step_ms,
+            steps=steps,
+            width=width,
+            height=height,
+            frames=frames,
+            n=n,
+            speed=cfg.speed,
+            base_ms=cfg.base_ms,
+        )
+
+    def _file_path(self, request_id: str, ext: str, index: int | None = None) -> str:
+        suffix = "" if index is None else f"_{index}"
+        return f"{self.config.output_path.rstrip('/')}/{request_id}{suffix}.{ext}"
+
+    def _common(self, seconds: float) -> dict[str, Any]:
+        """C{peak_memory_mb} and C{inference_time_s}, null unless positive."""
+        return {
+            "peak_memory_mb": self.config.profile.peak_memory_mb,
+            "inference_time_s": seconds if seconds > 0 else None,
+        }
+
+    @staticmethod
+    def _read_json(request: Request, fields: Mapping[str, Field], model: str) -> dict[str, Any]:
+        """Decode and validate a JSON body as FastAPI does, or raise a 422."""
+        raw = request.content.read() if request.content is not None else b""
+        if not raw.strip():
+            raise Reply(422, {"detail": [{
+                "type": "missing", "loc": ["body"], "msg": "Field required", "input": None,
+            }]})
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise Reply(422, {"detail": json_decode_error(e.msg, e.pos)}) from None
+        except ValueError as e:
+            raise Reply(422, {"detail": json_decode_error(str(e), 0)}) from None
+        try:
+            return validate(body, fields, model)
+        except ValidationFailed as e:
+            raise Reply(422, {"detail": e.errors}) from None
+
+    @staticmethod
+    def _raw_json(request: Request) -> Any:
+        """Decode a JSON body that the real handler reads unguarded (bad JSON: plain 500)."""
+        raw = request.content.read() if request.content is not None else b""
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise Reply.plain500("request body is not JSON") from None
+
+    def _generation(
+        self, label: str, seconds: float, fail: bool, on_failure: Reply | None = None
+    ) -> Deferred[float]:
+        """
+        Queue one generation; fires with its GPU seconds.
+
+        At its turn: a sleeping worker rejects it at once (§5.3); otherwise it
+        holds the GPU for C{seconds} and then succeeds, or fails as injected
+        (by default with the plain 500 of §1).
+        """
+
+        def start() -> Work[float]:
+            if self.state.sleeping:
+                raise Reply.sleeping()
+
+            def finish() -> float:
+                if fail:
+                    self.state.failed += 1
+                    raise on_failure or Reply.plain500(INJECTED_FAILURE)
+                self.state.served += 1
+                return seconds
+
+            return Work(seconds, finish)
+
+        return self.queue.submit(start, label)
+
+    # ------------------------------------------------------------------
+    # Errors
+
+    @app.handle_errors(Reply)
+    def _on_reply(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
+        reply = failure.value
+        assert isinstance(reply, Reply)
+        if reply.body is None:
+            if reply.reason:
+                self._log.debug("plain 500 for {path}: {reason}", path=request.path, reason=reply.reason)
+            return self._send(request, [b"Internal Server Error"], PLAIN, reply.code)
+        return self._json(request, reply.body, reply.code)
+
+    @app.handle_errors(NotFound)
+    def _on_not_found(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
+        return self._json(request, {"detail": "Not Found"}, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _on_bad_method(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
+        return self._json(request, {"detail": "Method Not Allowed"}, 405)
+
+    @app.handle_errors(Exception)
+    def _on_crash(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
+        self._log.failure("simulator bug answering {path}", failure=failure, path=request.path)
+        return self._send(request, [b"Internal Server Error"], PLAIN, 500)
+
+    # ------------------------------------------------------------------
+    # Health and discovery (§2, §3): constant answers, also while sleeping.
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Request) -> bytes | Deferred[None]:
+        return self._json(request, {"status": "ok"})
+
+    @app.route("/health_generate", methods=["GET"])
+    def health_generate(self, request: Request) -> bytes | Deferred[None]:
+        return self._json(request, {"status": "ok"})
+
+    def _card(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "id": cfg.served_model,
+            "object": "model",
+            "created": self._now(),
+            "owned_by": "sglang",
+            "root": cfg.served_model,
+            "parent": None,
+            "max_model_len": None,
+            "num_gpus": cfg.num_gpus,
+            "task_type": self._task.name,
+            "dit_precision": "bf16",
+            "vae_precision": "fp32",
+            "pipeline_name": cfg.profile.pipeline_name,
+            "pipeline_class": cfg.profile.pipeline_name,
+        }
+
+    @app.route("/v1/models", methods=["GET"])
+    def list_models(self, request: Request) -> bytes | Deferred[None]:
+        return self._json(request, {"object": "list", "data": [self._card()]})
+
+    @app.route("/v1/models/<path:model>", methods=["GET"])
+    def get_model(self, request: Request, model: str) -> bytes | Deferred[None]:
+        if model != self.config.served_model:
+            return self._json(request, {"error": {
+                "message": f"The model '{model}' does not exist",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }}, 404)
+        return self._json(request, self._card())
+
+    @app.route("/models", methods=["GET"])
+    def models_flat(self, request: Request) -> bytes | Deferred[None]:
+        cfg = self.config
+        return self._json(request, {
+            "model_path": cfg.served_model,
+            "num_gpus": cfg.num_gpus,
+            "task_type": self._task.name,
+            "dit_precision": "bf16",
+            "vae_precision": "fp32",
+            "pipeline_name": cfg.profile.pipeline_name,
+            "pipeline_class": cfg.profile.pipeline_name,
+        })
+
+    @app.route("/v1/model_info", methods=["GET"])
+    def model_info(self, request: Request) -> bytes | Deferred[None]:
+        # The launch path, even after an update: the HTTP process keeps its
+        # own copy of server_args (§3.1, inferred).
+        return self._json(request, {"model_path": self.config.served_model})
+
+    # ------------------------------------------------------------------
+    # Images (§4.1-4.3)
+
+    def _image_response(
+        self, request_id: str, prompt: str, n: int, ext: str, response_format: str, seconds: float
+    ) -> dict[str, Any]:
+        """The C{ImageResponse} of a finished image job, after storing it for C{/content}."""
+        if response_format not in ("url", "b64_json"):
+            # Checked after the GPU work, as the real handler does.
+            raise Reply(400, {"detail": f"response_format={response_format!r} is not supported."})
+        size = self.config.image_bytes
+        self._images[request_id] = StoredImage(ext, size)
+        paths = [self._file_path(request_id, ext, i if n > 1 else None) for i in range(n)]
+        data: list[dict[str, Any]]
+        if response_format == "url":
+            data = [{
+                "b64_json": None,
+                "url": f"/v1/images/{request_id}/content",
+                "revised_prompt": prompt,
+                "file_path": paths[0],
+            }]
+        else:
+            blob = payloads.Blob(payloads.image_b64(ext, size))
+            data = [
+                {"b64_json": blob, "url": None, "revised_prompt": prompt, "file_path": path}
+                for path in paths
+            ]
+        return {"id": request_id, "created": self._now(), "data": data, **self._common(seconds)}
+
+    @app.route("/v1/images/generations", methods=["POST"])
+    async def images_generations(self, request: Request) -> bytes | None:
+        params = self._read_json(request, IMAGE_GENERATION_FIELDS, "ImageGenerationsRequest")
+        try:
+            width, height = resolve_dimensions(
+                params["width"], params["height"], params["size"], self.config.profile
+            )
+            steps = resolve_steps(params["num_inference_steps"], self.config.steps)
+            finite_non_negative("guidance_scale", params["guidance_scale"])
+            finite_non_negative("true_cfg_scale", params["true_cfg_scale"])
+            if self._task.requires_image_input:
+                raise ValueError(
+                    f"Served model with task type '{self._task.name}' requires an "
+                    "'image_path' input, but none was provided."
+                )
+        except ValueError as e:
+            raise Reply.plain500(str(e)) from None
+        n = clamp_n(params["n"])
+        ext = image_extension(params["output_format"], params["background"])
+        seconds = self._seconds(steps, width, height, 1, n)
+        fail = self.state.draw_failure()
+        if params["rollout"] and params["rollout_sde_type"] not in ("sde", "cps"):
+            fail = True  # a ValueError inside the pipeline: plain 500 after the work
+        request_id = str(uuid.uuid4())
+        await self._generation("images/generations", seconds, fail)
+        body = self._image_response(
+            request_id, params["prompt"], n, ext, params["response_format"], seconds
+        )
+        return await _settle(self._json(request, body))
+
+    @app.route("/v1/images/edits", methods=["POST"])
+    async def images_edits(self, request: Request) -> bytes | None:
+        args: dict[bytes, list[bytes]] = dict(request.args or {})
+        form = {
+            key.decode("utf-8", "replace"): values[-1].decode("utf-8", "replace")
+            for key, values in args.items()
+            if values and key not in (b"image", b"image[]", b"mask")
+        }
+        try:
+            params = validate(form, IMAGE_EDIT_FIELDS, "ImageEditsRequest")
+        except ValidationFailed as e:
+            for error in e.errors:
+                if error["type"] == "missing":
+                    error["input"] = None
+            raise Reply(422, {"detail": e.errors}) from None
+        images = args.get(b"image", []) + args.get(b"image[]", [])
+        urls = [
+            u.decode("utf-8", "replace")
+            for u in args.get(b"url", []) + args.get(b"url[]", [])
+            if u
+        ]
+        if not images and not urls:
+            raise Reply(422, {"detail": "Field 'image' or 'url' is required"})
+        for url in urls:
+            problem = _image_url_problem(url)
+            if problem:
+                raise Reply(400, {"detail": f"Failed to process image source: {problem}"})
+        try:
+            if not self._task.accepts_image_input:
+                raise ValueError(f"input_reference is not supported for {self._task.name} models.")
+            size = params["size"]
+            width, height = parse_size(size) if size else (
+                self.config.profile.width, self.config.profile.height
+            )
+            steps = resolve_steps(params["num_inference_steps"], self.config.steps)
+            finite_non_negative("guidance_scale", params["guidance_scale"])
+            finite_non_negative("true_cfg_scale", params["true_cfg_scale"])
+        except ValueError as e:
+            raise Reply.plain500(str(e)) from None
+        n = clamp_n(params["n"])
+        ext = image_extension(params["output_format"], params["background"])
+        seconds = self._seconds(steps, width, height, max(1, params["num_frames"] or 1), n)
+        fail = self.state.draw_failure()
+        request_id = str(uuid.uuid4())
+        await self._generation("images/edits", seconds, fail)
+        body = self._image_response(
+            request_id, params["prompt"], n, ext, params["response_format"] or "b64_json", seconds
+        )
+        return await _settle(self._json(request, body))
+
+    @app.route("/v1/images/<image_id>/content", methods=["GET"])
+    async def image_content(self, request: Request, image_id: str) -> bytes | None:
+        stored = self._images.get(image_id)
+        if stored is None:
+            raise Reply(404, {"detail": "Image not found"})
+        data = payloads.image_bytes(stored.ext, stored.size)
+        headers = {
+            b"content-disposition": f'attachment; filename="{image_id}.{stored.ext}"'.encode(),
+        }
+        return await _settle(
+            self._send(request, [data], MEDIA_TYPES[stored.ext].encode(), headers=headers)
+        )
+
+    # ------------------------------------------------------------------
+    # Videos (§4.4, §4.5): asynchronous jobs
+
+    def _parse_video_request(self, request: Request) -> dict[str, Any]:
+        """Validate a JSON or multipart C{/v1/videos} body; errors are 400s."""
+        ctype = (request.getHeader(b"content-type") or b"").lower()
+        requires = "input_reference or reference_url is required for image-to-video generation"
+        if ctype.startswith(b"multipart/form-data"):
+            args: dict[bytes, list[bytes]] = dict(request.args or {})
+            form: dict[str, Any] = {
+                key.decode("utf-8", "replace"): values[-1].decode("utf-8", "replace")
+                for key, values in args.items()
+                if values and key != b"input_reference"
+            }
+            if not form.get("prompt"):
+                raise Reply(400, {"detail": "prompt is required"})
+            extra = form.pop("extra_body", None)
+            if extra:
+                try:
+                    decoded = json.loads(extra)
+                except ValueError:
+                    decoded = {}
+                if isinstance(decoded, dict):
+                    for key in ("fps", "num_frames"):
+                        if key in decoded:
+                            form[key] = decoded[key]
+            try:
+                params = validate(form, VIDEO_FIELDS, "VideoGenerationsRequest")
+            except ValidationFailed as e:
+                raise Reply(400, {"detail": e.pydantic_text()}) from None
+            has_image = bool(args.get(b"input_reference")) or bool(params["reference_url"])
+            if self._task.requires_image_input and not has_image:
+                raise Reply(400, {"detail": requires})
+            return params
+        raw = request.content.read() if request.content is not None else b""
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise Reply(400, {"detail": f"Invalid request body: {e}"}) from None
+        if isinstance(body, dict):
+            for key in ("extra_body", "extra_json"):
+                extra = body.pop(key, None)
+                if isinstance(extra, dict):
+                    body.update(extra)
+        try:
+            params = validate(body, VIDEO_FIELDS, "VideoGenerationsRequest")
+        except ValidationFailed as e:
+            raise Reply(400, {"detail": f"Invalid request body: {e.pydantic_text()}"}) from None
+        has_image = bool(params["input_reference"]) or bool(params["reference_url"])
+        if self._task.requires_image_input and not has_image:
+            raise Reply(400, {"detail": f"Invalid request body: 400: {requires}"})
+        return params
+
+    @app.route("/v1/videos", methods=["POST"])
+    def videos_create(self, request: Request) -> bytes | Deferred[None]:
+        params = self._parse_video_request(request)
+        profile = self.config.profile
+        try:
+            width, height = parse_size(params["size"]) if params["size"] else (
+                profile.width, profile.height
+            )
+            steps = resolve_steps(params["num_inference_steps"], self.config.steps)
+            finite_non_negative("guidance_scale", params["guidance_scale"])
+        except ValueError as e:
+            raise Reply(400, {"detail": str(e)}) from None
+        frames, fps = video_frames(params["num_frames"], params["fps"], params["seconds"])
+        seconds = self._seconds(steps, width, height, frames, 1)
+        fail = self.state.draw_failure()
+        video_id = str(uuid.uuid4())
+        job = VideoJob(
+            fields={
+                "id": video_id,
+                "object": "video",
+                "model": params["model"] or "sora-2",
+                "status": "queued",
+                "progress": 0,
+                "created_at": self._now(),
+                "size": f"{width}x{height}",
+                "seconds": str(round(frames / fps)),
+                "quality": "standard",
+                "url": None,
+                "remixed_from_video_id": None,
+                "completed_at": None,
+                "expires_at": None,
+                "error": None,
+                "file_path": self._file_path(video_id, "mp4"),
+                "peak_memory_mb": None,
+                "inference_time_s": None,
+            },
+            seq=self._video_seq,
+        )
+        self._video_seq += 1
+        self._videos[video_id] = job
+        snapshot = dict(job.fields)
+        self._run_video(job, seconds, fail)
+        return self._json(request, snapshot)
+
+    def _run_video(self, job: VideoJob, seconds: float, fail: bool) -> None:
+        """Queue the job; it goes C{queued} → C{completed} or C{failed} (no in-between)."""
+
+        def completed(spent: float) -> None:
+            job.fields.update(
+                status="completed",
+                progress=100,
+                completed_at=self._now(),
+                **self._common(spent),
+            )
+
+        def failed(failure: Failure) -> None:
+            reply = failure.value
+            if isinstance(reply, Reply) and reply.body is not None:
+                # str(HTTPException) of the sleeping 400, as the job records it.
+                message = f"{reply.code}: {reply.body['detail']!r}"
+            elif isinstance(reply, Reply):
+                message = reply.reason
+            else:
+                message = str(reply)
+            job.fields.update(status="failed", error={"message": message})
+
+        d = self._generation("videos", seconds, fail)
+        d.addCallbacks(completed, failed)
+
+    def _video(self, video_id: str) -> VideoJob:
+        job = self._videos.get(video_id)
+        if job is None:
+            raise Reply(404, {"detail": "Video not found"})
+        return job
+
+    @app.route("/v1/videos", methods=["GET"])
+    def videos_list(self, request: Request) -> bytes | Deferred[None]:
+        args: dict[bytes, list[bytes]] = request.args or {}
+
+        def query(name: str) -> str | None:
+            values = args.get(name.encode())
+            return values[-1].decode("utf-8", "replace") if values else None
+
+        errors: list[dict[str, Any]] = []
+        limit: int | None = None
+        raw_limit = query("limit")
+        if raw_limit is not None:
+            try:
+                limit = int(raw_limit)
+            except ValueError:
+                errors.append({
+                    "type": "int_parsing", "loc": ["query", "limit"],
+                    "msg": "Input should be a valid integer, unable to parse string as an integer",
+                    "input": raw_limit,
+                })
+            else:
+                if limit < 1:
+                    errors.append({
+                        "type": "greater_than_equal", "loc": ["query", "limit"],
+                        "msg": "Input should be greater than or equal to 1",
+                        "input": raw_limit, "ctx": {"ge": 1},
+                    })
+                elif limit > 100:
+                    errors.append({
+                        "type": "less_than_equal", "loc": ["query", "limit"],
+                        "msg": "Input should be less than or equal to 100",
+                        "input": raw_limit, "ctx": {"le": 100},
+                    })
+        order = query("order") or "desc"
+        if order not in ("asc", "desc"):
+            errors.append({
+                "type": "literal_error", "loc": ["query", "order"],
+                "msg": "Input should be 'asc' or 'desc'", "input": order,
+                "ctx": {"expected": "'asc' or 'desc'"},
+            })
+        if errors:
+            raise Reply(422, {"detail": errors})
+        jobs = sorted(self._videos.values(), key=lambda j: (j.fields["created_at"], j.seq))
+        if order == "desc":
+            jobs.reverse()
+        after = query("after")
+        if after is not None:
+            ids = [job.id for job in jobs]
+            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        if limit is not None:
+            jobs = jobs[:limit]
+        return self._json(request, {"data": [dict(job.fields) for job in jobs], "object": "list"})
+
+    @app.route("/v1/videos/<video_id>", methods=["GET"])
+    def videos_get(self, request: Request, video_id: str) -> bytes | Deferred[None]:
+        return self._json(request, dict(self._video(video_id).fields))
+
+    @app.route("/v1/videos/<video_id>", methods=["DELETE"])
+    def videos_delete(self, request: Request, video_id: str) -> bytes | Deferred[None]:
+        job = self._video(video_id)
+        # Removed from the store only: the job itself still runs (§2).
+        del self._videos[video_id]
+        job.deleted = True
+        return self._json(request, {**job.fields, "status": "deleted"})
+
+    @app.route("/v1/videos/<video_id>/content", methods=["GET"])
+    async def videos_content(self, request: Request, video_id: str) -> bytes | None:
+        job = self._video(video_id)
+        if job.status != "completed":
+            raise Reply(404, {"detail": "Generation is still in-progress"})
+        mp4 = payloads.mp4_payload(self.config.video_bytes)
+        headers = {b"content-disposition": f'attachment; filename="{video_id}.mp4"'.encode()}
+        return await _settle(self._send(
+            request, [], b"video/mp4", headers=headers, chunks=mp4.chunks(), length=mp4.length
+        ))
+
+    # ------------------------------------------------------------------
+    # Native RL endpoints (§4.6 and upstream §9)
+
+    def _output_frames(self, requested: int | None) -> int:
+        if self._task.data_type != "video":
+            return 1
+        return max(1, requested or self.config.profile.frames)
+
+    @app.route("/v1/diffusion/generate", methods=["POST"])
+    async def diffusion_generate(self, request: Request) -> bytes | None:
+        params = self._read_json(request, DIFFUSION_GENERATE_FIELDS, "DiffusionGenerateRequest")
+        try:
+            width, height = resolve_dimensions(
+                params["width"], params["height"], params["size"], self.config.profile
+            )
+            steps = resolve_steps(params["num_inference_steps"], self.config.steps)
+            batch = params["num_outputs_per_prompt"]
+            if batch < 1:
+                raise ValueError(f"num_outputs_per_prompt must be positive, got {batch}")
+            for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
+                finite_non_negative(name, params[name])
+            if self._task.requires_image_input and not params["image_path"]:
+                raise ValueError(
+                    f"Served model with task type '{self._task.name}' requires an "
+                    "'image_path' input, but none was provided."
+                )
+        except ValueError as e:
+            raise Reply.plain500(str(e)) from None
+        frames = self._output_frames(params["num_frames"])
+        seconds = self._seconds(steps, width, height, frames, batch)
+        fail = self.state.draw_failure()
+        request_id = str(uuid.uuid4())
+        await self._generation("diffusion/generate", seconds, fail)
+
+        output: bytes | payloads.Base64
+        if self._task.data_type == "video":
+            ext = "mp4"
+            output = payloads.mp4_b64(self.config.video_bytes)
+        else:
+            ext = "png"
+            output = payloads.image_b64("png", self.config.image_bytes)
+        trajectory: dict[str, Any] | None = None
+        if params["get_latents"] or params["get_log_probs"]:
+            shape = latent_shape(self._task, batch, steps, width, height, frames)
+            trajectory = {
+                "latents": payloads.Blob(payloads.npy_b64(tuple(shape))),
+                "latents_shape": shape,
+                "latents_dtype": "torch.float32",
+                "timesteps": [
+                    payloads.Blob(payloads.scalar_npy_b64(t)) for t in timestep_values(steps)
+                ],
+            }
+            if params["get_log_probs"]:
+                trajectory["log_probs"] = payloads.Blob(payloads.npy_b64((batch, steps), "log_probs"))
+                trajectory["log_probs_shape"] = [batch, steps]
+        body = {
+            "id": request_id,
+            "created": self._now(),
+            "output_b64": payloads.Blob(output),
+            "output_format": ext,
+            "file_path": self._file_path(request_id, ext),
+            **self._common(seconds),
+            "trajectory": trajectory,
+        }
+        return await _settle(self._json(request, body))
+
+    @app.route("/rollout/generate", methods=["POST"])
+    async def rollout_generate(self, request: Request) -> bytes | None:
+        params = self._read_json(request, ROLLOUT_FIELDS, "RolloutRequest")
+        profile = self.config.profile
+        try:
+            width = profile.width if params["width"] is None else params["width"]
+            height = profile.height if params["height"] is None else params["height"]
+            if width <= 0 or height <= 0:
+                raise ValueError(f"width and height must be positive, got {width}x{height}")
+            steps = resolve_steps(params["num_inference_steps"], self.config.steps)
+            batch = params["num_outputs_per_prompt"]
+            if batch < 1:
+                raise ValueError(f"num_outputs_per_prompt must be positive, got {batch}")
+            if params["rollout"] and params["rollout_sde_type"] not in ("sde", "cps"):
+                raise ValueError(f"Unknown rollout_sde_type {params['rollout_sde_type']!r}")
+            finite_non_negative("guidance_scale", params["guidance_scale"])
+        except ValueError as e:
+            raise Reply(400, {"detail": f"Invalid sampling params: {e}"}) from None
+        frames = self._output_frames(params["num_frames"])
+        seconds = self._seconds(steps, width, height, frames, batch)
+        fail = self.state.draw_failure()
+        await self._generation(
+            "rollout/generate", seconds, fail,
+            on_failure=Reply(500, {"detail": "Generation failed: simulated failure"}),
+        )
+        if self._task.data_type == "video":
+            output_shape = [3, frames, height, width]
+        else:
+            output_shape = [3, height, width]
+        trajectory_shape = latent_shape(self._task, 1, steps, width, height, frames)[1:]
+        seed = params["seed"]
+        items = []
+        for i in range(batch):
+            items.append({
+                "request_id": str(uuid.uuid4()),
+                "prompt": params["prompt"],
+                "seed": seed + i if isinstance(seed, int) else seed,
+                "generated_output": _tensor(output_shape, "output"),
+                "rollout_log_probs": _tensor([steps], "log_probs") if params["rollout"] else None,
+                "rollout_debug_tensors": None,
+                "denoising_env": None,
+                "dit_trajectory": (
+                    _tensor(trajectory_shape, "latents")
+                    if params["rollout_return_dit_trajectory"] else None
+                ),
+                "inference_time_s": seconds,
+                "peak_memory_mb": profile.peak_memory_mb,
+            })
+        return await _settle(self._json(request, items))
+
+    # ------------------------------------------------------------------
+    # RL control (§5): through the same FIFO queue as generations.
+
+    @app.route("/update_weights_from_disk", methods=["POST"])
+    async def update_weights(self, request: Request) -> bytes | None:
+        body = self._raw_json(request)
+        if not isinstance(body, dict):
+            raise Reply.plain500("update_weights_from_disk body is not an object")
+        model_path = body.get("model_path")
+        if not model_path:
+            raise Reply(400, {"success": False, "message": "model_path is required"})
+        targets = body.get("target_modules")
+        names = [str(t) for t in targets] if isinstance(targets, list) else None
+
+        def start() -> Work[dict[str, Any]]:
+            if self.state.sleeping:
+                # The real handler crashes on the scheduler's error reply (§5.1).
+                raise Reply.plain500(
+                    "Cannot update weights while the server is sleeping. "
+                    "Call resume_memory_occupation first."
+                )
+            unknown = self.state.unknown_modules(names or [])
+            if unknown:
+                raise Reply(400, {"success": False, "message": (
+                    f"Module(s) requested for update not found in pipeline: {unknown}. "
+                    f"Available Module(s): {list(self.state.modules)}"
+                )})
+
+            def finish() -> dict[str, Any]:
+                if self.state.fail_update:
+                    raise Reply(400, {"success": False, "message": (
+                        "Failed to update module 'vae': simulated load failure. "
+                        "All modules rolled back to original weights."
+                    )})
+                updated = self.state.update(str(model_path), names)
+                self._log.info(
+                    "weights updated to {path} (version {version})",
+                    path=model_path, version=self.state.weights_version,
+                )
+                return {
+                    "success": True,
+                    "message": f"Updated {len(updated)} modules ({', '.join(updated)}).",
+                }
+
+            return Work(self.config.update_ms / 1000.0, finish)
+
+        result = await self.queue.submit(start, "update_weights_from_disk")
+        return await _settle(self._json(request, result))
+
+    @app.route("/get_weights_checksum", methods=["POST"])
+    async def weights_checksum(self, request: Request) -> bytes | None:
+        body = self._raw_json(request)
+        if not isinstance(body, dict):
+            raise Reply.plain500("get_weights_checksum body is not an object")
+        wanted = body.get("module_names")
+        names = [str(n) for n in wanted] if isinstance(wanted, list) else list(self.state.modules)
+
+        def start() -> Work[dict[str, str]]:
+            return Work(0.0, lambda: {
+                name: self.state.checksum(name) or "not_found" for name in names
+            })
+
+        result = await self.queue.submit(start, "get_weights_checksum")
+        return await _settle(self._json(request, result))
+
+    def _memory_call(self, label: str, sleep: bool) -> Deferred[dict[str, Any]]:
+        """Queue a release (C{sleep=True}) or resume; idempotent, exact messages (§5.3)."""
+
+        def start() -> Work[dict[str, Any]]:
+            if self.state.sleeping == sleep:
+                message = "already sleeping" if sleep else "already awake"
+                return Work(0.0, lambda: {"success": True, "sleeping": sleep, "message": message})
+
+            def finish() -> dict[str, Any]:
+                self.state.sleeping = sleep
+                self._log.info("worker {what}", what="sleeping" if sleep else "awake")
+                message = (
+                    "released GPU memory (moved active modules to CPU)"
+                    if sleep else
+                    "resumed GPU memory (restored modules to original devices)"
+                )
+                return {"success": True, "sleeping": sleep, "message": message}
+
+            return Work(self.config.sleep_ms / 1000.0, finish)
+
+        return self.queue.submit(start, label)
+
+    @app.route("/release_memory_occupation", methods=["POST"])
+    async def release_memory(self, request: Request) -> bytes | None:
+        result = await self._memory_call("release_memory_occupation", True)
+        return await _settle(self._json(request, result))
+
+    @app.route("/resume_memory_occupation", methods=["POST"])
+    async def resume_memory(self, request: Request) -> bytes | None:
+        result = await self._memory_call("resume_memory_occupation", False)
+        return await _settle(self._json(request, result))
+
+    # ------------------------------------------------------------------
+    # Simulator-only (not in the real API; never needed by a router)
+
+    def sim_state(self) -> dict[str, Any]:
+        """What C{GET /sim/state} answers."""
+        return {
+            "worker_id": self.worker_id,
+            "task_type": self._task.name,
+            "model_path": self.config.served_model,
+            **self.state.snapshot(),
+            "queue_depth": self.queue.depth,
+            "running": self.queue.running,
+            "videos": len(self._videos),
+        }
+
+    @app.route("/sim/state", methods=["GET"])
+    def sim_state_route(self, request: Request) -> bytes | Deferred[None]:
+        return self._json(request, self.sim_state())
+
+    @app.route("/sim/faults", methods=["POST"])
+    def sim_faults(self, request: Request) -> bytes | Deferred[None]:
+        body = self._raw_json(request)
+        if not isinstance(body, dict):
+            raise Reply(400, {"detail": "expected a JSON object"})
+        if "fail_rate" in body:
+            rate = body["fail_rate"]
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1:
+                raise Reply(400, {"detail": "fail_rate must be a number between 0 and 1"})
+            self.state.fail_rate = float(rate)
+        if "fail_update" in body:
+            if not isinstance(body["fail_update"], bool):
+                raise Reply(400, {"detail": "fail_update must be a boolean"})
+            self.state.fail_update = body["fail_update"]
+        self._log.info(
+            "faults set: fail_rate={rate} fail_update={update}",
+            rate=self.state.fail_rate, update=self.state.fail_update,
+        )
+        return self._json(request, self.sim_state())
+
+
+def _image_url_problem(url: str) -> str | None:
+    """Why an edit's C{url} field would be refused, or C{None} (not downloaded)."""
+    if url.startswith(("http://", "https://")):
+        return None
+    if url.startswith("data:image/"):
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64") or not data:
+            return "Invalid data URL"
+        try:
+            base64.b64decode(unquote(data), validate=True)
+        except (binascii.Error, ValueError):
+            return "Invalid base64 data in data URL"
+        return None
+    return "Unsupported image url format"
+
+
+class _WorkerResource(Resource):
+    """
+    The root resource: stamps C{X-Worker-Id}, refuses disabled paths, delegates.
+
+    A leaf, so the Klein resource behind it sees the whole path exactly as
+    if it were the root.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, worker: SimulatedWorker, inner: Resource) -> None:
+        super().__init__()
+        self._worker = worker
+        self._inner = inner
+        self._disabled = frozenset(worker.config.disabled_endpoints)
+
+    def render(self, request: Request) -> Any:
+        if self._worker.worker_id:
+            request.setHeader(b"x-worker-id", self._worker.worker_id.encode("utf-8"))
+        path = (request.path or b"").decode("utf-8", "replace")
+        if self._worker.config.verbose:
+            self._log.info("{method} {path}", method=request.method, path=path)
+        if path in self._disabled:
+            body = b'{"detail":"Not Found"}'
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", JSON)
+            request.setHeader(b"content-length", str(len(body)).encode())
+            return body
+        return self._inner.render(request)
