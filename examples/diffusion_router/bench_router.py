@@ -1,0 +1,478 @@
+#!/usr/bin/env python3
+"""
+Benchmark the router against simulated workers, all on 127.0.0.1.
+
+Two modes:
+
+  - Request mode (default): start N fast simulated image workers and the router,
+    drive small C{POST /v1/images/generations} requests at a fixed concurrency
+    (one persistent C{http.client} connection per client thread) for a number
+    of requests or seconds, then drive the same load straight at one worker.
+    Reports requests/s, latency p50/p95/p99, errors, the router's CPU time per
+    request (utime+stime from C{/proc/<pid>/stat}) and its RSS.
+
+  - Stream mode (C{--stream-mb N}): one simulated video worker whose MP4 is
+    N MB; download it through the router and straight from the worker and
+    report MB/s and the router's peak-RSS (VmHWM) growth.
+
+Stdlib only (plus this package, which provides the router and the simulator).
+Every process is started in its own process group on an ephemeral port and is
+always stopped, whatever happens (try/finally, SIGTERM then SIGKILL).
+
+    python examples/diffusion_router/bench_router.py --requests 3000 --concurrency 16
+    python examples/diffusion_router/bench_router.py --stream-mb 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+HOST = "127.0.0.1"
+LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
+MB = 1_000_000
+MIB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A child process in its own process group, serving at C{url}."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    url: str = ""
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    seen_url: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+            if not self.url:
+                match = LISTENING.search(line)
+                if match:
+                    self.url = match.group(1)
+                    self.seen_url.set()
+
+    def stop(self, grace: float = 10.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.popen.poll() is not None and sig == signal.SIGTERM:
+                continue
+            try:
+                os.killpg(self.popen.pid, sig)  # the whole group: children too
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class Fleet:
+    """Starts servers and stops every one of them on exit."""
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+
+    def start(self, name: str, argv: Sequence[str], timeout: float = 30.0) -> Server:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        server = Server(name, popen)
+        self.servers.append(server)
+        threading.Thread(target=server.pump, daemon=True).start()
+        if not server.seen_url.wait(timeout):
+            raise RuntimeError(
+                f"{name} did not report a listening URL within {timeout}s "
+                f"(exit={popen.poll()}):\n{''.join(server.lines)}"
+            )
+        return server
+
+    def worker(self, name: str, *args: str) -> Server:
+        argv = [sys.executable, "-m", "twisted_router.simulator", "--host", HOST, "--port", "0",
+                "--worker-id", name, *args]
+        return self.start(name, argv)
+
+    def router(self, workers: Sequence[Server], *args: str) -> Server:
+        argv = [sys.executable, "-m", "twisted_router", "--host", HOST, "--port", "0",
+                *args, "--worker-urls", *(w.url for w in workers)]
+        router = self.start("router", argv)
+        wait_for_workers(router.url, len(workers))
+        return router
+
+    def stop_all(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+@contextmanager
+def fleet() -> Iterator[Fleet]:
+    procs = Fleet()
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# -- /proc ------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of C{pid}, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the ")" closing comm, field 3 (state) is index 0, so utime (14) is 11, stime (15) 12.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of C{pid}, in kB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(value.split()[0])
+    return out
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+
+
+def connect(url: str, timeout: float = 60.0) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+
+def call(url: str, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    conn = connect(url, timeout)
+    try:
+        body = json.dumps(payload).encode() if payload is not None else None
+        headers = {"content-type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_for_workers(router_url: str, count: int, timeout: float = 30.0) -> None:
+    """Poll C{GET /workers} until C{count} workers are registered with a known task type."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = call(router_url, "GET", "/workers", timeout=5.0)
+            workers = json.loads(body)["workers"] if status == 200 else []
+            if len(workers) == count and all(w.get("task_type") for w in workers):
+                return
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the router at {router_url} did not know its {count} workers within {timeout}s")
+
+
+# -- request load ------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    label: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+    error_samples: list[str]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+        return ordered[rank]
+
+
+def drive(
+    label: str,
+    url: str,
+    payload: dict[str, Any],
+    concurrency: int,
+    requests: int,
+    duration: float,
+) -> LoadResult:
+    """C{concurrency} threads, each with one persistent connection, until C{requests} or C{duration}."""
+    body = json.dumps(payload).encode()
+    headers = {"content-type": "application/json"}
+    lock = threading.Lock()
+    issued = 0
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + duration
+
+    def take() -> bool:
+        nonlocal issued
+        with lock:
+            if issued >= requests or time.monotonic() >= deadline:
+                return False
+            issued += 1
+            return True
+
+    def client() -> None:
+        conn = connect(url)
+        try:
+            while take():
+                started = time.perf_counter()
+                try:
+                    conn.request("POST", "/v1/images/generations", body=body, headers=headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                    elapsed = time.perf_counter() - started
+                    if response.status != 200:
+                        with lock:
+                            errors.append(f"{response.status} {data[:200]!r}")
+                        continue
+                    with lock:
+                        latencies.append(elapsed)
+                except (OSError, http.client.HTTPException) as exc:
+                    with lock:
+                        errors.append(repr(exc))
+                    conn.close()
+                    conn = connect(url)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + 120)
+    seconds = time.perf_counter() - started
+    return LoadResult(label, len(latencies) + len(errors), len(errors), seconds, latencies, errors[:5])
+
+
+def report_load(result: LoadResult, extra: str = "") -> None:
+    ms = 1000
+    print(
+        f"  {result.label:<28} {result.requests:>6} req in {result.seconds:6.2f}s = "
+        f"{result.rate:8.1f} req/s | latency p50 {result.percentile(50) * ms:6.1f} ms  "
+        f"p95 {result.percentile(95) * ms:6.1f} ms  p99 {result.percentile(99) * ms:6.1f} ms | "
+        f"errors {result.errors}{extra}"
+    )
+    for sample in result.error_samples:
+        print(f"    error: {sample}")
+
+
+def request_mode(args: argparse.Namespace) -> int:
+    payload = {
+        "prompt": "benchmark",
+        "size": args.size,
+        "num_inference_steps": 8,
+        "response_format": "b64_json",
+    }
+    worker_args = ["--step-ms", str(args.step_ms), "--image-bytes", str(args.image_bytes)]
+    print(f"machine: {machine()}")
+    print(
+        f"load: {args.concurrency} connections, up to {args.requests} requests or {args.duration}s, "
+        f"{args.workers} workers (--step-ms {args.step_ms}, {args.size}, --image-bytes "
+        f"{args.image_bytes}), routing {args.routing_algorithm}"
+    )
+    warmup = max(args.concurrency * 4, 50)
+    with fleet() as procs:
+        workers = [procs.worker(f"w{i}", *worker_args) for i in range(args.workers)]
+        router = procs.router(workers, "--routing-algorithm", args.routing_algorithm)
+
+        drive("warm-up", router.url, payload, args.concurrency, warmup, args.duration)
+        cpu0 = cpu_seconds(router.pid)
+        worker_cpu0 = sum(cpu_seconds(w.pid) for w in workers)
+        via_router = drive("through the router", router.url, payload, args.concurrency,
+                           args.requests, args.duration)
+        router_cpu = cpu_seconds(router.pid) - cpu0
+        worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - worker_cpu0
+        mem = memory_kb(router.pid)
+
+        drive("warm-up", workers[0].url, payload, args.concurrency, warmup, args.duration)
+        direct_cpu0 = cpu_seconds(workers[0].pid)
+        direct = drive("direct to one worker", workers[0].url, payload, args.concurrency,
+                       args.requests, args.duration)
+        direct_cpu = cpu_seconds(workers[0].pid) - direct_cpu0
+
+    done = max(1, via_router.requests)
+    print("results:")
+    report_load(via_router)
+    report_load(direct)
+    print(
+        f"  router CPU: {router_cpu:.2f}s for {via_router.requests} requests = "
+        f"{router_cpu / done * 1e3:.3f} ms/request "
+        f"({router_cpu / via_router.seconds * 100:.0f}% of one core)"
+    )
+    print(
+        f"  worker CPU: {worker_cpu / done * 1e3:.3f} ms/request behind the router, "
+        f"{direct_cpu / max(1, direct.requests) * 1e3:.3f} ms/request direct"
+    )
+    print(f"  router memory after the run: VmRSS {mem['VmRSS'] / 1024:.1f} MiB, "
+          f"VmHWM {mem['VmHWM'] / 1024:.1f} MiB")
+    if direct.rate:
+        print(f"  router/direct throughput: {via_router.rate / direct.rate:.2f}x; "
+              f"added p50 latency {1000 * (via_router.percentile(50) - direct.percentile(50)):+.1f} ms")
+    return 1 if via_router.errors or direct.errors else 0
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+def download(url: str, path: str) -> tuple[int, float]:
+    """GET C{path} in 1 MiB reads, discarding the data; return (bytes, seconds)."""
+    conn = connect(url, timeout=120.0)
+    started = time.perf_counter()
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"GET {path} -> {response.status} {response.read(300)!r}")
+        received = 0
+        while chunk := response.read(MIB):
+            received += len(chunk)
+    finally:
+        conn.close()
+    return received, time.perf_counter() - started
+
+
+def stream_mode(args: argparse.Namespace) -> int:
+    size = int(args.stream_mb * MB)
+    print(f"machine: {machine()}")
+    print(f"stream: one T2V worker, MP4 of {size} bytes, {args.stream_repeats} downloads each way")
+    with fleet() as procs:
+        worker = procs.worker("video", "--task-type", "T2V", "--step-ms", "0.01",
+                              "--video-bytes", str(size))
+        router = procs.router([worker])
+        status, body = call(router.url, "POST", "/v1/videos", {"prompt": "waves", "seconds": 1})
+        if status != 200:
+            raise RuntimeError(f"POST /v1/videos -> {status} {body[:300]!r}")
+        video_id = json.loads(body)["id"]
+        deadline = time.monotonic() + 60
+        while json.loads(call(router.url, "GET", f"/v1/videos/{video_id}")[1])["status"] != "completed":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the video job did not complete within 60s")
+            time.sleep(0.05)
+        path = f"/v1/videos/{video_id}/content"
+
+        mem0 = memory_kb(router.pid)
+        cpu0 = cpu_seconds(router.pid)
+        routed = [download(router.url, path) for _ in range(args.stream_repeats)]
+        router_cpu = cpu_seconds(router.pid) - cpu0
+        mem1 = memory_kb(router.pid)
+        direct = [download(worker.url, path) for _ in range(args.stream_repeats)]
+
+    bad = [n for n, _ in routed + direct if n != size]
+    if bad:
+        print(f"  short download(s): {bad} bytes instead of {size}")
+
+    def rates(runs: list[tuple[int, float]]) -> str:
+        values = sorted(n / MB / s for n, s in runs)
+        return f"median {values[len(values) // 2]:.0f} MB/s (runs: {', '.join(f'{v:.0f}' for v in values)})"
+
+    print("results:")
+    print(f"  through the router: {rates(routed)}")
+    print(f"  direct from worker: {rates(direct)}")
+    total = sum(n for n, _ in routed)
+    print(f"  router CPU: {router_cpu:.2f}s for {total / MB:.0f} MB = "
+          f"{router_cpu / (total / 1e9):.2f} s/GB")
+    print(
+        f"  router memory: VmRSS {mem0['VmRSS'] / 1024:.1f} -> {mem1['VmRSS'] / 1024:.1f} MiB, "
+        f"peak VmHWM {mem0['VmHWM'] / 1024:.1f} -> {mem1['VmHWM'] / 1024:.1f} MiB "
+        f"(growth {(mem1['VmHWM'] - mem0['VmHWM']) / 1024:.1f} MiB)"
+    )
+    return 1 if bad else 0
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--workers", type=int, default=2, help="simulated image workers")
+    parser.add_argument("--concurrency", type=int, default=16, help="client connections (threads)")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per measured run")
+    parser.add_argument("--duration", type=float, default=60.0, help="longest measured run, seconds")
+    parser.add_argument("--routing-algorithm", default="least-request",
+                        choices=["least-request", "round-robin", "random", "power-of-two"],
+                        help="the router's --routing-algorithm")
+    parser.add_argument("--image-bytes", type=int, default=2048,
+                        help="size of each generated image (returned as b64_json)")
+    parser.add_argument("--size", default="256x256", help="requested image size")
+    parser.add_argument("--step-ms", type=float, default=0.1,
+                        help="simulated ms per step of a 1024x1024 image (small = fast workers)")
+    parser.add_argument("--stream-mb", type=float, default=None,
+                        help="stream mode: download an N MB (10^6 bytes) video instead")
+    parser.add_argument("--stream-repeats", type=int, default=3, help="downloads each way in stream mode")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
+        parser.error("--workers, --concurrency, --requests and --duration must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.stream_mb is not None:
+        return stream_mode(args)
+    return request_mode(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
