@@ -181,14 +181,14 @@ class Router:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _unavailable(self, request: Request, *, video: bool) -> bytes:
+    def _unavailable(self, request: Request, *, video: bool, image_only: bool = False) -> bytes:
         """The right error when no worker can take a request, most specific first."""
         if len(self._pool) == 0:
             return json_error(request, 503, "No workers registered in the pool")
         live = [w for w in self._pool.workers() if not w.is_dead]
         if video and not any(w.video_support for w in live):
             return json_error(request, 400, "No video-capable workers available in current worker pool.")
-        eligible = [w for w in live if w.video_support] if video else live
+        eligible = [w for w in live if (not video or w.video_support) and (not image_only or w.image_model)]
         if eligible and all(w.is_sleeping for w in eligible):
             return json_error(
                 request,
@@ -202,6 +202,7 @@ class Router:
         request: Request,
         *,
         video: bool = False,
+        image: bool = False,
         path: bytes | None = None,
         capture: int = 0,
         policy: RoutingPolicy | None = None,
@@ -217,15 +218,22 @@ class Router:
         @return: L{Dispatched}, or the bytes of the router's own error answer.
         """
         chooser = policy or self._policy
+        # Image calls skip video and mesh workers while the fleet has image
+        # workers; a fleet with none takes them wherever it can.
+        image_only = image and any(w.image_model for w in self._pool.workers() if not w.is_dead)
         tried: set[str] = set()
         last_failure: str | None = None
         deadline = self._clock.seconds() + self._config.timeout
         while True:
-            candidates = [w for w in self._pool.routable(video=video) if w.url not in tried]
+            candidates = [
+                w
+                for w in self._pool.routable(video=video)
+                if w.url not in tried and (not image_only or w.image_model)
+            ]
             if not candidates:
                 if last_failure is not None:
                     return json_error(request, 502, f"Worker request failed: {last_failure}")
-                busy = self._pool.coming_back(video=video)
+                busy = [w for w in self._pool.coming_back(video=video) if not image_only or w.image_model]
                 remaining = deadline - self._clock.seconds()
                 if busy and remaining > 0:
                     # Workers mid-refit, mid-catch-up or mid-wake will be back:
@@ -240,7 +248,7 @@ class Router:
                         f"({', '.join(sorted({w.activity or '' for w in busy}))}) after "
                         f"{self._config.timeout:g}s",
                     )
-                return self._unavailable(request, video=video)
+                return self._unavailable(request, video=video, image_only=image_only)
             worker = chooser.choose(candidates)
             version = worker.weight_version
             with self._pool.lease(worker):
@@ -309,7 +317,7 @@ class Router:
         return await self._generate_image(request, path=None)
 
     async def _generate_image(self, request: Request, *, path: bytes | None) -> bytes | None:
-        out = await self._dispatch(request, path=path, capture=IMAGE_CAPTURE_LIMIT)
+        out = await self._dispatch(request, image=True, path=path, capture=IMAGE_CAPTURE_LIMIT)
         if isinstance(out, bytes):
             return out
         self._learn_images(out)

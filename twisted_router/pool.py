@@ -27,6 +27,7 @@ from twisted_router.urls import (
 )
 
 __all__ = [
+    "IMAGE_TASK_TYPES",
     "VIDEO_INCAPABLE_TASK_TYPES",
     "Lease",
     "UnknownWorker",
@@ -38,6 +39,9 @@ __all__ = [
 #: C{/v1/videos}: the image types, and C{I2M} (image-to-mesh), which an
 #: earlier router wrongly counted as video-capable.
 VIDEO_INCAPABLE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I", "I2M"})
+
+#: Task types of image models: image endpoints prefer these workers.
+IMAGE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I"})
 
 
 @dataclass(eq=False)
@@ -110,6 +114,11 @@ class Worker:
         a video job to an image worker fails, refusing it up front does not.
         """
         return self.task_type is not None and self.task_type not in VIDEO_INCAPABLE_TASK_TYPES
+
+    @property
+    def image_model(self) -> bool:
+        """Known to serve an image model (text/image-to-image)."""
+        return self.task_type in IMAGE_TASK_TYPES
 
     @property
     def routable(self) -> bool:

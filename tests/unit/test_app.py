@@ -493,3 +493,22 @@ def test_metrics_expose_per_worker_state() -> None:
     assert 'sglang_router_worker_dead{worker="http://w1:8001"} 1.0' in text
     assert 'sglang_router_workers{state="routable"} 1.0' in text
     assert 'sglang_router_worker_requests_total{worker="http://w0:8000"}' in text
+
+
+def test_image_calls_prefer_image_workers_over_video_workers() -> None:
+    h, (img, vid) = make(2, task_types=("T2I", "T2V"), routing_algorithm="round-robin")
+    for _ in range(4):
+        assert served_by(h.call("POST", "/v1/images/generations", json={"prompt": "x"})[2]) == "w0"
+
+
+def test_image_calls_on_a_video_only_fleet_still_go_through() -> None:
+    h, _ = make(1, task_types=("T2V",))
+    code, _, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 200 and served_by(response) == "w0"
+
+
+def test_image_calls_with_the_image_worker_asleep_are_503_not_sent_to_video_workers() -> None:
+    h, _ = make(2, task_types=("T2I", "T2V"))
+    h.pool.workers()[0].is_sleeping = True
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 503 and body["error"].startswith("all workers are sleeping")
