@@ -49,6 +49,7 @@ class RouterConfig:
     verbose: bool = False
     log_level: str = "info"
     max_video_jobs: int = 10_000
+    max_request_body: int = 256 * 1024 * 1024
     max_image_ids: int = 10_000
 
     def __post_init__(self) -> None:
@@ -90,6 +91,8 @@ class RouterConfig:
             # Refuse rather than ignore: an operator who asked for launched
             # workers must not get a router that silently has none.
             raise ConfigError("--launcher-config is not supported by this version yet")
+        if self.max_request_body < 1:
+            raise ConfigError(f"--max-request-body must be at least 1 byte, got {self.max_request_body}")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:
             raise ConfigError("--max-video-jobs and --max-image-ids must be at least 1")
 
@@ -208,6 +211,13 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         help="YAML file describing workers to launch and supervise",
     )
     parser.add_argument(
+        "--max-request-body",
+        type=_positive_int,
+        default=defaults.max_request_body,
+        metavar="BYTES",
+        help="largest request body accepted; larger ones are answered 413 without being stored",
+    )
+    parser.add_argument(
         "--max-video-jobs",
         type=_positive_int,
         default=defaults.max_video_jobs,
@@ -244,5 +254,6 @@ def config_from_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser
         verbose=ns.verbose,
         log_level=ns.log_level,
         max_video_jobs=ns.max_video_jobs,
+        max_request_body=ns.max_request_body,
         max_image_ids=ns.max_image_ids,
     )

@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
-from twisted.web.server import Request, Site
 
 from twisted_router.app import Router
 from twisted_router.calls import WorkerCaller, make_http_client
@@ -31,19 +30,8 @@ from twisted_router.listener import ListenerService
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import StreamingProxy, make_agent
+from twisted_router.site import RouterSite
 from twisted_router.urls import WorkerURLError
-
-
-class RouterSite(Site):
-    """A Site whose per-request access log is on only when asked for: it costs CPU per request."""
-
-    def __init__(self, resource: object, *, access_log: bool, reactor: IReactorTime) -> None:
-        super().__init__(resource, reactor=reactor)
-        self._access_log = access_log
-
-    def log(self, request: Request) -> None:
-        if self._access_log:
-            super().log(request)
 
 
 @dataclass
@@ -157,7 +145,12 @@ def make_router_service(
     """The whole router as one service, plus its parts and its listener."""
     parts = build_router(config, reactor)  # type: ignore[arg-type]
     top = MultiService()
-    site = RouterSite(parts.router.app.resource(), access_log=config.verbose, reactor=reactor)  # type: ignore[arg-type]
+    site = RouterSite(
+        parts.router.app.resource(),
+        access_log=config.verbose,
+        reactor=reactor,  # type: ignore[arg-type]
+        max_request_body=config.max_request_body,
+    )
     listener = ListenerService(
         serverFromString(reactor, config.endpoint_description),
         site,

@@ -1,0 +1,82 @@
+"""
+The router's HTTP server side: a Site whose requests have a bounded body.
+
+Twisted buffers a whole request body (in memory, then a temporary file)
+before any route runs and sets no limit. A router open to a fleet's clients
+needs one: a body over C{max_request_body} bytes is not stored at all, and the
+request is answered 413 without reaching a route or a worker.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request, Site
+
+
+class BoundedRequest(Request):
+    """A request that stops storing its body once it is larger than the site allows."""
+
+    _too_large = False
+    _received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_request_body", 0) or 0
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self._limit()
+        if limit and length is not None and length > limit:
+            self._too_large = True
+            self.content = BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(data)
+        limit = self._limit()
+        if limit and self._received > limit:  # chunked bodies announce no length
+            self._too_large = True
+            self.content.close()
+            self.content = BytesIO()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self._too_large:
+            super().process()
+            return
+        self.site = self.channel.site
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"connection", b"close")
+        message = f"request body larger than {self._limit()} bytes (--max-request-body)"
+        body = json.dumps({"error": message}).encode()
+        self.setHeader(b"content-length", str(len(body)).encode())
+        self.write(body)
+        self.finish()
+
+
+class RouterSite(Site):
+    """
+    The router's Site: bounded request bodies, and a per-request access log
+    only when asked for (it costs CPU on every request).
+    """
+
+    requestFactory = BoundedRequest
+
+    def __init__(
+        self, resource: object, *, access_log: bool, reactor: IReactorTime, max_request_body: int
+    ) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.noisy = False
+        self.max_request_body = max_request_body
+        self._access_log = access_log
+
+    def log(self, request: Request) -> None:
+        if self._access_log:
+            super().log(request)
