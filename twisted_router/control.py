@@ -219,6 +219,17 @@ class FleetController:
                 applied=applied,
                 total=len(targets),
             )
+            # Workers that joined while this refit ran were admitted against the
+            # old version and are not among the targets: catch them up too.
+            joined = [
+                w
+                for w in self._pool.workers()
+                if w not in targets and w.routable and w.weight_version != version
+            ]
+            for worker in joined:
+                worker.activity = SYNCING
+            if joined:
+                self._schedule_sync()
         self.changed.notify()
         report = self._report(replies, weight_version=self.version)
         return BroadcastOutcome(200 if report["success"] else 502, report)

@@ -305,3 +305,22 @@ def test_managed_worker_restart_is_caught_up() -> None:
     worker = h.pool.workers()[0]
     assert not worker.is_dead and worker.weight_version == "1" and worker.routable
     assert json.loads(update_paths(w0)[-1]) == {"model_path": "/ckpt/9"}
+
+
+def test_worker_joining_during_the_first_refit_is_caught_up_after_it() -> None:
+    h, (w0,) = make(1)
+    w0.hold(b"POST", b"/update_weights_from_disk")
+    update = h.client.post("http://router/update_weights_from_disk", json={"model_path": "/ckpt/1"})
+    h.pump()
+    url, late = h.fleet.add("late")
+    code, body = h.json("POST", "/workers", json={"url": url})
+    assert body["worker"]["weight_version"] == "0"  # admitted against the fleet as it stood
+    req = w0.held.pop()
+    req.write(b'{"success": true}')
+    req.finish()
+    h.pump()
+    assert success_result_of(update).code == 200
+    joined = h.pool.get(url)
+    assert joined is not None and joined.weight_version == "1" and joined.routable
+    assert json.loads(update_paths(late)[-1]) == {"model_path": "/ckpt/1"}
+    assert {generate(h)[2] for _ in range(4)} == {"1"}
