@@ -150,6 +150,18 @@ class FleetController:
             [w.url for w in targets], "POST", path, body=body, timeout=self._timeout
         )
 
+    async def _busy_broadcast(
+        self, targets: list[Worker], activity: str, path: str, body: bytes
+    ) -> list[WorkerReply]:
+        """Broadcast while the targets are marked busy, so no new request reaches them meanwhile."""
+        for worker in targets:
+            worker.activity = activity
+        try:
+            return await self._broadcast(targets, path, body)
+        finally:
+            for worker in targets:
+                worker.activity = None
+
     def _no_target(self, what: str) -> BroadcastOutcome:
         if len(self._pool) == 0:
             return BroadcastOutcome(503, {"error": "No workers registered in the pool"})
@@ -197,12 +209,7 @@ class FleetController:
             return self._no_target("a weight update")
         version = weight_version_of(parsed, self._updates_applied + 1)
         model_path = parsed.get("model_path") if isinstance(parsed.get("model_path"), str) else None
-        self._set_activity(targets, UPDATING)
-        try:
-            replies = await self._broadcast(targets, "/update_weights_from_disk", body)
-        finally:
-            for worker in targets:
-                worker.activity = None
+        replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body)
         applied = 0
         for worker, reply in zip(targets, replies, strict=True):
             if reply.success:
@@ -238,66 +245,42 @@ class FleetController:
 
     async def release_memory(self, body: bytes) -> BroadcastOutcome:
         """Put every live, awake worker to sleep; the ones that succeed get no traffic."""
-        return await self._locked(lambda: self._release(body))  # type: ignore[no-any-return]
-
-    async def _release(self, body: bytes) -> BroadcastOutcome:
-        live = [w for w in self._pool.workers() if not w.is_dead]
-        targets = [w for w in live if not w.is_sleeping]
-        if not targets:
-            if live:
-                return BroadcastOutcome(
-                    200, {"success": True, "message": "all workers are already sleeping", "results": []}
-                )
-            return self._no_target("release_memory_occupation")
-        self._set_activity(targets, RELEASING)
-        try:
-            replies = await self._broadcast(targets, "/release_memory_occupation", body)
-        finally:
-            for worker in targets:
-                worker.activity = None
-        for worker, reply in zip(targets, replies, strict=True):
-            if reply.success:
-                self._pool.set_sleeping(worker, True)
-            elif reply.status_code is None:
-                self._quarantine(worker, f"release_memory_occupation failed: {_reason(reply)}")
-        self.changed.notify()
-        return BroadcastOutcome(200, self._report(replies))
+        return await self._locked(lambda: self._sleep_or_wake(body, sleep=True))  # type: ignore[no-any-return]
 
     async def resume_memory(self, body: bytes) -> BroadcastOutcome:
         """
         Wake every live, sleeping worker. A woken worker that slept through a
         refit is caught up before it gets traffic (it shows C{syncing}).
         """
-        return await self._locked(lambda: self._resume(body))  # type: ignore[no-any-return]
+        return await self._locked(lambda: self._sleep_or_wake(body, sleep=False))  # type: ignore[no-any-return]
 
-    async def _resume(self, body: bytes) -> BroadcastOutcome:
+    async def _sleep_or_wake(self, body: bytes, *, sleep: bool) -> BroadcastOutcome:
+        path = "/release_memory_occupation" if sleep else "/resume_memory_occupation"
         live = [w for w in self._pool.workers() if not w.is_dead]
-        targets = [w for w in live if w.is_sleeping]
+        targets = [w for w in live if w.is_sleeping != sleep]
         if not targets:
             if live:
+                already = "sleeping" if sleep else "awake"
                 return BroadcastOutcome(
-                    200, {"success": True, "message": "all workers are already awake", "results": []}
+                    200, {"success": True, "message": f"all workers are already {already}", "results": []}
                 )
-            return self._no_target("resume_memory_occupation")
-        self._set_activity(targets, RESUMING)
-        try:
-            replies = await self._broadcast(targets, "/resume_memory_occupation", body)
-        finally:
-            for worker in targets:
-                worker.activity = None
+            return self._no_target(path.lstrip("/"))
+        replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body)
         behind = []
         for worker, reply in zip(targets, replies, strict=True):
             if reply.success:
-                self._pool.set_sleeping(worker, False)
-                if worker.weight_version != self.version:
+                self._pool.set_sleeping(worker, sleep)
+                if not sleep and worker.weight_version != self.version:
                     worker.activity = SYNCING
                     behind.append(worker.url)
             elif reply.status_code is None:
-                self._quarantine(worker, f"resume_memory_occupation failed: {_reason(reply)}")
+                # No answer: the worker may be asleep, awake or half-way; nobody can tell.
+                self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}")
         if behind:
             self._schedule_sync()
         self.changed.notify()
-        return BroadcastOutcome(200, self._report(replies, catching_up=behind))
+        extra = {} if sleep else {"catching_up": behind}
+        return BroadcastOutcome(200, self._report(replies, **extra))
 
     # ------------------------------------------------------------------ catch-up
 
