@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -19,6 +20,9 @@ from twisted.logger import (
 
 from twisted_router.config import PROGRAM_NAME, ConfigError, RouterConfig, config_from_args
 
+if TYPE_CHECKING:
+    from twisted_router.launcher import FleetPlan
+
 
 def start_logging(level_name: str) -> None:
     """Send log events at C{level_name} and above to stdout."""
@@ -30,22 +34,43 @@ def start_logging(level_name: str) -> None:
     )
 
 
-async def _run(reactor: object, config: RouterConfig) -> None:
+async def _run(reactor: object, config: RouterConfig, launch_plan: FleetPlan | None = None) -> None:
+    from twisted_router.launcher import LauncherService, LaunchFailed
     from twisted_router.service import make_router_service
 
     start_logging(config.effective_log_level)
-    service, _, listener = make_router_service(config, reactor)  # type: ignore[arg-type]
+    service, _, listener = make_router_service(config, reactor, launch_plan=launch_plan)  # type: ignore[arg-type]
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     await listener.when_listening()  # a port that cannot be bound ends the process with status 1
+    launcher = service.namedServices.get("launcher")
+    if isinstance(launcher, LauncherService):
+        try:
+            await launcher.when_failed()  # fires only if no managed worker ever becomes ready
+        except LaunchFailed:
+            raise SystemExit(1) from None  # the launcher has logged why; the workers are stopped on the way out
     await Deferred()  # run until SIGINT/SIGTERM stops the reactor
+
+
+def plan_launch(config: RouterConfig) -> FleetPlan | None:
+    """
+    Read, validate and plan C{--launcher-config} before anything starts.
+
+    @raise ConfigError: one line naming the bad key, or what this machine lacks.
+    """
+    if config.launcher_config is None:
+        return None
+    from twisted_router.launcher import load_launcher_config, plan_fleet
+
+    return plan_fleet(load_launcher_config(config.launcher_config))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run the router until it is stopped."""
     try:
         config = config_from_args(argv)
+        launch_plan = plan_launch(config)
     except ConfigError as exc:
         sys.stderr.write(f"{PROGRAM_NAME}: error: {exc}\n")
         raise SystemExit(2) from None
-    task.react(_run, (config,))
+    task.react(_run, (config, launch_plan))

@@ -87,10 +87,10 @@ class RouterConfig:
             raise ConfigError(
                 f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
             )
-        if self.launcher_config is not None:
-            # Refuse rather than ignore: an operator who asked for launched
-            # workers must not get a router that silently has none.
-            raise ConfigError("--launcher-config is not supported by this version yet")
+        if self.launcher_config is not None and not self.launcher_config.strip():
+            # The file itself is read and validated by twisted_router.launcher
+            # before anything starts (cli.main, tap.Options.parseOptions).
+            raise ConfigError("--launcher-config must name a YAML file")
         if self.max_request_body < 1:
             raise ConfigError(f"--max-request-body must be at least 1 byte, got {self.max_request_body}")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:

@@ -26,6 +26,12 @@ from twisted_router.calls import WorkerCaller, make_http_client
 from twisted_router.config import RouterConfig
 from twisted_router.control import FleetController
 from twisted_router.health import HealthChecker, refresh_capabilities
+from twisted_router.launcher import (
+    FleetPlan,
+    load_launcher_config,
+    make_launcher_service,
+    plan_fleet,
+)
 from twisted_router.listener import ListenerService
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
@@ -141,8 +147,16 @@ def make_router_service(
     reactor: IReactorTCP,
     *,
     on_listen_failure: Callable[[Failure], None] | None = None,
+    launch_plan: FleetPlan | None = None,
+    on_launch_failure: Callable[[Failure], None] | None = None,
 ) -> tuple[MultiService, RouterParts, ListenerService]:
-    """The whole router as one service, plus its parts and its listener."""
+    """
+    The whole router as one service, plus its parts and its listener.
+
+    With C{--launcher-config}, a service named C{launcher} runs the managed
+    workers (C{launch_plan}, or planned here from the file); it is stopped
+    after the listener, so the router stops accepting before its workers go.
+    """
     parts = build_router(config, reactor)  # type: ignore[arg-type]
     top = MultiService()
     site = RouterSite(
@@ -162,6 +176,10 @@ def make_router_service(
     _OnStop(parts.control.stop).setServiceParent(top)
     parts.health.setServiceParent(top)
     _StartupWorkers(parts).setServiceParent(top)
+    if config.launcher_config is not None:
+        plan = launch_plan or plan_fleet(load_launcher_config(config.launcher_config))
+        launcher = make_launcher_service(plan, parts.router, reactor, on_failure=on_launch_failure)  # type: ignore[arg-type]
+        launcher.setServiceParent(top)
     listener.setServiceParent(top)
     return top, parts, listener
 

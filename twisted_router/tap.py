@@ -9,12 +9,20 @@ them its own way.
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import atexit
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
 
 from twisted.application.service import IService
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from twisted_router.config import ConfigError, RouterConfig, build_parser, config_from_args
+
+if TYPE_CHECKING:
+    from twisted_router.launcher import FleetPlan
 
 
 class _UsageErrorParser(argparse.ArgumentParser):
@@ -26,10 +34,17 @@ class Options(usage.Options):
     """The router's options under twistd (same flags as C{sglang-d-router})."""
 
     config: RouterConfig
+    launch_plan: FleetPlan | None = None
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
             self.config = config_from_args(options or [], build_parser(_UsageErrorParser))
+            if self.config.launcher_config is not None:
+                # Imported here, not at the top: it imports the reactor, and
+                # twistd must have installed the one it was asked for first.
+                from twisted_router.launcher import load_launcher_config, plan_fleet
+
+                self.launch_plan = plan_fleet(load_launcher_config(self.config.launcher_config))
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
 
@@ -47,6 +62,35 @@ def makeService(options: Options) -> IService:
     from twisted_router.service import make_router_service, stop_reactor_on_failure
 
     service, _, _ = make_router_service(
-        options.config, reactor, on_listen_failure=stop_reactor_on_failure(reactor)
+        options.config,
+        reactor,
+        on_listen_failure=stop_reactor_on_failure(reactor),
+        launch_plan=options.launch_plan,
+        on_launch_failure=_exit_after_shutdown(stop_reactor_on_failure(reactor), status=1),
     )
     return service
+
+
+def _exit_after_shutdown(stop: Callable[[Failure], None], status: int) -> Callable[[Failure], None]:
+    """
+    Stop the reactor, and make the process exit with C{status} once twistd has
+    cleaned up (services stopped, pid file removed).
+
+    twistd itself always exits 0 after a normal reactor stop, but a process
+    manager must see that a router whose workers never came up failed.
+    """
+
+    def exit_now(code: int) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream must not keep the status from being set
+                pass
+        os._exit(code)
+
+    def fail(failure: Failure) -> None:
+        atexit.register(exit_now, status)
+        stop(failure)
+
+    return fail
+

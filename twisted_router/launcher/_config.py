@@ -1,0 +1,495 @@
+# -*- test-case-name: tests.unit.test_launcher_config -*-
+"""
+The launcher's YAML file, read with pyyaml and validated into frozen objects.
+
+An operator's typo must never start a half-configured fleet, so everything is
+checked before a single process is spawned, and every problem is reported as
+one line that names the offending key (C{launcher.num_workers: expected an
+integer, got 'two'}). The command line turns that line into exit status 2.
+
+Nothing here touches the network, the GPUs or the process table: whether the
+machine can actually run the fleet (free ports, enough GPUs, C{sglang} on
+PATH) is decided later, by L{twisted_router.launcher.plan_fleet}.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from twisted_router.config import ConfigError
+
+__all__ = [
+    "BACKENDS",
+    "SIMULATOR_OPTIONS",
+    "LauncherConfig",
+    "LauncherConfigError",
+    "RestartPolicy",
+    "SimulatedWorker",
+    "load_launcher_config",
+    "parse_launcher_config",
+]
+
+#: The process backends: real C{sglang serve} workers, or CPU simulators.
+BACKENDS = ("local", "simulated")
+
+#: The simulator's options a launcher file may set, with their value kinds.
+#: C{host} and C{port} are missing on purpose: the launcher chooses them.
+SIMULATOR_OPTIONS: Mapping[str, str] = {
+    "model_path": "str",
+    "task_type": "task",
+    "num_gpus": "int",
+    "step_ms": "float",
+    "base_ms": "float",
+    "speed": "float",
+    "default_steps": "int",
+    "startup_delay": "float",
+    "fail_rate": "float",
+    "fail_update": "bool",
+    "seed": "int",
+    "image_bytes": "int",
+    "video_bytes": "int",
+    "update_ms": "float",
+    "sleep_ms": "float",
+    "worker_id": "str",
+    "output_path": "str",
+    "disable_endpoint": "str_list",
+    "verbose": "bool",
+}
+
+_TASK_TYPES = ("T2V", "I2V", "TI2V", "T2I", "I2I", "TI2I", "I2M")
+
+
+class LauncherConfigError(ConfigError):
+    """The launcher file is unusable; the one-line message names the key and why."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """
+    What happens when a managed worker's process exits.
+
+    The backoff is L{twisted.runner.procmon.ProcessMonitor}'s: a worker that
+    dies less than C{threshold} seconds after it was started waits
+    C{min_delay} seconds before its restart, and each further quick death
+    doubles the wait up to C{max_delay}; one that ran longer is restarted at
+    once. The threshold is long by default because a real worker spends a
+    minute or more loading its model, and a crash during loading is exactly
+    the case that must back off.
+
+    @ivar enabled: restart exited workers at all.
+    @ivar min_delay: first wait, in seconds, after a quick death.
+    @ivar max_delay: longest wait, in seconds.
+    @ivar threshold: a death within this many seconds of start counts as quick.
+    """
+
+    enabled: bool = True
+    min_delay: float = 1.0
+    max_delay: float = 300.0
+    threshold: float = 60.0
+
+
+@dataclass(frozen=True)
+class SimulatedWorker:
+    """
+    The simulator options of one simulated worker (shared options merged in).
+
+    @ivar options: C{(name, value)} pairs in L{SIMULATOR_OPTIONS} order, only
+        the options that were set; the simulator's defaults apply to the rest.
+    """
+
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The value of option C{name}, or C{default} when it was not set."""
+        for key, value in self.options:
+            if key == name:
+                return value
+        return default
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """
+    The validated C{launcher:} mapping of a launcher file.
+
+    @ivar backend: C{local} (C{sglang serve}) or C{simulated}.
+    @ivar model: the model path or id served by every local worker.
+    @ivar worker_gpu_ids: per-worker C{CUDA_VISIBLE_DEVICES} values, or
+        C{None} to take GPUs from the environment or C{nvidia-smi -L}.
+    @ivar worker_extra_args: appended to every worker's command line (already
+        split the way a shell would).
+    @ivar wait_timeout: seconds one start of a worker may take until its
+        C{/health} answers 200.
+    @ivar shutdown_grace: seconds between SIGTERM and SIGKILL of a worker's
+        process group.
+    @ivar simulated: one entry per worker for the C{simulated} backend, empty
+        for C{local}.
+    @ivar source: the file the config came from, for messages.
+    """
+
+    backend: str = "local"
+    model: str | None = None
+    num_workers: int = 1
+    num_gpus_per_worker: int = 1
+    worker_host: str = "127.0.0.1"
+    worker_base_port: int = 10090
+    worker_gpu_ids: tuple[str, ...] | None = None
+    worker_extra_args: tuple[str, ...] = ()
+    master_port_base: int = 30005
+    scheduler_port_base: int = 5555
+    internal_port_stride: int = 1000
+    wait_timeout: float = 600.0
+    shutdown_grace: float = 15.0
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    simulated: tuple[SimulatedWorker, ...] = ()
+    source: str | None = None
+
+
+# -- reading values ------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: short, and quoted when it is text."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return _show(value)
+
+
+def _check_keys(data: Mapping[Any, Any], known: Sequence[str], where: str) -> None:
+    """Refuse unknown keys, suggesting the closest known one (typos are the usual cause)."""
+    for key in data:
+        if not isinstance(key, str):
+            raise LauncherConfigError(f"{where}: keys must be text, got {_show(key)}")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+            raise LauncherConfigError(f"{where}.{key}: unknown key{hint}")
+
+
+def _int(value: Any, where: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    # bool is an int in Python, but "num_workers: yes" is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LauncherConfigError(f"{where}: expected an integer, got {_kind_name(value)}")
+    if minimum is not None and value < minimum:
+        raise LauncherConfigError(f"{where}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise LauncherConfigError(f"{where}: must be at most {maximum}, got {value}")
+    return value
+
+
+def _float(value: Any, where: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LauncherConfigError(f"{where}: expected a number, got {_kind_name(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise LauncherConfigError(f"{where}: must be a finite number, got {value}")
+    if positive and number <= 0:
+        raise LauncherConfigError(f"{where}: must be a positive number of seconds, got {value}")
+    if number < 0:
+        raise LauncherConfigError(f"{where}: must not be negative, got {value}")
+    return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise LauncherConfigError(f"{where}: expected true or false, got {_kind_name(value)}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise LauncherConfigError(f"{where}: expected a string, got {_kind_name(value)}")
+    if not value.strip():
+        raise LauncherConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _mapping(value: Any, where: str) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise LauncherConfigError(f"{where}: expected a mapping, got {_kind_name(value)}")
+    return value
+
+
+def _gpu_ids(value: Any, where: str, num_workers: int, gpus_per_worker: int) -> tuple[str, ...]:
+    """Per-worker C{CUDA_VISIBLE_DEVICES} strings; C{[0, 1]} and C{["0,1"]} style entries both work."""
+    if not isinstance(value, list):
+        raise LauncherConfigError(f"{where}: expected a list with one entry per worker, got {_kind_name(value)}")
+    if len(value) != num_workers:
+        raise LauncherConfigError(
+            f"{where}: has {len(value)} entries but launcher.num_workers is {num_workers}"
+        )
+    groups = []
+    for i, entry in enumerate(value):
+        here = f"{where}[{i}]"
+        parts: list[Any] = entry if isinstance(entry, list) else [entry]
+        ids: list[str] = []
+        for part in parts:
+            if isinstance(part, bool) or not isinstance(part, (int, str)):
+                raise LauncherConfigError(
+                    f"{here}: expected GPU ids like \"0,1\" or [0, 1], got {_kind_name(part)}"
+                )
+            ids.extend(token.strip() for token in str(part).split(","))
+        if not ids or any(not token for token in ids):
+            raise LauncherConfigError(f"{here}: expected GPU ids like \"0,1\", got {_show(entry)}")
+        if len(ids) != gpus_per_worker:
+            raise LauncherConfigError(
+                f"{here}: names {len(ids)} GPU(s) but launcher.num_gpus_per_worker is {gpus_per_worker}"
+            )
+        if len(set(ids)) != len(ids):
+            raise LauncherConfigError(f"{here}: names a GPU twice: {_show(entry)}")
+        groups.append(",".join(ids))
+    return tuple(groups)
+
+
+def _extra_args(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, str):
+        raise LauncherConfigError(
+            f"{where}: expected one string of arguments (split like a shell does), got {_kind_name(value)}"
+        )
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise LauncherConfigError(f"{where}: cannot split {_show(value)}: {exc}") from None
+
+
+_RESTART_KEYS = ("enabled", "min_delay", "max_delay", "threshold")
+
+
+def _restart(value: Any, where: str) -> RestartPolicy:
+    """C{restart: false} is shorthand for C{restart: {enabled: false}}."""
+    if isinstance(value, bool):
+        return RestartPolicy(enabled=value)
+    data = _mapping(value, where)
+    _check_keys(data, _RESTART_KEYS, where)
+    defaults = RestartPolicy()
+    enabled = _bool(data["enabled"], f"{where}.enabled") if "enabled" in data else defaults.enabled
+    min_delay = (
+        _float(data["min_delay"], f"{where}.min_delay", positive=True) if "min_delay" in data else defaults.min_delay
+    )
+    max_delay = (
+        _float(data["max_delay"], f"{where}.max_delay", positive=True) if "max_delay" in data else defaults.max_delay
+    )
+    threshold = _float(data["threshold"], f"{where}.threshold") if "threshold" in data else defaults.threshold
+    if max_delay < min_delay:
+        raise LauncherConfigError(
+            f"{where}.max_delay: must be at least min_delay ({min_delay:g}), got {max_delay:g}"
+        )
+    return RestartPolicy(enabled=enabled, min_delay=min_delay, max_delay=max_delay, threshold=threshold)
+
+
+# -- the simulated backend ------------------------------------------------------------
+
+
+def _simulator_value(name: str, value: Any, where: str) -> Any:
+    kind = SIMULATOR_OPTIONS[name]
+    if kind == "int":
+        return _int(value, where)
+    if kind == "float":
+        return _float(value, where)
+    if kind == "bool":
+        return _bool(value, where)
+    if kind == "task":
+        text = _str(value, where).strip().upper()
+        if text not in _TASK_TYPES:
+            raise LauncherConfigError(f"{where}: must be one of {', '.join(_TASK_TYPES)}, got {_show(value)}")
+        return text
+    if kind == "str_list":
+        items = value if isinstance(value, list) else [value]
+        return tuple(_str(item, where) for item in items)
+    return _str(value, where)
+
+
+def _simulator_options(data: Mapping[Any, Any], where: str, *, allow: Sequence[str] = ()) -> dict[str, Any]:
+    for key in ("host", "port"):
+        if key in data:
+            raise LauncherConfigError(
+                f"{where}.{key}: chosen by the launcher (see launcher.worker_host and launcher.worker_base_port)"
+            )
+    _check_keys(data, [*SIMULATOR_OPTIONS, *allow], where)
+    return {
+        name: _simulator_value(name, data[name], f"{where}.{name}")
+        for name in SIMULATOR_OPTIONS
+        if name in data
+    }
+
+
+def _check_simulator_ranges(options: Mapping[str, Any], where: str) -> None:
+    """Let the simulator's own config judge the values, so a bad one fails here and not in every worker."""
+    from twisted_router.simulator.config import SimulatorConfig
+    from twisted_router.simulator.model import TaskType
+
+    kwargs = {name: value for name, value in options.items() if name not in ("task_type", "disable_endpoint")}
+    if "task_type" in options:
+        kwargs["task_type"] = TaskType[options["task_type"]]
+    if "disable_endpoint" in options:
+        kwargs["disabled_endpoints"] = tuple(options["disable_endpoint"])
+    try:
+        SimulatorConfig(**kwargs)
+    except ValueError as exc:
+        raise LauncherConfigError(f"{where}: {exc}") from None
+
+
+def _simulated(
+    value: Any, where: str, num_workers: int | None, gpus_per_worker: int
+) -> tuple[tuple[SimulatedWorker, ...], int]:
+    """The per-worker simulator options, and the number of workers they imply."""
+    data = _mapping(value if value is not None else {}, where)
+    shared = _simulator_options(data, where, allow=("workers",))
+    entries: list[dict[str, Any]]
+    if "workers" in data:
+        raw = data["workers"]
+        if not isinstance(raw, list) or not raw:
+            raise LauncherConfigError(
+                f"{where}.workers: expected a non-empty list of option mappings, got {_kind_name(raw)}"
+            )
+        entries = []
+        for i, entry in enumerate(raw):
+            here = f"{where}.workers[{i}]"
+            entries.append(_simulator_options(_mapping(entry if entry is not None else {}, here), here))
+        if num_workers is not None and num_workers != len(entries):
+            raise LauncherConfigError(
+                f"{where}.workers: has {len(entries)} entries but launcher.num_workers is {num_workers}"
+            )
+    else:
+        entries = [{} for _ in range(num_workers if num_workers is not None else 1)]
+    workers = []
+    for i, own in enumerate(entries):
+        merged = {"num_gpus": gpus_per_worker, **shared, **own}
+        here = f"{where}.workers[{i}]" if "workers" in data else where
+        _check_simulator_ranges(merged, here)
+        workers.append(SimulatedWorker(tuple((name, merged[name]) for name in SIMULATOR_OPTIONS if name in merged)))
+    return tuple(workers), len(entries)
+
+
+# -- the whole file -----------------------------------------------------------------------
+
+_KEYS = (
+    "backend",
+    "model",
+    "num_workers",
+    "num_gpus_per_worker",
+    "worker_host",
+    "worker_base_port",
+    "worker_gpu_ids",
+    "worker_extra_args",
+    "master_port_base",
+    "scheduler_port_base",
+    "internal_port_stride",
+    "wait_timeout",
+    "shutdown_grace",
+    "restart",
+    "simulated",
+)
+
+
+def parse_launcher_config(document: Any, source: str | None = None) -> LauncherConfig:
+    """
+    Validate a parsed launcher document (C{{"launcher": {...}}}).
+
+    @param source: the file name, kept for messages.
+    @raise LauncherConfigError: with one line naming the first bad key.
+    """
+    if document is None:
+        raise LauncherConfigError("the file is empty; expected a mapping with a 'launcher' key")
+    top = _mapping(document, "the file")
+    if "launcher" not in top:
+        raise LauncherConfigError("launcher: missing; the file must be a mapping with a 'launcher' key")
+    _check_keys(top, ("launcher",), "(top level)")
+    data = _mapping(top["launcher"], "launcher")
+    _check_keys(data, _KEYS, "launcher")
+    defaults = LauncherConfig()
+    values: dict[str, Any] = {}
+
+    def take(key: str, read: Callable[[Any, str], Any]) -> None:
+        if key in data:
+            values[key] = read(data[key], f"launcher.{key}")
+
+    take("backend", _str)
+    backend = values.get("backend", defaults.backend)
+    if backend not in BACKENDS:
+        raise LauncherConfigError(f"launcher.backend: must be one of {', '.join(BACKENDS)}, got {_show(backend)}")
+    take("model", _str)
+    take("num_workers", lambda v, w: _int(v, w, minimum=1))
+    take("num_gpus_per_worker", lambda v, w: _int(v, w, minimum=1))
+    take("worker_host", _str)
+    take("worker_base_port", lambda v, w: _int(v, w, minimum=1, maximum=65534))
+    take("worker_extra_args", _extra_args)
+    take("master_port_base", lambda v, w: _int(v, w, minimum=1, maximum=65535))
+    take("scheduler_port_base", lambda v, w: _int(v, w, minimum=1, maximum=65535))
+    take("internal_port_stride", lambda v, w: _int(v, w, minimum=1))
+    take("wait_timeout", lambda v, w: _float(v, w, positive=True))
+    take("shutdown_grace", lambda v, w: _float(v, w, positive=True))
+    take("restart", _restart)
+    gpus_per_worker = values.get("num_gpus_per_worker", defaults.num_gpus_per_worker)
+
+    if backend == "simulated":
+        simulated, implied = _simulated(data.get("simulated"), "launcher.simulated", values.get("num_workers"), gpus_per_worker)
+        values["simulated"] = simulated
+        values["num_workers"] = implied
+    else:
+        if "simulated" in data:
+            raise LauncherConfigError("launcher.simulated: only used with 'backend: simulated'")
+        if "model" not in values:
+            raise LauncherConfigError(
+                "launcher.model: required for the local backend (the model path or id every worker serves)"
+            )
+    num_workers = values.get("num_workers", defaults.num_workers)
+    take("worker_gpu_ids", lambda v, w: _gpu_ids(v, w, num_workers, gpus_per_worker))
+
+    if backend == "local":
+        stride = values.get("internal_port_stride", defaults.internal_port_stride)
+        for key in ("master_port_base", "scheduler_port_base"):
+            base = values.get(key, getattr(defaults, key))
+            last = base + (num_workers - 1) * stride
+            if last > 65535:
+                raise LauncherConfigError(
+                    f"launcher.{key}: worker {num_workers - 1} would get port {last} "
+                    f"({base} + {num_workers - 1} x internal_port_stride {stride}), above 65535"
+                )
+    return LauncherConfig(**values, source=source)
+
+
+def load_launcher_config(path: str) -> LauncherConfig:
+    """
+    Read and validate a launcher file.
+
+    @raise LauncherConfigError: the file is missing, unreadable, not YAML or
+        not a valid launcher config; the message starts with the path.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise LauncherConfigError(f"launcher config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LauncherConfigError(f"launcher config {path}: cannot read: {reason}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise LauncherConfigError(f"launcher config {path}: invalid YAML{where}: {problem}") from None
+    try:
+        return parse_launcher_config(document, source=path)
+    except LauncherConfigError as exc:
+        raise LauncherConfigError(f"launcher config {path}: {exc}") from None

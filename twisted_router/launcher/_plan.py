@@ -1,0 +1,349 @@
+# -*- test-case-name: tests.unit.test_launcher_plan -*-
+"""
+Turning a launcher config into the exact processes to run: ports, GPUs,
+command lines and environments.
+
+Everything the machine is asked (is this port free, which GPUs are there, is
+C{sglang} installed) goes through a function the caller can replace, so the
+rules are tested as plain functions and the launcher can refuse an
+impossible fleet before it spawns anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from twisted_router.launcher._config import SIMULATOR_OPTIONS, LauncherConfig, LauncherConfigError
+from twisted_router.urls import WorkerURLError, normalize_worker_url
+
+__all__ = [
+    "FleetPlan",
+    "LaunchPlanError",
+    "WorkerSpec",
+    "assign_gpus",
+    "choose_ports",
+    "list_nvidia_gpus",
+    "plan_fleet",
+    "port_is_free",
+    "process_group_argv",
+]
+
+#: Runs the worker's command in a process group of its own (so the whole
+#: tree, including the scheduler processes C{sglang serve} forks, can be
+#: signalled at once) and asks Linux to SIGTERM it if the router dies, so a
+#: SIGKILLed router does not leave a GPU fleet behind. argv: the router's pid,
+#: then the command.
+_GROUP_WRAPPER = (
+    "import os, sys\n"
+    "os.setpgid(0, 0)\n"
+    "try:\n"
+    "    import ctypes, signal\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('the router exited before its worker started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class LaunchPlanError(LauncherConfigError):
+    """The config is valid but this machine cannot run it (ports, GPUs, missing C{sglang})."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """
+    One managed worker, fully decided.
+
+    @ivar name: C{worker <index>}, also the process monitor's name for it.
+    @ivar url: what the router registers (C{worker_host}, or loopback when it
+        listens on every interface).
+    @ivar argv: the worker's own command line (without the process-group wrapper).
+    @ivar env: its whole environment.
+    @ivar gpu_ids: its C{CUDA_VISIBLE_DEVICES}, or C{None} when not set.
+    """
+
+    index: int
+    host: str
+    port: int
+    url: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    gpu_ids: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}"
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """A launcher config and the workers it becomes on this machine."""
+
+    config: LauncherConfig
+    workers: tuple[WorkerSpec, ...]
+    gpu_source: str | None = None
+
+
+# -- ports ------------------------------------------------------------------------------
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """
+    Whether a server could listen on C{host:port} now, found by binding it.
+
+    C{SO_REUSEADDR} is set like a real server sets it, so a port held only
+    by connections in TIME_WAIT counts as free.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise LaunchPlanError(f"launcher.worker_host: cannot listen on {host}: {exc.strerror}") from None
+    return True
+
+
+def choose_ports(
+    host: str,
+    count: int,
+    base: int,
+    is_port_free: Callable[[str, int], bool],
+    *,
+    highest: int = 65534,
+) -> list[int]:
+    """
+    One port per worker such that the port and the next one up are free.
+
+    Worker C{i} prefers C{base + 2i}; a busy port (or a busy C{port + 1},
+    where a real worker binds its ZMQ broker) moves it up to the next free
+    pair, and later workers start above the pairs already taken.
+
+    @raise LaunchPlanError: the ports run out below C{highest}.
+    """
+    ports: list[int] = []
+    for i in range(count):
+        candidate = base + 2 * i
+        if ports:
+            candidate = max(candidate, ports[-1] + 2)
+        while not (is_port_free(host, candidate) and is_port_free(host, candidate + 1)):
+            candidate += 1
+            if candidate > highest:
+                raise LaunchPlanError(
+                    f"launcher.worker_base_port: no free port pair for worker {i} between {base} and {highest + 1} on {host}"
+                )
+        ports.append(candidate)
+    return ports
+
+
+# -- GPUs -------------------------------------------------------------------------------
+
+_NVIDIA_SMI_GPU = re.compile(r"^GPU (\d+):")
+
+
+def list_nvidia_gpus() -> list[str] | None:
+    """
+    The GPU indices C{nvidia-smi -L} reports, or C{None} when it is not installed
+    or does not work (no driver).
+    """
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [m.group(1) for m in map(_NVIDIA_SMI_GPU.match, out.splitlines()) if m]
+
+
+def assign_gpus(
+    config: LauncherConfig,
+    environ: Mapping[str, str],
+    list_gpus: Callable[[], list[str] | None],
+) -> tuple[list[str], str]:
+    """
+    One C{CUDA_VISIBLE_DEVICES} value per worker, and where the GPUs came from.
+
+    Sources, first match wins: C{worker_gpu_ids}; the router's own
+    C{CUDA_VISIBLE_DEVICES} (so a scheduler's GPU allocation is respected);
+    C{nvidia-smi -L}. The GPUs are split into consecutive groups of
+    C{num_gpus_per_worker}; spare ones stay unused.
+
+    @raise LaunchPlanError: fewer GPUs than the fleet needs.
+    """
+    if config.worker_gpu_ids is not None:
+        return list(config.worker_gpu_ids), "launcher.worker_gpu_ids"
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [token.strip() for token in visible.split(",") if token.strip()]
+        source = f"CUDA_VISIBLE_DEVICES={visible}"
+    else:
+        found = list_gpus()
+        if found is None:
+            raise LaunchPlanError(
+                "launcher: no GPUs found: CUDA_VISIBLE_DEVICES is not set and nvidia-smi is not "
+                "available; set launcher.worker_gpu_ids or CUDA_VISIBLE_DEVICES"
+            )
+        gpus, source = found, "nvidia-smi -L"
+    per_worker = config.num_gpus_per_worker
+    needed = config.num_workers * per_worker
+    if len(gpus) < needed:
+        raise LaunchPlanError(
+            f"launcher: too few GPUs: {config.num_workers} worker(s) x {per_worker} GPU(s) need "
+            f"{needed}, but {source} gives {len(gpus)}"
+        )
+    return [",".join(gpus[i * per_worker : (i + 1) * per_worker]) for i in range(config.num_workers)], source
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def _url_host(host: str) -> str:
+    """The address the router connects to for a worker listening on C{host}."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _local_argv(sglang: str, config: LauncherConfig, index: int, port: int) -> tuple[str, ...]:
+    assert config.model is not None  # the config refuses a local backend without one
+    stride = config.internal_port_stride
+    return (
+        sglang,
+        "serve",
+        "--model-path", config.model,
+        "--num-gpus", str(config.num_gpus_per_worker),
+        "--host", config.worker_host,
+        "--port", str(port),
+        "--master-port", str(config.master_port_base + index * stride),
+        "--scheduler-port", str(config.scheduler_port_base + index * stride),
+        *config.worker_extra_args,
+    )
+
+
+def _simulated_argv(python: str, config: LauncherConfig, index: int, port: int) -> tuple[str, ...]:
+    options = config.simulated[index]
+    argv = [python, "-m", "twisted_router.simulator", "--host", config.worker_host, "--port", str(port)]
+    if config.model is not None and options.get("model_path") is None:
+        argv += ["--model-path", config.model]
+    for name, kind in SIMULATOR_OPTIONS.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if kind == "bool":
+            if value:
+                argv.append(flag)
+        elif kind == "str_list":
+            for item in value:
+                argv += [flag, item]
+        else:
+            argv += [flag, str(value)]
+    return (*argv, *config.worker_extra_args)
+
+
+def process_group_argv(argv: Sequence[str], *, python: str, parent_pid: int) -> list[str]:
+    """
+    The command that runs C{argv} as the leader of a new process group.
+
+    The worker's pid is then also its process group id, so the router can
+    signal everything the worker started with one C{killpg}.
+    """
+    return [python, "-c", _GROUP_WRAPPER, str(parent_pid), *argv]
+
+
+def plan_fleet(
+    config: LauncherConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    is_port_free: Callable[[str, int], bool] = port_is_free,
+    list_gpus: Callable[[], list[str] | None] = list_nvidia_gpus,
+    python: str = sys.executable,
+) -> FleetPlan:
+    """
+    Decide every worker's port, GPUs, command line and environment.
+
+    @param environ: the router's environment, inherited by the workers
+        (default: C{os.environ}).
+    @raise LaunchPlanError: this machine cannot run the fleet: C{sglang} is
+        not on PATH, too few GPUs, no free ports, or an address the router
+        would refuse.
+    """
+    env = dict(os.environ if environ is None else environ)
+    # Workers' output is relayed line by line; a block-buffered Python child
+    # would hold its lines back until it exits, just when they are needed.
+    env["PYTHONUNBUFFERED"] = "1"
+    url_host = _url_host(config.worker_host)
+    try:
+        normalize_worker_url(f"http://{url_host}:{config.worker_base_port}")
+    except WorkerURLError as exc:
+        raise LaunchPlanError(f"launcher.worker_host: {exc}") from None
+
+    gpu_groups: list[str | None]
+    gpu_source: str | None
+    sglang = ""
+    if config.backend == "local":
+        found = which("sglang")
+        if found is None:
+            raise LaunchPlanError(
+                "launcher.backend: local workers run 'sglang serve', but 'sglang' is not on PATH "
+                "(install sglang with its diffusion extra, or activate its environment)"
+            )
+        sglang = found
+        groups, gpu_source = assign_gpus(config, env, list_gpus)
+        gpu_groups = list(groups)
+    else:
+        gpu_groups = list(config.worker_gpu_ids) if config.worker_gpu_ids is not None else [None] * config.num_workers
+        gpu_source = "launcher.worker_gpu_ids" if config.worker_gpu_ids is not None else None
+
+    ports = choose_ports(config.worker_host, config.num_workers, config.worker_base_port, is_port_free)
+    if config.backend == "local":
+        internal = {
+            base + i * config.internal_port_stride
+            for base in (config.master_port_base, config.scheduler_port_base)
+            for i in range(config.num_workers)
+        }
+        clash = sorted(internal & {p for port in ports for p in (port, port + 1)})
+        if clash:
+            raise LaunchPlanError(
+                f"launcher.worker_base_port: worker port {clash[0]} is also a master or scheduler "
+                "port; move worker_base_port, master_port_base or scheduler_port_base apart"
+            )
+
+    workers = []
+    for index, (port, gpus) in enumerate(zip(ports, gpu_groups, strict=True)):
+        if config.backend == "local":
+            argv = _local_argv(sglang, config, index, port)
+        else:
+            argv = _simulated_argv(python, config, index, port)
+        worker_env = dict(env)
+        if gpus is not None:
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus
+        workers.append(
+            WorkerSpec(
+                index=index,
+                host=config.worker_host,
+                port=port,
+                url=f"http://{url_host}:{port}",
+                argv=argv,
+                env=worker_env,
+                gpu_ids=gpus,
+            )
+        )
+    return FleetPlan(config=config, workers=tuple(workers), gpu_source=gpu_source)

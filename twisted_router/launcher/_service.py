@@ -1,0 +1,505 @@
+# -*- test-case-name: tests.unit.test_launcher_service -*-
+"""
+The launcher service: spawns the planned workers, registers each one the
+moment it is healthy, takes it out of rotation the moment it dies, and stops
+them all with the router.
+
+The router is reached only through L{FleetHooks} (C{worker_ready},
+C{worker_lost}), so this module knows nothing of the pool or of HTTP routing,
+and tests drive it with a fake router, a fake process reactor and an
+in-memory HTTP client.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+from twisted_router.calls import describe_failure, make_http_client, read_body, with_deadline
+from twisted_router.launcher._plan import FleetPlan, WorkerSpec, process_group_argv
+from twisted_router.launcher._supervisor import WorkerMonitor, describe_exit
+
+__all__ = [
+    "STARTUP_EXIT_LIMIT",
+    "FleetHooks",
+    "LaunchFailed",
+    "LauncherService",
+    "make_launcher_service",
+]
+
+#: With restarts on, a worker that exits this many times without ever having
+#: been ready has failed its start-up (it keeps being restarted, but if every
+#: worker is in that state the fleet is broken and the router gives up).
+STARTUP_EXIT_LIMIT = 3
+
+#: Output lines kept per worker for the report when it fails.
+TAIL_LINES = 50
+
+
+class FleetHooks(Protocol):
+    """What the launcher needs from the router (L{twisted_router.app.Router} provides it)."""
+
+    def worker_ready(self, url: str) -> Coroutine[Any, Any, object]:
+        """The worker answers C{/health}: register it, or re-admit it once it caught up."""
+
+    def worker_lost(self, url: str, reason: str) -> None:
+        """The worker's process is gone: take it out of rotation at once."""
+
+
+class LaunchFailed(Exception):
+    """No managed worker became ready: the router has nothing to serve with."""
+
+
+@dataclass
+class _Managed:
+    """One planned worker and what the launcher knows about its current process."""
+
+    spec: WorkerSpec
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    #: waiting (not running: before the first start or until a restart),
+    #: starting (spawned, /health not 200 yet), registering (worker_ready
+    #: running), ready, exited.
+    phase: str = "waiting"
+    pid: int | None = None
+    starts: int = 0
+    started_at: float = 0.0
+    ever_ready: bool = False
+    registered: bool = False
+    startup_exits: int = 0
+    missed_deadline: bool = False
+    stopped_by_us: bool = False
+    poll: IDelayedCall | None = None
+    deadline: IDelayedCall | None = None
+    inflight: Deferred[Any] | None = None
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+class LauncherService(Service):
+    """
+    Runs the workers of a L{FleetPlan} under a L{WorkerMonitor}.
+
+    A worker is registered (C{hooks.worker_ready}) once its C{GET /health}
+    answers 200, polled every C{poll_interval} seconds for at most the
+    plan's C{wait_timeout}; one that exits is reported to
+    C{hooks.worker_lost} at once, restarted with backoff by the monitor and
+    registered again when it is healthy. If no worker ever becomes ready,
+    L{when_failed} fails and C{on_failure} is called, so the process can
+    exit non-zero instead of serving 503s for ever.
+
+    @param parent_pid: the pid the worker wrapper checks its parent against
+        (default: this process's pid when the service starts, which is after
+        twistd daemonised).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        plan: FleetPlan,
+        hooks: FleetHooks,
+        reactor: IReactorProcess,
+        http: HTTPClient,
+        *,
+        on_failure: Callable[[Failure], None] | None = None,
+        poll_interval: float = 0.5,
+        probe_timeout: float = 2.0,
+        progress_interval: float = 30.0,
+        python: str = sys.executable,
+        parent_pid: int | None = None,
+        killpg: Callable[[int, int], None] = os.killpg,
+    ) -> None:
+        self._plan = plan
+        self._config = plan.config
+        self._hooks = hooks
+        # The reactor provides IReactorTime too; Any because mypy misreads zope interfaces.
+        clock: Any = reactor
+        self._clock = clock
+        self._http = http
+        self._on_failure = on_failure
+        self._poll_interval = poll_interval
+        self._probe_timeout = probe_timeout
+        self._python = python
+        self._parent_pid = parent_pid
+        self._workers = {spec.name: _Managed(spec) for spec in plan.workers}
+        self._monitor = WorkerMonitor(
+            reactor,
+            self,
+            restart=self._config.restart,
+            kill_time=self._config.shutdown_grace,
+            killpg=killpg,
+        )
+        self._progress = LoopingCall(self._log_progress)
+        self._progress.clock = self._clock
+        self._progress_interval = progress_interval
+        self._began = 0.0
+        self._stopping = False
+        self._outcome: str | None = None  # None while starting up, then "ready" or "failed"
+        self._failure: Failure | None = None
+        self._failure_waiters: list[Deferred[None]] = []
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def monitor(self) -> WorkerMonitor:
+        """The process monitor running the workers (for inspection; the service drives it)."""
+        return self._monitor
+
+    def ready_count(self) -> int:
+        """How many workers are registered and serving now."""
+        return sum(1 for m in self._workers.values() if m.phase == "ready")
+
+    def when_failed(self) -> Deferred[None]:
+        """
+        A Deferred that fails with L{LaunchFailed} if no worker becomes
+        ready, and never fires otherwise.
+        """
+        if self._failure is not None:
+            return fail(self._failure)
+        d: Deferred[None] = Deferred()
+        self._failure_waiters.append(d)
+        return d
+
+    # -- service ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._began = self._clock.seconds()
+        parent_pid = self._parent_pid if self._parent_pid is not None else os.getpid()
+        config = self._config
+        self.log.info(
+            "launcher: starting {count} {backend} worker(s){gpus}; restart {restart}",
+            count=len(self._workers),
+            backend=config.backend,
+            gpus=f", GPUs from {self._plan.gpu_source}" if self._plan.gpu_source else "",
+            restart=(
+                f"on (backoff {config.restart.min_delay:g}..{config.restart.max_delay:g} s)"
+                if config.restart.enabled
+                else "off"
+            ),
+        )
+        for m in self._workers.values():
+            spec = m.spec
+            self.log.info(
+                "[worker {index}] {url}{gpus}: {command}",
+                index=spec.index,
+                url=spec.url,
+                gpus=f" on GPU {spec.gpu_ids}" if spec.gpu_ids is not None else "",
+                command=" ".join(spec.argv),
+            )
+            argv = process_group_argv(spec.argv, python=self._python, parent_pid=parent_pid)
+            self._monitor.addProcess(spec.name, argv, env=dict(spec.env))
+        self._monitor.startService()
+        self._progress.start(self._progress_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop every worker: SIGTERM to each process group, SIGKILL after the grace period."""
+        super().stopService()
+        self._stopping = True
+        if self._progress.running:
+            self._progress.stop()
+        for m in self._workers.values():
+            self._cancel_timers(m)
+            if m.inflight is not None:
+                m.inflight.cancel()
+        running = sum(1 for m in self._workers.values() if m.phase in ("starting", "registering", "ready"))
+        self.log.info(
+            "launcher: stopping {count} worker(s): SIGTERM to each process group, SIGKILL after {grace:g} s",
+            count=running,
+            grace=self._config.shutdown_grace,
+        )
+        d = self._monitor.stop_all()
+        d.addCallback(self._all_stopped)
+        return d
+
+    def _all_stopped(self, _: None) -> None:
+        self.log.info("launcher: all workers stopped")
+
+    # -- process events (from the monitor) -----------------------------------------
+
+    def process_started(self, name: str, pid: int) -> None:
+        m = self._workers[name]
+        m.starts += 1
+        m.pid = pid
+        m.phase = "starting"
+        m.started_at = self._clock.seconds()
+        m.stopped_by_us = False
+        m.tail.clear()
+        self.log.info(
+            "[worker {index}] started{again}, pid {pid}; waiting for {url}/health",
+            index=m.index,
+            again="" if m.starts == 1 else f" again (start {m.starts})",
+            pid=pid,
+            url=m.url,
+        )
+        attempt = m.starts
+        m.poll = self._clock.callLater(self._poll_interval, self._poll, m, attempt)
+        m.deadline = self._clock.callLater(self._config.wait_timeout, self._missed_deadline, m, attempt)
+
+    def process_output(self, name: str, stream: str, line: str) -> None:
+        m = self._workers[name]
+        m.tail.append(line)
+        self.log.info("[worker {index}] {line}", index=m.index, line=line, stream=stream)
+
+    def process_exited(self, name: str, reason: Failure) -> None:
+        m = self._workers[name]
+        self._cancel_timers(m)
+        if m.inflight is not None and m.phase == "starting":
+            m.inflight.cancel()  # a health probe of a dead process; registering is left to finish
+        uptime = self._clock.seconds() - m.started_at if m.starts else 0.0
+        m.phase = "exited"
+        m.pid = None
+        why = describe_exit(reason)
+        if self._stopping:
+            self.log.info("[worker {index}] stopped: {why}", index=m.index, why=why)
+            return
+        if m.registered:
+            self._lost(m, f"launcher: worker process {why}")
+        if m.stopped_by_us:
+            self.log.info("[worker {index}] stopped: {why}", index=m.index, why=why)
+        else:
+            if not m.ever_ready:
+                m.startup_exits += 1
+            self.log.error(
+                "[worker {index}] {url} {why} after {uptime:.0f} s{restart}; {report}",
+                index=m.index,
+                url=m.url,
+                why=why,
+                uptime=uptime,
+                restart="" if self._config.restart.enabled else " (not restarted: restart is off)",
+                report=self._report(m),
+            )
+        self._check_startup()
+
+    def process_restart_scheduled(self, name: str, delay: float) -> None:
+        if self._outcome == "failed":
+            return  # the router is about to exit; the restart will be cancelled
+        m = self._workers[name]
+        self.log.info("[worker {index}] restarting in {delay:.1f} s", index=m.index, delay=delay)
+
+    # -- readiness --------------------------------------------------------------------
+
+    def _poll(self, m: _Managed, attempt: int) -> None:
+        m.poll = None
+        if m.starts != attempt or m.phase != "starting" or self._stopping:
+            return
+        d = with_deadline(
+            Deferred.fromCoroutine(self._health(m.url)), self._probe_timeout, self._clock
+        )
+        m.inflight = d
+        d.addCallbacks(
+            self._health_answered, self._health_failed, callbackArgs=(m, attempt), errbackArgs=(m, attempt)
+        )
+
+    async def _health(self, url: str) -> int:
+        # No treq timeout: it would use the global reactor; _poll bounds the
+        # whole probe on the injected clock instead.
+        response = await self._http.get(url + "/health", allow_redirects=False, unbuffered=True)
+        await read_body(response, _discard, 64 * 1024)
+        return int(response.code)
+
+    def _health_answered(self, code: int, m: _Managed, attempt: int) -> None:
+        m.inflight = None
+        if m.starts != attempt or m.phase != "starting" or self._stopping:
+            return
+        if code == 200:
+            self._register(m, attempt)
+        else:
+            self.log.debug("[worker {index}] /health answered {code}", index=m.index, code=code)
+            self._poll_again(m, attempt)
+
+    def _health_failed(self, failure: Failure, m: _Managed, attempt: int) -> None:
+        m.inflight = None
+        if m.starts != attempt or m.phase != "starting" or self._stopping:
+            return
+        self.log.debug(
+            "[worker {index}] not up yet: {reason}", index=m.index, reason=describe_failure(failure)
+        )
+        self._poll_again(m, attempt)
+
+    def _poll_again(self, m: _Managed, attempt: int) -> None:
+        m.poll = self._clock.callLater(self._poll_interval, self._poll, m, attempt)
+
+    def _register(self, m: _Managed, attempt: int) -> None:
+        m.phase = "registering"
+        d: Deferred[object] = Deferred.fromCoroutine(self._hooks.worker_ready(m.url))
+        m.inflight = d
+        d.addCallbacks(
+            self._registered, self._register_failed, callbackArgs=(m, attempt), errbackArgs=(m, attempt)
+        )
+
+    def _registered(self, _: object, m: _Managed, attempt: int) -> None:
+        m.inflight = None
+        m.registered = True
+        if m.starts != attempt or m.phase != "registering" or self._stopping:
+            # It died (or was stopped) while the router was admitting it:
+            # take it straight back out.
+            if not self._stopping:
+                self._lost(m, "launcher: worker process exited while it was being registered")
+            return
+        m.phase = "ready"
+        self._cancel_timers(m)
+        now = self._clock.seconds()
+        self.log.info(
+            "[worker {index}] ready at {url} after {seconds:.0f} s{again}",
+            index=m.index,
+            url=m.url,
+            seconds=now - m.started_at,
+            again=" (re-registered after a restart)" if m.ever_ready else "",
+        )
+        m.ever_ready = True
+        self.log.info(
+            "{ready}/{total} workers ready ({elapsed:.0f} s)",
+            ready=self.ready_count(),
+            total=len(self._workers),
+            elapsed=now - self._began,
+        )
+        self._check_startup()
+
+    def _register_failed(self, failure: Failure, m: _Managed, attempt: int) -> None:
+        m.inflight = None
+        if self._stopping or failure.check(CancelledError):
+            return
+        self.log.failure("[worker {index}] registering {url} failed", failure, index=m.index, url=m.url)
+        if m.starts == attempt and m.phase == "registering":
+            m.phase = "starting"
+            self._poll_again(m, attempt)
+
+    def _missed_deadline(self, m: _Managed, attempt: int) -> None:
+        m.deadline = None
+        if m.starts != attempt or m.phase not in ("starting", "registering") or self._stopping:
+            return
+        m.missed_deadline = m.missed_deadline or not m.ever_ready
+        m.stopped_by_us = True
+        self.log.error(
+            "[worker {index}] {url} was not ready within wait_timeout ({timeout:g} s); stopping it{restart}; {report}",
+            index=m.index,
+            url=m.url,
+            timeout=self._config.wait_timeout,
+            restart=" to start it again" if self._config.restart.enabled else "",
+            report=self._report(m),
+        )
+        if m.poll is not None and m.poll.active():
+            m.poll.cancel()
+        m.poll = None
+        self._monitor.stopProcess(m.spec.name)
+        self._check_startup()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _lost(self, m: _Managed, reason: str) -> None:
+        try:
+            self._hooks.worker_lost(m.url, reason)
+        except Exception:
+            self.log.failure("[worker {index}] taking {url} out of rotation failed", index=m.index, url=m.url)
+
+    def _cancel_timers(self, m: _Managed) -> None:
+        for call in (m.poll, m.deadline):
+            if call is not None and call.active():
+                call.cancel()
+        m.poll = m.deadline = None
+
+    def _report(self, m: _Managed) -> str:
+        if not m.tail:
+            return "it printed nothing"
+        lines = "\n".join(f"    {line}" for line in m.tail)
+        return f"its last {len(m.tail)} line(s) of output:\n{lines}"
+
+    def _gave_up(self, m: _Managed) -> bool:
+        if m.ever_ready:
+            return False
+        limit = STARTUP_EXIT_LIMIT if self._config.restart.enabled else 1
+        return m.missed_deadline or m.startup_exits >= limit
+
+    def _check_startup(self) -> None:
+        """Decide the start-up once the first worker is ready, or once every worker has given up."""
+        if self._stopping:
+            return
+        workers = self._workers.values()
+        settled = all(m.ever_ready or self._gave_up(m) for m in workers)
+        if settled and self._progress.running:
+            self._progress.stop()
+        if self._outcome is not None:
+            return
+        if any(m.ever_ready for m in workers):
+            self._outcome = "ready"
+        elif settled:
+            self._outcome = "failed"
+            limit = STARTUP_EXIT_LIMIT if self._config.restart.enabled else 1
+            message = (
+                f"no worker became ready ({len(self._workers)} launched; each exited "
+                f"{limit} time(s) or missed wait_timeout of {self._config.wait_timeout:g} s); "
+                "see the [worker N] lines above"
+            )
+            self.log.critical("launcher: {message}", message=message)
+            self._failure = Failure(LaunchFailed(message))
+            waiters, self._failure_waiters = self._failure_waiters, []
+            for d in waiters:
+                d.errback(self._failure)
+            if self._on_failure is not None:
+                self._on_failure(self._failure)
+
+    def _log_progress(self) -> None:
+        """While workers are still loading, say so now and then: a model load takes minutes."""
+        waiting = [f"worker {m.index}" for m in self._workers.values() if m.phase != "ready"]
+        self.log.info(
+            "{ready}/{total} workers ready ({elapsed:.0f} s); waiting for {waiting}",
+            ready=self.ready_count(),
+            total=len(self._workers),
+            elapsed=self._clock.seconds() - self._began,
+            waiting=", ".join(waiting),
+        )
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Probes open a connection every half second: "Starting factory" lines for each would drown the log."""
+
+    noisy = False
+
+
+def make_launcher_service(
+    plan: FleetPlan,
+    hooks: FleetHooks,
+    reactor: IReactorProcess,
+    *,
+    on_failure: Callable[[Failure], None] | None = None,
+) -> LauncherService:
+    """
+    The launcher service on a real reactor, with its own HTTP client for
+    readiness probes.
+
+    The client's connections are not pooled: a probe is one request every
+    half second to a worker that is still loading, and a pool would only keep
+    sockets (and timers) open after the router stops.
+    """
+    clock: Any = reactor
+    pool = HTTPConnectionPool(clock, persistent=False)
+    pool._factory = _QuietClientFactory
+    agent = Agent(clock, connectTimeout=2, pool=pool)
+    service = LauncherService(plan, hooks, reactor, make_http_client(agent), on_failure=on_failure)
+    service.setName("launcher")
+    return service
+
