@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from twisted_router.affinity import FINISHED_STATES, OwnerMap
@@ -67,14 +68,23 @@ class Dispatched:
     result: ForwardResult
 
 
-def json_body(request: Request, status: int, payload: Any) -> bytes:
+def request_body(request: Request, limit: int = -1) -> bytes:
+    """The request body Twisted buffered before the route ran (read from the start)."""
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    return content.read(limit)
+
+
+def json_body(request: IRequest, status: int, payload: Any) -> bytes:
     """Set the status and JSON content type, and return the encoded payload."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(payload).encode("utf-8")
 
 
-def json_error(request: Request, status: int, message: str) -> bytes:
+def json_error(request: IRequest, status: int, message: str) -> bytes:
     """The router's own error answer: C{{"error": message}} with a fitting status."""
     return json_body(request, status, {"error": message})
 
@@ -86,8 +96,7 @@ def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | No
     @return: None when the body is empty and not C{required}.
     @raise BadRequest: when the body is not a JSON object.
     """
-    request.content.seek(0)
-    raw = request.content.read(MAX_ADMIN_BODY + 1)
+    raw = request_body(request, MAX_ADMIN_BODY + 1)
     if len(raw) > MAX_ADMIN_BODY:
         raise BadRequest("Invalid JSON body: larger than 1 MiB")
     if not raw.strip():
@@ -106,9 +115,10 @@ def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | No
 def query_arg(request: Request, *names: str) -> str | None:
     """The first non-empty query argument among C{names}, decoded."""
     for name in names:
-        values = request.args.get(name.encode())
+        args: dict[bytes, list[bytes]] = request.args or {}
+        values = args.get(name.encode())
         if values and values[0]:
-            return values[0].decode("utf-8", "replace")
+            return str(values[0].decode("utf-8", "replace"))
     return None
 
 
@@ -666,18 +676,15 @@ class Router:
 
     @app.route("/update_weights_from_disk", methods=["POST"])
     async def update_weights(self, request: Request) -> bytes:
-        request.content.seek(0)
-        return self._control_answer(request, await self._control.update_weights(request.content.read()))
+        return self._control_answer(request, await self._control.update_weights(request_body(request)))
 
     @app.route("/release_memory_occupation", methods=["POST"])
     async def release_memory(self, request: Request) -> bytes:
-        request.content.seek(0)
-        return self._control_answer(request, await self._control.release_memory(request.content.read() or b"{}"))
+        return self._control_answer(request, await self._control.release_memory(request_body(request) or b"{}"))
 
     @app.route("/resume_memory_occupation", methods=["POST"])
     async def resume_memory(self, request: Request) -> bytes:
-        request.content.seek(0)
-        return self._control_answer(request, await self._control.resume_memory(request.content.read() or b"{}"))
+        return self._control_answer(request, await self._control.resume_memory(request_body(request) or b"{}"))
 
     # ------------------------------------------------------------------ catch-all
 
@@ -689,15 +696,15 @@ class Router:
     # ------------------------------------------------------------------ errors
 
     @app.handle_errors(BadRequest)
-    def bad_request(self, request: Request, failure: Failure) -> bytes:
+    def bad_request(self, request: IRequest, failure: Failure) -> bytes:
         return json_error(request, 400, failure.getErrorMessage())
 
     @app.handle_errors(UnknownWorker)
-    def unknown_worker(self, request: Request, failure: Failure) -> bytes:
+    def unknown_worker(self, request: IRequest, failure: Failure) -> bytes:
         return json_error(request, 404, "Worker not found")
 
-    @app.handle_errors(Exception)
-    def unexpected(self, request: Request, failure: Failure) -> bytes | Failure:
+    @app.handle_errors(Exception)  # type: ignore[arg-type]  # returning the Failure re-raises it
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes | Failure:
         if failure.check(CancelledError):
             return failure  # the client went away; Klein finishes nothing and logs nothing
         self.log.failure("unexpected error handling {method} {uri}", failure,

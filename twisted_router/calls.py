@@ -32,6 +32,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from twisted_router.proxy import BytesProducer, was_cancelled
@@ -44,7 +45,8 @@ MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 def make_http_client(agent: IAgent) -> HTTPClient:
     """A treq client for worker calls that never stores or replays cookies between workers."""
-    return HTTPClient(agent, cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])))
+    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(agent, cookiejar=jar)  # type: ignore[arg-type]  # treq annotates its own jar subclass
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,9 @@ class _BodyReader(Protocol):
         self.done: Deferred[None] = Deferred(lambda _: self._abort())
 
     def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+        transport: Any = self.transport  # a TransportProxyProducer: an IPushProducer
+        if transport is not None:
+            transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -245,7 +248,7 @@ class WorkerCaller:
         content_type: bytes = b"application/json",
     ) -> WorkerReply:
         """Make one call; never raises except for cancellation of the caller."""
-        headers = {b"Content-Type": [content_type]} if body is not None else None
+        headers = Headers({b"Content-Type": [content_type]}) if body is not None else None
 
         async def exchange() -> tuple[int, bytes]:
             response = await self._http.request(
@@ -284,10 +287,10 @@ class WorkerCaller:
         ]
         outcomes = await DeferredList(calls, consumeErrors=True)
         replies: list[WorkerReply] = []
-        for url, (ok, value) in zip(worker_urls, outcomes, strict=True):
-            if ok:
-                replies.append(value)
-            else:  # only an unexpected bug lands here; keep one result per worker anyway
+        for url, (_, value) in zip(worker_urls, outcomes, strict=True):
+            if isinstance(value, Failure):  # only a bug lands here; keep one result per worker anyway
                 self.log.failure("call to {worker} failed unexpectedly", value, worker=url)
                 replies.append(WorkerReply(url, None, None, value.getErrorMessage()))
+            else:
+                replies.append(value)
         return replies

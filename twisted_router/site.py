@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
+from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
 
@@ -30,9 +32,16 @@ class BoundedRequest(Request):
         limit = self._limit()
         if limit and length is not None and length > limit:
             self._too_large = True
-            self.content = BytesIO()
+            self._discard_body()
             return
         super().gotLength(length)
+
+    def _discard_body(self) -> None:
+        old: IO[bytes] | None = self.content
+        if old is not None:
+            old.close()
+        empty: Any = BytesIO()
+        self.content = empty
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._too_large:
@@ -41,8 +50,7 @@ class BoundedRequest(Request):
         limit = self._limit()
         if limit and self._received > limit:  # chunked bodies announce no length
             self._too_large = True
-            self.content.close()
-            self.content = BytesIO()
+            self._discard_body()
             return
         super().handleContentChunk(data)
 
@@ -50,7 +58,7 @@ class BoundedRequest(Request):
         if not self._too_large:
             super().process()
             return
-        self.site = self.channel.site
+        self.site = getattr(self.channel, "site", None)
         self.setResponseCode(413)
         self.setHeader(b"content-type", b"application/json")
         self.setHeader(b"connection", b"close")
@@ -77,6 +85,6 @@ class RouterSite(Site):
         self.max_request_body = max_request_body
         self._access_log = access_log
 
-    def log(self, request: Request) -> None:
+    def log(self, request: HTTPRequest) -> None:
         if self._access_log:
             super().log(request)

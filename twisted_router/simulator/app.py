@@ -305,7 +305,7 @@ class SimulatedWorker:
     # ------------------------------------------------------------------
     # Errors
 
-    @app.handle_errors(Reply)
+    @app.handle_errors(Reply)  # type: ignore[arg-type]  # Klein types handlers with IRequest
     def _on_reply(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
         reply = failure.value
         assert isinstance(reply, Reply)
@@ -315,15 +315,15 @@ class SimulatedWorker:
             return self._send(request, [b"Internal Server Error"], PLAIN, reply.code)
         return self._json(request, reply.body, reply.code)
 
-    @app.handle_errors(NotFound)
+    @app.handle_errors(NotFound)  # type: ignore[arg-type]  # Klein types handlers with IRequest
     def _on_not_found(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
         return self._json(request, {"detail": "Not Found"}, 404)
 
-    @app.handle_errors(MethodNotAllowed)
+    @app.handle_errors(MethodNotAllowed)  # type: ignore[arg-type]  # Klein types handlers with IRequest
     def _on_bad_method(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
         return self._json(request, {"detail": "Method Not Allowed"}, 405)
 
-    @app.handle_errors(Exception)
+    @app.handle_errors(Exception)  # type: ignore[arg-type]  # Klein types handlers with IRequest
     def _on_crash(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
         self._log.failure("simulator bug answering {path}", failure=failure, path=request.path)
         return self._send(request, [b"Internal Server Error"], PLAIN, 500)
