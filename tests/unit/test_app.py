@@ -512,3 +512,73 @@ def test_image_calls_with_the_image_worker_asleep_are_503_not_sent_to_video_work
     h.pool.workers()[0].is_sleeping = True
     code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
     assert code == 503 and body["error"].startswith("all workers are sleeping")
+
+
+def test_image_edits_multipart_body_passes_through_untouched() -> None:
+    h, (w0,) = make(1)
+    boundary = b"XyZ"
+    body = (
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nmake it blue\r\n"
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+        b"Content-Type: image/png\r\n\r\n\x89PNG\r\n\x1a\n\x00\x01binary\r\n--XyZ--\r\n"
+    )
+    code, _, _ = h.call(
+        "POST",
+        "/v1/images/edits",
+        data=body,
+        headers={"content-type": b"multipart/form-data; boundary=" + boundary},
+    )
+    assert code == 200
+    seen = w0.seen[-1]
+    assert seen.uri == b"/v1/images/edits" and seen.body == body
+    assert seen.headers[b"Content-Type"] == [b"multipart/form-data; boundary=XyZ"]
+
+
+def test_legacy_generate_video_goes_to_v1_videos_on_a_video_worker() -> None:
+    h, (img, vid) = make(2, task_types=("T2I", "T2V"))
+    code, body, response = h.call("POST", "/generate_video", json={"prompt": "x"})
+    assert code == 200 and served_by(response) == "w1"
+    assert vid.seen[-1].uri == b"/v1/videos"
+    job = json.loads(body)["id"]
+    assert h.parts.router.videos.owner(job) == h.pool.workers()[1].url
+
+
+def test_head_on_video_content_reaches_the_owner() -> None:
+    h, (v0,) = make(1, task_types=("T2V",))
+    _, body = h.json("POST", "/v1/videos", json={"prompt": "x"})
+    code, content, _ = h.call("HEAD", f"/v1/videos/{body['id']}/content")
+    assert code == 200 and content == b""
+    assert v0.seen[-1].method == b"HEAD"
+
+
+def test_video_list_with_one_worker_is_passed_through_and_learned() -> None:
+    h, (v0,) = make(1, task_types=("T2V",))
+    v0.on(
+        b"GET",
+        b"/v1/videos",
+        lambda r: json_answer(r, 200, {"object": "list", "data": [{"id": "j1", "status": "queued"}]}),
+    )
+    code, body = h.json("GET", "/v1/videos?limit=5")
+    assert code == 200 and body["data"][0]["id"] == "j1"
+    assert v0.seen[-1].uri == b"/v1/videos?limit=5"
+    assert h.parts.router.videos.owner("j1") == h.pool.workers()[0].url
+
+
+def test_video_list_without_video_workers_is_400() -> None:
+    h, _ = make(1)
+    code, body = h.json("GET", "/v1/videos")
+    assert code == 400 and body["error"].startswith("No video-capable workers")
+
+
+def test_deleted_video_is_forgotten() -> None:
+    h, (v0,) = make(1, task_types=("T2V",))
+    _, body = h.json("POST", "/v1/videos", json={"prompt": "x"})
+    code, _, _ = h.call("DELETE", f"/v1/videos/{body['id']}")
+    assert code == 200 and body["id"] not in h.parts.router.videos
+
+
+def test_add_worker_with_bad_url_registers_nothing() -> None:
+    h, _ = make(0)
+    code, body = h.json("POST", "/add_worker?url=http://metadata.google.internal:80")
+    assert code == 400 and "blocked" in body["error"]
+    assert len(h.pool) == 0
