@@ -60,6 +60,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from twisted_router.endpoints import WorkerEndpoints
+
 __all__ = [
     "HOP_BY_HOP_HEADERS",
     "BytesProducer",
@@ -229,7 +231,9 @@ def make_agent(
     pool.maxPersistentPerHost = max_connections
     pool.cachedConnectionTimeout = cached_connection_timeout
     pool._factory = _QuietClientFactory  # one "Starting factory" log line per connection is noise
-    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    agent = Agent.usingEndpointFactory(
+        reactor, WorkerEndpoints(reactor, connect_timeout=connect_timeout), pool=pool
+    )
     return agent, pool
 
 

@@ -1215,7 +1215,9 @@ def test_make_agent_configures_a_persistent_pool() -> None:
     assert pool.maxPersistentPerHost == 64
     assert pool.cachedConnectionTimeout == 4  # below uvicorn's 5 s keep-alive
     assert agent._pool is pool
-    assert agent._endpointFactory._connectTimeout == 3.0
+    agent.request(b"GET", b"http://127.0.0.1:9000/x")
+    host, port, _, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 9000, 3.0)
 
 
 def test_constructor_validates() -> None:

@@ -67,3 +67,26 @@ def test_chunked_body_within_the_limit_passes() -> None:
     out, echo = exchange(raw)
     assert out.startswith(b"HTTP/1.1 200")
     assert echo.bodies == [b"hello"]
+
+
+def test_form_bodies_are_not_parsed_into_args() -> None:
+    """Bodies are for the worker: a multipart or urlencoded POST leaves request.args to the query."""
+    seen: list[dict[bytes, list[bytes]]] = []
+
+    class Args(Resource):
+        isLeaf = True
+
+        def render_POST(self, request: Request) -> bytes:
+            seen.append(dict(request.args))
+            return b"ok"
+
+    site = RouterSite(Args(), access_log=False, reactor=Clock(), max_request_body=1000)
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    body = b"a=1&b=2"
+    channel.dataReceived(
+        b"POST /x?q=1 HTTP/1.1\r\nHost: r\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    channel.connectionLost(None)
+    assert seen == [{b"q": [b"1"]}]
