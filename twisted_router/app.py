@@ -41,8 +41,9 @@ from twisted_router.proxy import (
 )
 from twisted_router.urls import WorkerURLError
 
-#: Answers up to this size are kept (while streaming) to learn image and job ids.
-IMAGE_CAPTURE_LIMIT = 1024 * 1024
+#: Answers up to this size are kept (while streaming) to learn job ids; of
+#: image answers (base64 images, megabytes) only the start is kept, where the id is.
+IMAGE_CAPTURE_LIMIT = 4096
 JOB_CAPTURE_LIMIT = 256 * 1024
 #: How long the router waits for a worker while looking up who owns a job.
 LOOKUP_TIMEOUT = 5.0
@@ -50,6 +51,8 @@ LOOKUP_TIMEOUT = 5.0
 MAX_ADMIN_BODY = 1024 * 1024
 
 _IMAGE_URL = re.compile(r"/v1/images/([^/?#]+)/content")
+#: The worker serialises its image answer with C{id} first: {"id": "<uuid>", "created": ..., "data": [...]}.
+_LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
 _WORKER_UPDATE_KEYS = frozenset({"is_dead", "refresh_video_support"})
 _URL_REQUIRED = "worker_url is required (use query ?url=... or JSON body)"
 
@@ -334,8 +337,14 @@ class Router:
         return None
 
     def _learn_images(self, out: Dispatched) -> None:
+        if not 200 <= out.result.status < 300:
+            return
         answer = _parse_json(out.result.captured)
-        if not isinstance(answer, dict) or not 200 <= out.result.status < 300:
+        if not isinstance(answer, dict):
+            # Too large to keep (a base64 image): read the id at its start, not the megabytes after.
+            match = _LEADING_ID.match(out.result.head)
+            if match:
+                self.images.remember(match.group(1).decode(), out.worker.url, finished=True)
             return
         ids: set[str] = set()
         if isinstance(answer.get("id"), str):

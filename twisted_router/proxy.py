@@ -191,11 +191,14 @@ class ForwardResult:
     @ivar body_bytes: Number of body bytes relayed to the client.
     @ivar captured: The complete body if C{capture_limit > 0} and the body was
         at most C{capture_limit} bytes, else L{None}.
+    @ivar head: The first C{capture_limit} bytes of the body (all of it when
+        shorter), for reading an id at the start of a large answer.
     """
 
     status: int
     body_bytes: int
     captured: bytes | None
+    head: bytes = b""
 
 
 def make_agent(
@@ -651,7 +654,8 @@ class _Relay(TwistedProtocol):
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._capture_limit = capture_limit
-        self._captured: list[bytes] | None = [] if capture_limit > 0 else None
+        self._head: list[bytes] = []
+        self._head_bytes = 0
         self._write_body = write_body
         self._worker = worker
         self._idle_call: _DelayedCall | None = None
@@ -664,7 +668,14 @@ class _Relay(TwistedProtocol):
     @property
     def captured(self) -> bytes | None:
         """The whole body if capturing was on and it fit, else None."""
-        return b"".join(self._captured) if self._captured is not None else None
+        if self._capture_limit <= 0 or self.body_bytes > self._capture_limit:
+            return None
+        return self.head
+
+    @property
+    def head(self) -> bytes:
+        """The first C{capture_limit} bytes of the body."""
+        return b"".join(self._head)
 
     # IProtocol
 
@@ -684,11 +695,11 @@ class _Relay(TwistedProtocol):
             return
         self._arm_idle()
         self.body_bytes += len(data)
-        if self._captured is not None:
-            if self.body_bytes <= self._capture_limit:
-                self._captured.append(data)
-            else:
-                self._captured = None
+        room = self._capture_limit - self._head_bytes
+        if room > 0:
+            kept = data[:room]
+            self._head.append(kept)
+            self._head_bytes += len(kept)
         if self._write_body:
             self._request.write(data)
 
@@ -1094,5 +1105,5 @@ class StreamingProxy:
             )
             raise UpstreamBodyFailed(reason) from exc
         return ForwardResult(
-            status=response.code, body_bytes=relay.body_bytes, captured=relay.captured
+            status=response.code, body_bytes=relay.body_bytes, captured=relay.captured, head=relay.head
         )

@@ -582,3 +582,14 @@ def test_add_worker_with_bad_url_registers_nothing() -> None:
     code, body = h.json("POST", "/add_worker?url=http://metadata.google.internal:80")
     assert code == 400 and "blocked" in body["error"]
     assert len(h.pool) == 0
+
+
+def test_image_id_of_a_large_b64_answer_is_learned_from_its_start() -> None:
+    h, (w0, w1) = make(2, routing_algorithm="round-robin")
+    big = {"id": "big-1", "created": 1, "data": [{"b64_json": "A" * 200_000, "url": None}]}
+    for w in (w0, w1):
+        w.on(b"POST", b"/v1/images/generations", lambda r: json_answer(r, 200, big))
+    code, body, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 200 and len(body) > 200_000
+    owner = served_by(response)
+    assert h.parts.router.images.owner("big-1") == ("http://w0:8000" if owner == "w0" else "http://w1:8001")

@@ -413,16 +413,16 @@ def test_extra_response_headers_mapping_and_callable(logged: list[dict[str, Any]
 
 
 @pytest.mark.parametrize(
-    ("limit", "body", "expected"),
+    ("limit", "body", "expected", "head"),
     [
-        (100, b'{"id": "video_1"}', b'{"id": "video_1"}'),
-        (10, b"0123456789", b"0123456789"),  # exactly at the limit
-        (10, b"0123456789A", None),  # one over
-        (0, b"short", None),  # capture off
+        (100, b'{"id": "video_1"}', b'{"id": "video_1"}', b'{"id": "video_1"}'),
+        (10, b"0123456789", b"0123456789", b"0123456789"),  # exactly at the limit
+        (10, b"0123456789A", None, b"0123456789"),  # one over: only the head is kept
+        (0, b"short", None, b""),  # capture off
     ],
 )
 def test_capture(
-    logged: list[dict[str, Any]], limit: int, body: bytes, expected: bytes | None
+    logged: list[dict[str, Any]], limit: int, body: bytes, expected: bytes | None, head: bytes
 ) -> None:
     hx = Harness(capture_limit=limit)
     d = hx.get()
@@ -435,7 +435,7 @@ def test_capture(
     chunks, done = hx.collect(success_result_of(d))
     success_result_of(done)
     assert b"".join(chunks) == body  # relayed in full either way
-    assert hx.outcomes == [ForwardResult(200, len(body), expected)]
+    assert hx.outcomes == [ForwardResult(200, len(body), expected, head)]
     hx.assert_clean()
 
 
