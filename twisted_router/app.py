@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +36,7 @@ from twisted_router.proxy import (
     ForwardResult,
     StreamingProxy,
     UpstreamBodyFailed,
+    WorkerNotReady,
     WorkerTimedOut,
     WorkerUnreachable,
 )
@@ -55,6 +56,18 @@ _IMAGE_URL = re.compile(r"/v1/images/([^/?#]+)/content")
 _LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
 _WORKER_UPDATE_KEYS = frozenset({"is_dead", "refresh_video_support"})
 _URL_REQUIRED = "worker_url is required (use query ?url=... or JSON body)"
+#: Worker endpoints that change weights or memory. The router's own control
+#: routes (exact paths) broadcast the first three; any other spelling reaching
+#: the catch-all, and the calls it has no broadcast for, are refused.
+_FLEET_WIDE_PATHS: dict[bytes, str | None] = {
+    b"/update_weights_from_disk": "/update_weights_from_disk",
+    b"/release_memory_occupation": "/release_memory_occupation",
+    b"/resume_memory_occupation": "/resume_memory_occupation",
+    b"/update_weights_from_tensor": None,
+    b"/v1/set_lora": None,
+    b"/v1/merge_lora_weights": None,
+    b"/v1/unmerge_lora_weights": None,
+}
 
 CapabilityRefresher = Callable[[Worker], Awaitable[bool]]
 
@@ -108,6 +121,8 @@ def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | No
         return None
     try:
         value = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("Invalid JSON body: nested too deeply") from None
     except ValueError as exc:
         raise BadRequest(f"Invalid JSON body: {exc}") from None
     if not isinstance(value, dict):
@@ -126,11 +141,12 @@ def query_arg(request: Request, *names: str) -> str | None:
 
 
 def _parse_json(raw: bytes | None) -> Any:
+    """A worker answer as JSON, or None for anything unparsable (never raises: the answer is already sent)."""
     if raw is None:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -175,7 +191,8 @@ class Router:
         worker, created = self._pool.add(url)
         if worker.is_dead:
             self._pool.readmit(worker)
-        self._control.admit(worker)  # a (re)started process holds start-up weights
+        self._pool.set_sleeping(worker, False)  # a fresh process is awake and holds its GPU memory
+        self._control.admit(worker)  # ... and its start-up weights
         self.log.info(
             "managed worker {worker} {what}", worker=worker.display_id, what="registered" if created else "re-admitted"
         )
@@ -263,7 +280,20 @@ class Router:
                     )
                 return self._unavailable(request, video=video, image_only=image_only)
             worker = chooser.choose(candidates)
-            version = worker.weight_version
+            sent_version: list[str | None] = [worker.weight_version]
+
+            def ready(worker: Worker = worker, sent_version: list[str | None] = sent_version) -> bool:
+                # The request may have queued for a connection slot while a
+                # refit or sleep started on this worker: re-check at send time.
+                if worker not in self._pool or not worker.routable:
+                    return False
+                sent_version[0] = worker.weight_version
+                return True
+
+            def version_header(_: object, sent_version: list[str | None] = sent_version) -> dict[bytes, bytes]:
+                version = sent_version[0]
+                return {b"x-weight-version": version.encode()} if version else {}
+
             with self._pool.lease(worker):
                 try:
                     result = await self._proxy.forward(
@@ -271,8 +301,11 @@ class Router:
                         worker.url,
                         path=path,
                         capture_limit=capture,
-                        extra_response_headers={b"x-weight-version": version.encode()} if version else None,
+                        extra_response_headers=version_header,
+                        ready=ready,
                     )
+                except WorkerNotReady:
+                    continue  # pick again (or wait) with the pool as it is now
                 except WorkerUnreachable as exc:
                     tried.add(worker.url)
                     last_failure = f"{worker.display_id}: {exc}"
@@ -349,7 +382,8 @@ class Router:
         ids: set[str] = set()
         if isinstance(answer.get("id"), str):
             ids.add(answer["id"])
-        for item in answer.get("data") or []:
+        data = answer.get("data")
+        for item in data if isinstance(data, list) else []:
             if isinstance(item, dict) and isinstance(item.get("url"), str):
                 m = _IMAGE_URL.search(item["url"])
                 if m:
@@ -399,7 +433,9 @@ class Router:
         for key in ("id", "video_id", "job_id"):
             job_id = job.get(key)
             if isinstance(job_id, str) and job_id:
-                self.videos.remember(job_id, worker.url, finished=job.get("status") in FINISHED_STATES)
+                status = job.get("status")
+                finished = isinstance(status, str) and status in FINISHED_STATES
+                self.videos.remember(job_id, worker.url, finished=finished)
                 return
 
     def _registered(self, worker_url: str | None) -> Worker | None:
@@ -462,6 +498,8 @@ class Router:
         applies C{order}, C{after} and C{limit} to the merged list itself.
         """
         order = query_arg(request, "order") or "desc"
+        if order not in ("asc", "desc"):
+            return json_error(request, 400, f"order must be 'asc' or 'desc', got {order!r}")
         after = query_arg(request, "after")
         limit_text = query_arg(request, "limit")
         try:
@@ -490,7 +528,7 @@ class Router:
         if failures and not jobs and len(failures) == len(workers):
             return json_error(request, 502, "Worker request failed: " + "; ".join(
                 f"{r.worker_url}: {r.error or r.status_code}" for r in failures))
-        jobs.sort(key=lambda j: j.get("created_at") or 0, reverse=(order != "asc"))
+        jobs.sort(key=_created_at, reverse=(order != "asc"))
         if after is not None:
             ids = [j.get("id") for j in jobs]
             jobs = jobs[ids.index(after) + 1 :] if after in ids else []
@@ -656,8 +694,7 @@ class Router:
 
     @app.route("/workers/<path:worker_key>", methods=["DELETE"])
     def delete_worker(self, request: Request, worker_key: str) -> bytes:
-        worker = self._pool.remove(worker_key)
-        self.log.info("worker {worker} deregistered", worker=worker.display_id)
+        worker = self._deregister(worker_key)
         return json_body(request, 200, {"status": "success", "worker_id": worker.worker_id})
 
     @app.route("/add_worker", methods=["POST"])
@@ -671,34 +708,63 @@ class Router:
 
     @app.route("/remove_worker", methods=["POST"])
     def legacy_remove_worker(self, request: Request) -> bytes:
-        worker = self._pool.remove(self._url_from_request(request))
-        self.log.info("worker {worker} deregistered", worker=worker.display_id)
+        self._deregister(self._url_from_request(request))
         return json_body(request, 200, {"status": "success", "worker_urls": self._urls()})
+
+    def _deregister(self, key: str) -> Worker:
+        worker = self._pool.remove(key)
+        self.log.info("worker {worker} deregistered", worker=worker.display_id)
+        self._control.changed.notify()  # requests waiting for it must not wait any longer
+        return worker
 
     def _urls(self) -> list[str]:
         return [w.url for w in self._pool.workers()]
 
     # ------------------------------------------------------------------ control plane
 
-    def _control_answer(self, request: Request, outcome: BroadcastOutcome) -> bytes:
+    async def _control_call(
+        self, request: Request, operation: Coroutine[Any, Any, BroadcastOutcome]
+    ) -> bytes:
+        """
+        Run a control operation to its end even if the controller hangs up.
+
+        Cancelling a refit half-way would leave the fleet's weights unknown
+        (and every worker's reply a failure), so a client that goes away only
+        stops waiting for the answer; the operation completes and is logged.
+        """
+        outcome = await _shielded(Deferred.fromCoroutine(operation))
         return json_body(request, outcome.status, outcome.body)
 
     @app.route("/update_weights_from_disk", methods=["POST"])
     async def update_weights(self, request: Request) -> bytes:
-        return self._control_answer(request, await self._control.update_weights(request_body(request)))
+        return await self._control_call(request, self._control.update_weights(request_body(request)))
 
     @app.route("/release_memory_occupation", methods=["POST"])
     async def release_memory(self, request: Request) -> bytes:
-        return self._control_answer(request, await self._control.release_memory(request_body(request) or b"{}"))
+        return await self._control_call(request, self._control.release_memory(request_body(request) or b"{}"))
 
     @app.route("/resume_memory_occupation", methods=["POST"])
     async def resume_memory(self, request: Request) -> bytes:
-        return self._control_answer(request, await self._control.resume_memory(request_body(request) or b"{}"))
+        return await self._control_call(request, self._control.resume_memory(request_body(request) or b"{}"))
 
     # ------------------------------------------------------------------ catch-all
 
     @app.route("/", branch=True)
     async def catch_all(self, request: Request) -> bytes | None:
+        path = request.path.rstrip(b"/")
+        if path in _FLEET_WIDE_PATHS:
+            # Sent to one worker, these would silently split the fleet's
+            # weights or memory state: refuse rather than route.
+            shown = request.path.decode("utf-8", "replace")
+            broadcast = _FLEET_WIDE_PATHS[path]
+            if broadcast is not None:
+                message = f"{shown} would reach one worker only; use POST {broadcast} (sent to the whole fleet)"
+            else:
+                message = (
+                    f"{shown} changes one worker's weights; the router does not broadcast it, "
+                    "and sending it to one worker would split the fleet's weights"
+                )
+            return json_error(request, 400, message)
         out = await self._dispatch(request, policy=self._least_loaded)
         return out if isinstance(out, bytes) else None
 
@@ -716,9 +782,39 @@ class Router:
     def unexpected(self, request: IRequest, failure: Failure) -> bytes | Failure:
         if failure.check(CancelledError):
             return failure  # the client went away; Klein finishes nothing and logs nothing
+        if request.startedWriting:  # type: ignore[attr-defined]
+            # Part of an answer is out: a JSON error appended to it would corrupt
+            # the stream (and the next response on a kept-alive connection).
+            self.log.failure("error after the answer started: {uri}", failure, uri=request.uri)
+            transport = getattr(request, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return b""
         self.log.failure("unexpected error handling {method} {uri}", failure,
                          method=request.method, uri=request.uri)
         return json_error(request, 500, f"internal router error: {failure.getErrorMessage()}")
+
+
+def _created_at(job: dict[str, Any]) -> float:
+    """A job's creation time for sorting; anything but a number sorts as 0."""
+    value = job.get("created_at")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _shielded(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred with C{d}'s result whose cancellation leaves C{d} running."""
+    out: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> None:
+        if out.called:
+            return  # the waiter was cancelled; the result is not wanted
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+
+    d.addBoth(relay)
+    return out
 
 
 def _with_query(request: Request, path: bytes) -> bytes:

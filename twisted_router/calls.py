@@ -287,6 +287,9 @@ class WorkerCaller:
         ]
         outcomes = await DeferredList(calls, consumeErrors=True)
         replies: list[WorkerReply] = []
+        if any(isinstance(value, Failure) and value.check(CancelledError) for _, value in outcomes):
+            # Our caller cancelled: per-worker "failures" made up from that would be lies.
+            raise CancelledError()
         for url, (_, value) in zip(worker_urls, outcomes, strict=True):
             if isinstance(value, Failure):  # only a bug lands here; keep one result per worker anyway
                 self.log.failure("call to {worker} failed unexpectedly", value, worker=url)

@@ -125,7 +125,8 @@ class FleetController:
         self.version = INITIAL_VERSION
         self.model_path: str | None = None
         self._update_body: bytes | None = None
-        self._updates_applied = 0
+        #: Successful refits so far; a worker is current when its weights_seq equals it.
+        self._seq = 0
         self._sync_pending = False
         self._sync_runs: set[Deferred[None]] = set()
 
@@ -175,7 +176,7 @@ class FleetController:
         )
 
     def _quarantine(self, worker: Worker, reason: str) -> None:
-        worker.weight_version = None  # it may hold anything now
+        worker.weights_seq, worker.weight_version = None, None  # it may hold anything now
         if self._pool.quarantine(worker, reason):
             self.log.warn("worker {worker} quarantined: {reason}", worker=worker.display_id, reason=reason)
 
@@ -185,6 +186,36 @@ class FleetController:
     def status(self) -> dict[str, Any]:
         """The fleet's weights, for C{/health}."""
         return {"weight_version": self.version, "model_path": self.model_path}
+
+    # ------------------------------------------------------------------ weights bookkeeping
+
+    def _is_current(self, worker: Worker) -> bool:
+        """Holds the fleet's weights (compared by the router's own refit count, not by label)."""
+        return worker.weights_seq == self._seq
+
+    def _make_current(self, worker: Worker) -> None:
+        worker.weights_seq = self._seq
+        worker.weight_version, worker.model_path = self.version, self.model_path
+
+    def _catch_up_stragglers(self) -> list[Worker]:
+        """
+        Mark every routable worker not on the fleet's weights as syncing, and
+        schedule its catch-up.
+
+        Run after every broadcast: a worker can fall behind in more ways than
+        one operation sees (it joined while a refit ran, it refused a sleep
+        while its catch-up was queued, it woke after a refit), and this one
+        rule catches them all before they get traffic.
+        """
+        behind = [w for w in self._pool.workers() if w.routable and not self._is_current(w)]
+        for worker in behind:
+            worker.activity = SYNCING
+        if behind:
+            self._schedule_sync()
+        return behind
+
+    def _admissions(self, workers: list[Worker]) -> list[int]:
+        return [w.admissions for w in workers]
 
     # ------------------------------------------------------------------ refit
 
@@ -197,46 +228,43 @@ class FleetController:
         """
         try:
             parsed = json.loads(body or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             return BroadcastOutcome(400, {"error": f"Invalid JSON body: {exc}"})
         if not isinstance(parsed, dict):
             return BroadcastOutcome(400, {"error": "Invalid JSON body: expected a JSON object"})
+        label = parsed.get("weight_version")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            return BroadcastOutcome(400, {"error": "weight_version must be a string or an integer"})
         return await self._locked(lambda: self._update(body, parsed))  # type: ignore[no-any-return]
 
     async def _update(self, body: bytes, parsed: dict[str, Any]) -> BroadcastOutcome:
         targets = [w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping]
         if not targets:
             return self._no_target("a weight update")
-        version = weight_version_of(parsed, self._updates_applied + 1)
+        version = weight_version_of(parsed, self._seq + 1)
         model_path = parsed.get("model_path") if isinstance(parsed.get("model_path"), str) else None
+        admissions = self._admissions(targets)
         replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body)
-        applied = 0
-        for worker, reply in zip(targets, replies, strict=True):
+        applied = []
+        for worker, admitted, reply in zip(targets, admissions, replies, strict=True):
+            if worker.admissions != admitted:
+                continue  # restarted or re-admitted meanwhile: its own catch-up decides
             if reply.success:
-                worker.weight_version, worker.model_path = version, model_path
-                applied += 1
+                applied.append(worker)
             else:
                 self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}")
         if applied:
-            self._updates_applied += 1
+            self._seq += 1
             self.version, self.model_path, self._update_body = version, model_path, body
+            for worker in applied:
+                self._make_current(worker)
             self.log.info(
                 "fleet weights now version {version} ({applied}/{total} workers updated)",
                 version=version,
-                applied=applied,
+                applied=len(applied),
                 total=len(targets),
             )
-            # Workers that joined while this refit ran were admitted against the
-            # old version and are not among the targets: catch them up too.
-            joined = [
-                w
-                for w in self._pool.workers()
-                if w not in targets and w.routable and w.weight_version != version
-            ]
-            for worker in joined:
-                worker.activity = SYNCING
-            if joined:
-                self._schedule_sync()
+        self._catch_up_stragglers()
         self.changed.notify()
         report = self._report(replies, weight_version=self.version)
         return BroadcastOutcome(200 if report["success"] else 502, report)
@@ -265,21 +293,19 @@ class FleetController:
                     200, {"success": True, "message": f"all workers are already {already}", "results": []}
                 )
             return self._no_target(path.lstrip("/"))
+        admissions = self._admissions(targets)
         replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body)
-        behind = []
-        for worker, reply in zip(targets, replies, strict=True):
+        for worker, admitted, reply in zip(targets, admissions, replies, strict=True):
+            if worker.admissions != admitted:
+                continue  # restarted or re-admitted meanwhile: a fresh process, awake
             if reply.success:
                 self._pool.set_sleeping(worker, sleep)
-                if not sleep and worker.weight_version != self.version:
-                    worker.activity = SYNCING
-                    behind.append(worker.url)
             elif reply.status_code is None:
                 # No answer: the worker may be asleep, awake or half-way; nobody can tell.
                 self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}")
-        if behind:
-            self._schedule_sync()
+        behind = self._catch_up_stragglers()
         self.changed.notify()
-        extra = {} if sleep else {"catching_up": behind}
+        extra = {} if sleep else {"catching_up": [w.url for w in behind]}
         return BroadcastOutcome(200, self._report(replies, **extra))
 
     # ------------------------------------------------------------------ catch-up
@@ -290,9 +316,12 @@ class FleetController:
         unknown. With no refit yet it holds the fleet's start-up weights;
         otherwise it is caught up before it gets any traffic.
         """
-        worker.weight_version = None
+        worker.admissions += 1
+        worker.weights_seq, worker.weight_version = None, None
         if self._update_body is None:
-            worker.weight_version = self.version
+            # Start-up weights. A first refit running right now does not target
+            # it; it is caught up when that refit ends (_catch_up_stragglers).
+            self._make_current(worker)
             self.changed.notify()
             return
         if worker.is_dead or worker.is_sleeping:
@@ -317,18 +346,19 @@ class FleetController:
 
     async def _sync_pass(self) -> None:
         self._sync_pending = False
-        behind = [w for w in self._pool.workers() if w.activity == SYNCING and w in self._pool]
+        behind = [w for w in self._pool.workers() if w.activity == SYNCING]
         if not behind:
             return
-        body, version, model_path = self._update_body, self.version, self.model_path
-        if body is None:  # nothing to catch up to
+        body, version = self._update_body, self.version
+        if body is None:  # nothing to catch up to: they hold the start-up weights
             for worker in behind:
-                worker.weight_version = version
+                self._make_current(worker)
             self._set_activity(behind, None)
             return
         self.log.info(
             "catching up {count} worker(s) to weight version {version}", count=len(behind), version=version
         )
+        admissions = self._admissions(behind)
         try:
             replies = await self._broadcast(behind, "/update_weights_from_disk", body)
         except BaseException:
@@ -336,12 +366,14 @@ class FleetController:
             for worker in behind:
                 self._quarantine(worker, "catch-up interrupted")
             raise
-        for worker, reply in zip(behind, replies, strict=True):
+        for worker, admitted, reply in zip(behind, admissions, replies, strict=True):
+            if worker.admissions != admitted or worker.activity != SYNCING:
+                continue  # re-admitted, removed or changed meanwhile: it has its own catch-up
             worker.activity = None
             if worker.is_dead or worker.is_sleeping:
                 continue
             if reply.success:
-                worker.weight_version, worker.model_path = version, model_path
+                self._make_current(worker)
                 self.log.info(
                     "worker {worker} caught up to weight version {version}",
                     worker=worker.display_id,
@@ -349,6 +381,7 @@ class FleetController:
                 )
             else:
                 self._quarantine(worker, f"catch-up to weight version {version} failed: {_reason(reply)}")
+        self._catch_up_stragglers()
         self.changed.notify()
 
     def stop(self) -> None:

@@ -69,6 +69,10 @@ class Worker:
         hold; C{None} when unknown (just registered, re-admitted or restarted:
         it may hold anything until it has been caught up).
     @ivar model_path: the C{model_path} of the last weight update it applied.
+    @ivar weights_seq: which of the router's refits it holds (0: start-up
+        weights), compared instead of the caller-chosen label, which may repeat.
+    @ivar admissions: times it has (re)joined; a broadcast result that
+        arrives after the worker rejoined concerns the previous process.
     @ivar activity: a control operation in progress on it ("updating
         weights", "syncing weights", "releasing memory", "resuming memory");
         a worker with an activity gets no new requests, which wait for it.
@@ -90,6 +94,8 @@ class Worker:
     weight_version: str | None = None
     model_path: str | None = None
     activity: str | None = None
+    weights_seq: int | None = None
+    admissions: int = 0
     total_requests: int = 0
     failed_requests: int = 0
     registered_at: float = field(default_factory=time.time)

@@ -68,6 +68,7 @@ __all__ = [
     "ForwardResult",
     "StreamingProxy",
     "UpstreamBodyFailed",
+    "WorkerNotReady",
     "WorkerTimedOut",
     "WorkerUnreachable",
     "make_agent",
@@ -170,6 +171,14 @@ class WorkerTimedOut(Exception):
     No response headers arrived within the timeout (the wait for a free
     per-worker slot counts). The upstream request was cancelled and nothing was
     written to the client, so the caller can still answer 504.
+    """
+
+
+class WorkerNotReady(Exception):
+    """
+    While the request waited for a connection slot, the worker stopped being
+    a valid target (a refit or sleep started, it was quarantined or removed);
+    nothing was sent. The caller picks another worker or waits.
     """
 
 
@@ -659,6 +668,7 @@ class _Relay(TwistedProtocol):
         self._write_body = write_body
         self._worker = worker
         self._idle_call: _DelayedCall | None = None
+        self._stall_call: _DelayedCall | None = None
         self._registered = False
         self._ended = False
         self.paused = False
@@ -723,12 +733,37 @@ class _Relay(TwistedProtocol):
         self._disarm_idle()
         if self.upstream is not None:
             self.upstream.pauseProducing()
+        if not self._ended:
+            self._stall_call = self._reactor.callLater(self._idle_timeout, self._client_stalled)
 
     def _resume(self) -> None:
         self.paused = False
+        self._disarm_stall()
         if self.upstream is not None:
             self.upstream.resumeProducing()
         self._arm_idle()
+
+    def _client_stalled(self) -> None:
+        """
+        The client read nothing for the whole idle timeout: it holds a worker
+        slot and an in-flight count for nothing. Drop it; the disconnect path
+        then stops the upstream and releases everything.
+        """
+        self._stall_call = None
+        if self._ended:
+            return
+        self._log.warn(
+            "client of {worker} read nothing for {timeout}s; dropping it",
+            worker=self._worker,
+            timeout=self._idle_timeout,
+        )
+        _abort_client(cast(Request, self._request))
+
+    def _disarm_stall(self) -> None:
+        if self._stall_call is not None:
+            if self._stall_call.active():
+                self._stall_call.cancel()
+            self._stall_call = None
 
     # Ways out
 
@@ -766,6 +801,7 @@ class _Relay(TwistedProtocol):
     def _end(self, outcome: Failure | None) -> None:
         self._ended = True
         self._disarm_idle()
+        self._disarm_stall()
         if self._registered:
             self._registered = False
             if self._request.channel is not None:
@@ -777,8 +813,9 @@ class _Relay(TwistedProtocol):
         else:
             self.done.errback(outcome)
 
-    # Idle timer: runs only while we wait for the worker, never while the
-    # client is the bottleneck (paused), so slow clients are not punished.
+    # Idle timer: runs only while we wait for the worker. While the client is
+    # the bottleneck (paused) a separate stall timer runs instead: a slow
+    # client is fine, one that reads nothing for the whole timeout is dropped.
 
     def _arm_idle(self) -> None:
         if self._ended or self.paused:
@@ -915,6 +952,7 @@ class StreamingProxy:
         ) = None,
         capture_limit: int = 0,
         timeout: float | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> ForwardResult:
         """
         Forward C{request} to C{worker_url} and relay the answer.
@@ -934,10 +972,14 @@ class StreamingProxy:
         @param timeout: Seconds to wait for response headers (including the
             wait for a per-worker slot), and the longest gap between body
             chunks; defaults to the proxy's timeout.
+        @param ready: Asked once a connection slot is held, just before the
+            request is sent: the worker's state may have changed while the
+            request queued for a slot. C{False} raises L{WorkerNotReady}.
 
         @raise WorkerUnreachable: The worker could not be reached or dropped
             the connection before answering; nothing was written.
         @raise WorkerTimedOut: No response headers in time; nothing written.
+        @raise WorkerNotReady: C{ready()} said no; nothing was sent or written.
         @raise UpstreamBodyFailed: The worker failed mid-body; the client
             connection was aborted.
         @raise CancelledError: The client disconnected, or the caller
@@ -961,6 +1003,8 @@ class StreamingProxy:
             try:
                 await exchange.wait(sem.acquire())
                 acquired = True
+                if ready is not None and not ready():
+                    raise WorkerNotReady(f"{worker_url} stopped being routable while the request queued")
                 headers = _upstream_headers(request)
                 producer = _body_producer(self._reactor, method, body_file)
                 response: _Response = await exchange.wait(

@@ -164,6 +164,8 @@ def make_router_service(
         access_log=config.verbose,
         reactor=reactor,  # type: ignore[arg-type]
         max_request_body=config.max_request_body,
+        # Idle kept-alive client connections are closed after this long.
+        idle_timeout=max(60.0, 3 * config.timeout),
     )
     listener = ListenerService(
         serverFromString(reactor, config.endpoint_description),

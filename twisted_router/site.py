@@ -32,6 +32,8 @@ class BoundedRequest(Request):
         limit = self._limit()
         if limit and length is not None and length > limit:
             self._too_large = True
+            # No "100 Continue" for a body we will refuse: the client may then skip the upload.
+            self.requestHeaders.removeHeader(b"expect")
             self._discard_body()
             return
         super().gotLength(length)
@@ -65,8 +67,11 @@ class BoundedRequest(Request):
         message = f"request body larger than {self._limit()} bytes (--max-request-body)"
         body = json.dumps({"error": message}).encode()
         self.setHeader(b"content-length", str(len(body)).encode())
+        channel = self.channel
         self.write(body)
         self.finish()
+        if channel is not None:  # the rest of the refused body may still be on its way
+            channel.loseConnection()
 
 
 class RouterSite(Site):
@@ -78,7 +83,13 @@ class RouterSite(Site):
     requestFactory = BoundedRequest
 
     def __init__(
-        self, resource: object, *, access_log: bool, reactor: IReactorTime, max_request_body: int
+        self,
+        resource: object,
+        *,
+        access_log: bool,
+        reactor: IReactorTime,
+        max_request_body: int,
+        idle_timeout: float | None = None,
     ) -> None:
         # parsePOSTFormSubmission=False: the router never reads form fields, bodies
         # go to workers untouched. Otherwise Twisted parses the Content-Type of
@@ -86,6 +97,11 @@ class RouterSite(Site):
         # request-path samples) and decodes whole multipart uploads into args.
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.noisy = False
+        if idle_timeout is not None:
+            # How long an idle kept-alive client connection stays open between
+            # requests (Twisted's default is 12 hours of held sockets). During a
+            # request Twisted suspends it; the proxy bounds stalls there.
+            self.timeOut = idle_timeout
         self.max_request_body = max_request_body
         self._access_log = access_log
 

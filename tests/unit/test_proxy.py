@@ -1048,13 +1048,12 @@ def test_relay_registers_upstream_as_push_producer_and_propagates_pause() -> Non
 
     producer.pauseProducing()
     assert upstream.producerState == "paused"
-    assert clock.getDelayedCalls() == []  # a slow client is not an idle worker
-    clock.advance(100)
+    clock.advance(4.9)  # a slow client is not an idle worker
     assert not relay.done.called
 
     producer.resumeProducing()
     assert upstream.producerState == "producing"
-    assert len(clock.getDelayedCalls()) == 1  # idle timer back on
+    assert len(clock.getDelayedCalls()) == 1  # idle timer back on, stall timer off
 
     relay.dataReceived(b"data")
     assert request.written == [b"data"]
@@ -1062,6 +1061,32 @@ def test_relay_registers_upstream_as_push_producer_and_propagates_pause() -> Non
     success_result_of(relay.done)
     assert request.unregistered == 1
     assert clock.getDelayedCalls() == []
+
+
+class AbortRecorder:
+    aborted = 0
+
+    def abortConnection(self) -> None:
+        self.aborted += 1
+
+
+def test_client_that_reads_nothing_for_the_timeout_is_dropped(logged: list[dict[str, Any]]) -> None:
+    clock = Clock()
+    request = FakeDownstreamRequest()
+    request.transport = AbortRecorder()  # type: ignore[attr-defined]
+    relay = _Relay(request, clock, idle_timeout=5)
+    upstream = StringTransport()
+    relay.makeConnection(upstream)
+    request.producer.pauseProducing()
+    clock.advance(5)
+    assert request.transport.aborted == 1  # type: ignore[attr-defined]
+    # The disconnect then arrives as usual and ends the relay.
+    request.channel = None
+    request.producer.stopProducing()
+    failure_result_of(relay.done, CancelledError)
+    assert upstream.producerState == "stopped"
+    assert clock.getDelayedCalls() == []
+    logged.clear()  # the warning is expected
 
 
 def test_relay_stop_producing_from_channel_stops_upstream() -> None:
