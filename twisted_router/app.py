@@ -31,7 +31,7 @@ from twisted_router.control import BroadcastOutcome, FleetController
 from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from twisted_router.metrics import RouterMetrics
 from twisted_router.policies import LeastRequest, RoutingPolicy
-from twisted_router.pool import UnknownWorker, Worker, WorkerPool
+from twisted_router.pool import STARTING, UnknownWorker, Worker, WorkerPool
 from twisted_router.proxy import (
     ForwardResult,
     StreamingProxy,
@@ -191,6 +191,8 @@ class Router:
         worker, created = self._pool.add(url)
         if worker.is_dead:
             self._pool.readmit(worker)
+        if worker.activity == STARTING:
+            worker.activity = None  # the launcher saw it answer
         self._pool.set_sleeping(worker, False)  # a fresh process is awake and holds its GPU memory
         self._control.admit(worker)  # ... and its start-up weights
         self.log.info(
@@ -633,8 +635,23 @@ class Router:
         worker, created = self._pool.add(url)
         if created:
             self.log.info("worker {worker} registered", worker=worker.display_id)
-            self._control.admit(worker)
+            worker.activity = STARTING  # no traffic before it has answered once
         return worker, created
+
+    async def bring_up(self, worker: Worker) -> bool:
+        """
+        Bring a registered worker into rotation once it answers: learn its
+        capabilities, then admit it (caught up to the fleet's weights first
+        when needed). A worker still loading stays C{starting}; the health
+        checker calls this again when it first answers.
+        """
+        if not await self._refresh(worker):
+            return False
+        if worker.activity == STARTING and worker in self._pool:
+            worker.activity = None
+            self._control.admit(worker)
+            self.log.info("worker {worker} is up", worker=worker.display_id)
+        return True
 
     async def _register(self, request: Request) -> Worker:
         url = self._url_from_request(request)
@@ -643,7 +660,7 @@ class Router:
         except WorkerURLError as exc:
             raise BadRequest(str(exc)) from None
         if created:
-            await self._refresh(worker)
+            await self.bring_up(worker)
         return worker
 
     def _lookup(self, worker_key: str) -> Worker:

@@ -232,6 +232,11 @@ class FleetController:
             return BroadcastOutcome(400, {"error": f"Invalid JSON body: {exc}"})
         if not isinstance(parsed, dict):
             return BroadcastOutcome(400, {"error": "Invalid JSON body: expected a JSON object"})
+        model_path = parsed.get("model_path")
+        if not isinstance(model_path, str) or not model_path.strip():
+            # Every worker refuses this before touching its weights; say so
+            # here instead of broadcasting a refit that cannot succeed.
+            return BroadcastOutcome(400, {"error": "model_path is required (a non-empty string)"})
         label = parsed.get("weight_version")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
             return BroadcastOutcome(400, {"error": "weight_version must be a string or an integer"})
@@ -245,14 +250,27 @@ class FleetController:
         model_path = parsed.get("model_path") if isinstance(parsed.get("model_path"), str) else None
         admissions = self._admissions(targets)
         replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body)
-        applied = []
+        applied = [w for w, r in zip(targets, replies, strict=True) if r.success]
+        if not applied and all(_rejected(r) for r in replies):
+            # Every worker refused the update with a 4xx: the worker contract
+            # is all-or-nothing with rollback, so the fleet is exactly where it
+            # was. Nobody is quarantined for a bad request.
+            self.log.warn(
+                "every worker rejected the weight update to {version}; the fleet stays at {current}",
+                version=version,
+                current=self.version,
+            )
+            self._catch_up_stragglers()
+            self.changed.notify()
+            report = self._report(replies, weight_version=self.version)
+            report["message"] = f"every worker rejected the update; the fleet stays at version {self.version}"
+            return BroadcastOutcome(502, report)
         for worker, admitted, reply in zip(targets, admissions, replies, strict=True):
             if worker.admissions != admitted:
                 continue  # restarted or re-admitted meanwhile: its own catch-up decides
-            if reply.success:
-                applied.append(worker)
-            else:
+            if not reply.success:
                 self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}")
+        applied = [w for w, admitted in zip(targets, admissions, strict=True) if w in applied and w.admissions == admitted]
         if applied:
             self._seq += 1
             self.version, self.model_path, self._update_body = version, model_path, body
@@ -388,6 +406,11 @@ class FleetController:
         """Abandon catch-ups in flight (router shutting down)."""
         for d in list(self._sync_runs):
             d.cancel()
+
+
+def _rejected(reply: WorkerReply) -> bool:
+    """The worker answered and refused the request (4xx): by contract it changed nothing."""
+    return reply.status_code is not None and 400 <= reply.status_code < 500
 
 
 def _reason(reply: WorkerReply) -> str:

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_router.calls import describe_failure, read_body, read_limited, with_deadline
-from twisted_router.pool import Worker, WorkerPool
+from twisted_router.pool import STARTING, Worker, WorkerPool
 
 __all__ = ["HealthChecker", "refresh_capabilities"]
 
@@ -166,6 +166,7 @@ class HealthChecker(Service):
         failure_threshold: int,
         probe_timeout: float = 5.0,
         on_quarantine: Callable[[Worker, str], None] | None = None,
+        on_first_answer: Callable[[Worker], Deferred[Any]] | None = None,
         fetch_missing_capabilities: bool = True,
     ) -> None:
         if interval <= 0:
@@ -183,6 +184,7 @@ class HealthChecker(Service):
         self.failure_threshold = failure_threshold
         self.probe_timeout = probe_timeout
         self._on_quarantine = on_quarantine
+        self._on_first_answer = on_first_answer
         self._fetch_missing_capabilities = fetch_missing_capabilities
         self._loop: LoopingCall | None = None
         self._loop_done: Deferred[None] | None = None
@@ -291,6 +293,11 @@ class HealthChecker(Service):
             return None
         previous_failures = worker.consecutive_failures
         self._pool.record_probe_success(worker)
+        if worker.activity == STARTING and self._on_first_answer is not None:
+            # A registered worker finished loading: the router brings it into
+            # rotation (capabilities, weights catch-up) from here.
+            self.log.info("worker {worker} answered its first health check", worker=worker.url)
+            return self._on_first_answer(worker).addCallback(lambda _: None)
         if previous_failures:
             self.log.info(
                 "worker {worker} passed its health check again after {failures} failure(s)",

@@ -28,6 +28,7 @@ from twisted_router.urls import (
 
 __all__ = [
     "IMAGE_TASK_TYPES",
+    "STARTING",
     "VIDEO_INCAPABLE_TASK_TYPES",
     "Lease",
     "UnknownWorker",
@@ -39,6 +40,10 @@ __all__ = [
 #: C{/v1/videos}: the image types, and C{I2M} (image-to-mesh), which an
 #: earlier router wrongly counted as video-capable.
 VIDEO_INCAPABLE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I", "I2M"})
+
+#: The activity of a registered worker that has not answered yet (it may
+#: still be loading its model): not routable, probed until it answers.
+STARTING = "starting"
 
 #: Task types of image models: image endpoints prefer these workers.
 IMAGE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I"})
@@ -134,7 +139,12 @@ class Worker:
     @property
     def coming_back(self) -> bool:
         """Busy with a control operation that will end with it routable or quarantined: worth waiting for."""
-        return not self.is_dead and not self.is_sleeping and self.activity is not None
+        return (
+            not self.is_dead
+            and not self.is_sleeping
+            and self.activity is not None
+            and self.activity != STARTING
+        )
 
     @property
     def state(self) -> str:
@@ -377,7 +387,8 @@ class WorkerPool:
         """
         worker.consecutive_failures += 1
         worker.last_error = reason
-        if worker.is_dead or worker.is_sleeping:
+        if worker.is_dead or worker.is_sleeping or worker.activity == STARTING:
+            # A worker that never answered yet is still loading, not failing.
             return False
         if worker.consecutive_failures >= max(1, threshold):
             return self.quarantine(

@@ -95,6 +95,7 @@ def build_router(
         interval=config.health_check_interval,
         failure_threshold=config.health_check_failure_threshold,
         probe_timeout=config.health_check_timeout,
+        on_first_answer=lambda worker: Deferred.fromCoroutine(router.bring_up(worker)),
     )
     return RouterParts(config, pool, router, control, health, connection_pool)
 
@@ -117,7 +118,7 @@ class _StartupWorkers(Service):
                 self.log.error("cannot register worker {url}: {reason}", url=url, reason=str(exc))
                 continue
             if created:
-                d = Deferred.fromCoroutine(self._parts.router.refresh_worker(worker))
+                d = Deferred.fromCoroutine(self._parts.router.bring_up(worker))
                 self._pending.add(d)
                 d.addBoth(self._settled, d)
 

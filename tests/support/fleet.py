@@ -208,7 +208,7 @@ class RouterHarness:
 
     def register(self, url: str) -> None:
         worker, _ = self.parts.router.register(url)
-        d = Deferred.fromCoroutine(self.parts.router.refresh_worker(worker))
+        d = Deferred.fromCoroutine(self.parts.router.bring_up(worker))
         self.pump()
         success_result_of(d)
 

@@ -447,7 +447,7 @@ def test_sleep_and_wake_change_routability() -> None:
 def test_control_with_no_workers_is_503() -> None:
     h, _ = make(0)
     for path in ("/update_weights_from_disk", "/release_memory_occupation", "/resume_memory_occupation"):
-        code, body = h.json("POST", path, json={})
+        code, body = h.json("POST", path, json={"model_path": "/ckpt"})
         assert (code, body) == (503, {"error": "No workers registered in the pool"})
 
 
@@ -593,3 +593,36 @@ def test_image_id_of_a_large_b64_answer_is_learned_from_its_start() -> None:
     assert code == 200 and len(body) > 200_000
     owner = served_by(response)
     assert h.parts.router.images.owner("big-1") == ("http://w0:8000" if owner == "w0" else "http://w1:8001")
+
+
+def test_a_worker_registered_while_loading_waits_in_starting_until_it_answers() -> None:
+    h, (w0,) = make(1)
+    url, late = h.fleet.add("loading")
+    h.fleet.down.add("loading:8001")  # port closed while the model loads
+    code, body = h.json("POST", "/workers", json={"url": url})
+    assert code == 200 and body["worker"]["state"] == "starting"
+    for _ in range(4):  # traffic goes to the worker that is up; the loading one is never tried
+        code, _, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+        assert code == 200 and served_by(response) == "w0"
+    for _ in range(5):  # failed probes while loading never quarantine it
+        h.parts.health.check_all()
+        h.pump()
+    loading = h.pool.get(url)
+    assert loading is not None and not loading.is_dead and loading.state == "starting"
+    h.fleet.down.clear()
+    h.parts.health.check_all()
+    h.pump()
+    assert loading.routable and loading.task_type == "T2I"
+    served = {served_by(h.call("POST", "/v1/images/generations", json={"prompt": "x"})[2]) for _ in range(4)}
+    assert served == {"w0", "loading"}
+
+
+def test_only_starting_workers_means_an_immediate_503() -> None:
+    h, _ = make(0)
+    url, _ = h.fleet.add("loading")
+    h.fleet.down.add("loading:8000")
+    h.json("POST", "/workers", json={"url": url})
+    code, body = h.json("POST", "/v1/images/generations", json={"prompt": "x"})
+    assert code == 503 and body["error"] == "No healthy workers available in the pool"
+    code, health = h.json("GET", "/health")
+    assert code == 503 and health["busy_workers"] == 0

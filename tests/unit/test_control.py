@@ -111,7 +111,7 @@ def test_update_targets_only_live_awake_workers_with_the_body_unchanged() -> Non
 
 def test_update_answers_200_when_all_succeed() -> None:
     fleet = make_fleet(A, B)
-    d = fleet.run(fleet.control.update_weights(b"{}"))
+    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
     fleet.caller.calls[0].answer((200, {"success": True, "message": "ok"}), (200, {"success": True}))
     outcome = success_result_of(d)
     assert outcome.status == 200
@@ -131,7 +131,7 @@ def test_update_answers_200_when_all_succeed() -> None:
 )
 def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[int, Any] | str) -> None:
     fleet = make_fleet(A, B, C)
-    d = fleet.run(fleet.control.update_weights(b"{}"))
+    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
     with capturedLogs() as events:
         fleet.caller.calls[0].answer((200, {"success": True}), bad, (200, {"success": True}))
     outcome = success_result_of(d)
@@ -156,7 +156,7 @@ def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[in
 
 def test_update_does_not_change_sleep_state() -> None:
     fleet = make_fleet(A, B)
-    d = fleet.run(fleet.control.update_weights(b"{}"))
+    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
     fleet.caller.calls[0].all_ok()
     success_result_of(d)
     assert fleet.sleeping() == []
@@ -164,14 +164,14 @@ def test_update_does_not_change_sleep_state() -> None:
 
 def test_update_with_an_empty_pool_is_503_no_workers_registered() -> None:
     fleet = make_fleet()
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b"{}")))
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
     assert outcome == BroadcastOutcome(503, {"error": "No workers registered in the pool"})
     assert fleet.caller.calls == []
 
 
 def test_update_with_only_dead_workers_is_503_no_eligible_workers() -> None:
     fleet = make_fleet(A, B, dead=(A, B))
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b"{}")))
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
     assert outcome.status == 503
     assert outcome.body["error"].startswith("No eligible workers")
     assert "2 registered, 2 dead, 0 sleeping" in outcome.body["error"]
@@ -180,7 +180,7 @@ def test_update_with_only_dead_workers_is_503_no_eligible_workers() -> None:
 
 def test_update_with_only_sleeping_workers_is_503() -> None:
     fleet = make_fleet(A, B, sleeping=(A, B))
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b"{}")))
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
     assert outcome.status == 503
     assert outcome.body["error"].startswith("No eligible workers for a weight update")
     assert "2 sleeping" in outcome.body["error"]
@@ -323,17 +323,17 @@ def test_resume_does_not_wake_dead_sleeping_workers() -> None:
 
 def test_control_calls_are_serialised_in_arrival_order() -> None:
     fleet = make_fleet(A, B)
-    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
-    second = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
+    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
+    second = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
     release = fleet.run(fleet.control.release_memory(b"{}"))
     # Only the first broadcast is on the wire.
-    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}']
+    assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}']
     assert_no_result(second)
     assert_no_result(release)
 
     fleet.caller.calls[0].all_ok()
     assert success_result_of(first).status == 200
-    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 2}']
+    assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}', b'{"model_path": "/m", "step": 2}']
     assert_no_result(release)
 
     fleet.caller.calls[1].all_ok()
@@ -366,36 +366,36 @@ def test_queued_call_sees_the_state_left_by_the_previous_one() -> None:
 
 def test_a_failing_broadcast_releases_the_lock() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
-    second = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
+    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
+    second = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
     fleet.caller.calls[0].deferred.errback(RuntimeError("caller bug"))
     failure_result_of(first, RuntimeError)
-    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 2}']
+    assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}', b'{"model_path": "/m", "step": 2}']
     fleet.caller.calls[1].all_ok()
     assert success_result_of(second).status == 200
 
 
 def test_cancelling_a_call_in_flight_releases_the_lock() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
-    second = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
+    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
+    second = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
     first.cancel()
     failure_result_of(first, CancelledError)
-    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 2}']
+    assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}', b'{"model_path": "/m", "step": 2}']
     fleet.caller.calls[1].all_ok()
     assert success_result_of(second).status == 200
 
 
 def test_cancelling_a_queued_call_skips_it() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b'{"step": 1}'))
-    queued = fleet.run(fleet.control.update_weights(b'{"step": 2}'))
-    third = fleet.run(fleet.control.update_weights(b'{"step": 3}'))
+    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
+    queued = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
+    third = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 3}'))
     queued.cancel()
     failure_result_of(queued, CancelledError)
     fleet.caller.calls[0].all_ok()
     success_result_of(first)
-    assert [c.body for c in fleet.caller.calls] == [b'{"step": 1}', b'{"step": 3}']
+    assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}', b'{"model_path": "/m", "step": 3}']
     fleet.caller.calls[1].all_ok()
     assert success_result_of(third).status == 200
 
@@ -403,9 +403,9 @@ def test_cancelling_a_queued_call_skips_it() -> None:
 def test_early_answers_do_not_hold_the_lock() -> None:
     """An answer that needs no broadcast (empty pool) lets the next call through at once."""
     fleet = make_fleet()
-    success_result_of(fleet.run(fleet.control.update_weights(b"{}")))
+    success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
     fleet.pool.add(A)
-    d = fleet.run(fleet.control.update_weights(b"{}"))
+    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
     assert len(fleet.caller.calls) == 1
     fleet.caller.calls[0].all_ok()
     assert success_result_of(d).status == 200

@@ -324,3 +324,37 @@ def test_worker_joining_during_the_first_refit_is_caught_up_after_it() -> None:
     assert joined is not None and joined.weight_version == "1" and joined.routable
     assert json.loads(update_paths(late)[-1]) == {"model_path": "/ckpt/1"}
     assert {generate(h)[2] for _ in range(4)} == {"1"}
+
+
+def test_a_refit_every_worker_rejects_changes_nothing_and_quarantines_nobody() -> None:
+    h, workers = make(3)
+    h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})
+    for w in workers:
+        w.on(
+            b"POST",
+            b"/update_weights_from_disk",
+            lambda r: json_answer(r, 400, {"success": False, "message": "Module(s) requested for update not found"}),
+        )
+    code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/2", "target_modules": ["x"]})
+    assert code == 502 and body["success"] is False
+    assert body["weight_version"] == "1" and "fleet stays at version 1" in body["message"]
+    assert not any(w.is_dead for w in h.pool.workers())
+    assert {generate(h)[2] for _ in range(3)} == {"1"}
+
+
+def test_a_refit_some_workers_reject_quarantines_those() -> None:
+    h, (w0, w1) = make(2)
+    w1.on(b"POST", b"/update_weights_from_disk", lambda r: json_answer(r, 400, {"success": False, "message": "no"}))
+    code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})
+    assert code == 502 and body["weight_version"] == "1"
+    assert [w.is_dead for w in h.pool.workers()] == [False, True]
+
+
+def test_refit_without_model_path_is_refused_by_the_router() -> None:
+    h, (w0,) = make(1)
+    for payload in ({}, {"model_path": ""}, {"model_path": 3}):
+        code, body = h.json("POST", "/update_weights_from_disk", json=payload)
+        assert code == 400 and body["error"].startswith("model_path is required")
+    code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/x", "weight_version": True})
+    assert code == 400 and "weight_version" in body["error"]
+    assert update_paths(w0) == []
