@@ -162,3 +162,61 @@ def test_a_200_mb_video_streams_with_bounded_memory() -> None:
     assert total == size
     # The body is produced 64 KiB at a time from one shared zero block.
     assert peak - baseline < 40_000, f"RSS grew from {baseline} kB to {peak} kB"
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length body (none for HEAD is up to the caller)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-headers: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower().decode(): v.strip().decode() for k, _, v in (ln.partition(b":") for ln in lines)}
+    return status, headers, rest
+
+
+def test_idle_keep_alive_connections_are_closed_like_uvicorn() -> None:
+    argv = python_module(SIM, "--port", "0", "--keep-alive-timeout", "0.5")
+    with running(argv) as proc:
+        port = int(proc.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: w\r\n\r\n")
+            status, headers, body = _read_response(sock)
+            assert status.startswith(b"HTTP/1.1 200") and headers["content-length"] == str(len(body))
+            started = time.monotonic()
+            assert sock.recv(1) == b"", "the worker should close the idle connection"
+            assert 0.3 < time.monotonic() - started < 4
+        output = proc.output()
+    assert "Timing out client" not in output
+
+
+def test_head_is_a_bodiless_405_on_the_wire() -> None:
+    with running(python_module(SIM, "--port", "0")) as proc:
+        port = int(proc.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"HEAD /v1/models HTTP/1.1\r\nHost: w\r\n\r\n")
+            status, headers, rest = _read_response(sock)
+            assert status.startswith(b"HTTP/1.1 405 ")
+            assert headers["allow"] == "GET" and headers["content-length"] == "31"
+            assert rest == b""
+            # No body followed the headers: the next answer on the same connection is intact.
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: w\r\n\r\n")
+            status, headers, body = _read_response(sock)
+            while len(body) < int(headers["content-length"]):
+                body += sock.recv(65536)
+            assert status.startswith(b"HTTP/1.1 200") and body == b'{"status":"ok"}'
+        output = proc.output()
+    assert "HEAD request" not in output
+
+
+def test_a_form_encoded_generation_is_a_422_on_the_wire() -> None:
+    """What C{curl -d '{"prompt": "x"}'} gets from the real (FastAPI) worker."""
+    with running(python_module(SIM, "--port", "0")) as proc:
+        req = urllib.request.Request(proc.url + "/v1/images/generations", data=b'{"prompt": "x"}')
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        with info.value as err:
+            assert err.code == 422
+            assert json.loads(err.read())["detail"][0]["type"] == "model_attributes_type"

@@ -174,7 +174,10 @@ def test_missing_prompt_is_a_pydantic_422(sim: InMemoryWorker) -> None:
 
 
 def test_body_that_is_not_json_is_a_422(sim: InMemoryWorker) -> None:
-    r = sim.call("POST", "/v1/images/generations", data=b"{nope")
+    r = sim.call(
+        "POST", "/v1/images/generations", data=b"{nope",
+        headers={b"content-type": [b"application/json"]},
+    )
     assert r.code == 422
     assert r.json()["detail"][0]["type"] == "json_invalid"
 

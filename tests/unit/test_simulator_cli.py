@@ -30,14 +30,15 @@ def test_every_flag_maps_to_the_config() -> None:
         "--default-steps", "50", "--startup-delay", "2.5", "--fail-rate", "0.25", "--fail-update",
         "--seed", "9", "--image-bytes", "200000", "--video-bytes", "200000000",
         "--update-ms", "100", "--sleep-ms", "50", "--worker-id", "w7", "--output-path", "/o",
-        "--disable-endpoint", "/rollout/generate", "--disable-endpoint", "/v1/videos", "--verbose",
+        "--disable-endpoint", "/rollout/generate", "--disable-endpoint", "/v1/videos",
+        "--keep-alive-timeout", "7.5", "--verbose",
     ])
     assert config == SimulatorConfig(
         host="0.0.0.0", port=0, model_path="/m", task_type=TaskType.TI2V, num_gpus=2,
         step_ms=12.0, base_ms=3.0, speed=1.5, default_steps=50, startup_delay=2.5,
         fail_rate=0.25, fail_update=True, seed=9, image_bytes=200_000, video_bytes=200_000_000,
         update_ms=100.0, sleep_ms=50.0, worker_id="w7", output_path="/o",
-        disabled_endpoints=("/rollout/generate", "/v1/videos"), verbose=True,
+        disabled_endpoints=("/rollout/generate", "/v1/videos"), keep_alive_timeout=7.5, verbose=True,
     )
 
 
@@ -86,3 +87,14 @@ def test_explicit_worker_id_is_kept() -> None:
     reactor = MemoryReactorClock()
     worker, _ = success_result_of(_serve(reactor, SimulatorConfig(port=1, worker_id="w1")))
     assert worker.worker_id == "w1"
+
+
+def test_idle_timeout_lines_are_dropped_unless_verbose() -> None:
+    from twisted.logger import PredicateResult
+
+    from twisted_router.simulator.cli import _not_idle_timeout_noise
+
+    assert _not_idle_timeout_noise({"log_format": "Timing out client: {peer}"}) is PredicateResult.no
+    assert _not_idle_timeout_noise({"log_format": "Forcibly timing out client: {peer}"}) is PredicateResult.no
+    assert _not_idle_timeout_noise({"log_format": "listening on http://{host}:{port}"}) is PredicateResult.maybe
+    assert _not_idle_timeout_noise({}) is PredicateResult.maybe

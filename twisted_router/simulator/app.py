@@ -36,7 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, MapAdapter, Rule
 
 from twisted_router.simulator import payloads
 from twisted_router.simulator.config import SimulatorConfig
@@ -54,6 +55,7 @@ from twisted_router.simulator.model import (
     clamp_n,
     finite_non_negative,
     image_extension,
+    is_json_content_type,
     json_decode_error,
     latent_shape,
     parse_size,
@@ -250,18 +252,36 @@ class SimulatedWorker:
 
     @staticmethod
     def _read_json(request: Request, fields: Mapping[str, Field], model: str) -> dict[str, Any]:
-        """Decode and validate a JSON body as FastAPI does, or raise a 422."""
+        """
+        Decode and validate a body model as FastAPI does, or raise its error.
+
+        An empty body is a C{missing} 422 whatever the content type. A body
+        whose C{Content-Type} is not JSON (or is missing: FastAPI's
+        C{strict_content_type}) is validated as the raw text, which is the
+        C{model_attributes_type} 422 with the text as C{input} (and a plain
+        500 if the text is not UTF-8, where FastAPI's encoder fails). A JSON
+        body that does not parse is the C{json_invalid} 422, or a 400 if it
+        is not even decodable text.
+        """
         raw = request.content.read() if request.content is not None else b""
-        if not raw.strip():
+        if not raw:
             raise Reply(422, {"detail": [{
                 "type": "missing", "loc": ["body"], "msg": "Field required", "input": None,
             }]})
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise Reply(422, {"detail": json_decode_error(e.msg, e.pos)}) from None
-        except ValueError as e:
-            raise Reply(422, {"detail": json_decode_error(str(e), 0)}) from None
+        ctypes = request.requestHeaders.getRawHeaders(b"content-type") or []
+        body: Any
+        if not is_json_content_type(ctypes[0].decode("latin-1") if ctypes else None):
+            try:
+                body = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Reply.plain500("non-JSON body that is not UTF-8") from None
+        else:
+            try:
+                body = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise Reply(422, {"detail": json_decode_error(e.msg, e.pos)}) from None
+            except ValueError:
+                raise Reply(400, {"detail": "There was an error parsing the body"}) from None
         try:
             return validate(body, fields, model)
         except ValidationFailed as e:
@@ -321,6 +341,11 @@ class SimulatedWorker:
 
     @app.handle_errors(MethodNotAllowed)  # type: ignore[arg-type]  # Klein types handlers with IRequest
     def _on_bad_method(self, request: Request, failure: Failure) -> bytes | Deferred[None]:
+        # Normally answered earlier by _WorkerResource; a fallback with the same shape.
+        error = failure.value
+        allowed = sorted(set(getattr(error, "valid_methods", None) or ()) - {"HEAD"})
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
         return self._json(request, {"detail": "Method Not Allowed"}, 405)
 
     @app.handle_errors(Exception)  # type: ignore[arg-type]  # Klein types handlers with IRequest
@@ -505,13 +530,17 @@ class SimulatedWorker:
         stored = self._images.get(image_id)
         if stored is None:
             raise Reply(404, {"detail": "Image not found"})
-        data = payloads.image_bytes(stored.ext, stored.size)
+        image = payloads.image_payload(stored.ext, stored.size)
         headers = {
             b"content-disposition": f'attachment; filename="{image_id}.{stored.ext}"'.encode(),
         }
-        return await _settle(
-            self._send(request, [data], MEDIA_TYPES[stored.ext].encode(), headers=headers)
-        )
+        media = MEDIA_TYPES[stored.ext].encode()
+        if image.length <= INLINE_LIMIT:
+            return await _settle(self._send(request, list(image.chunks()), media, headers=headers))
+        # Streamed block by block: the blocks are shared, nothing is joined.
+        return await _settle(self._send(
+            request, [], media, headers=headers, chunks=image.chunks(), length=image.length
+        ))
 
     # ------------------------------------------------------------------
     # Videos (§4.4, §4.5): asynchronous jobs
@@ -988,10 +1017,18 @@ def _image_url_problem(url: str) -> str | None:
 
 class _WorkerResource(Resource):
     """
-    The root resource: stamps C{X-Worker-Id}, refuses disabled paths, delegates.
+    The root resource: stamps C{X-Worker-Id}, refuses disabled paths and
+    wrong methods, delegates.
 
     A leaf, so the Klein resource behind it sees the whole path exactly as
     if it were the root.
+
+    Wrong methods are answered here rather than by Klein because Werkzeug
+    adds C{HEAD} to every C{GET} rule, while FastAPI's C{APIRoute} serves
+    only the declared methods: the real worker answers C{HEAD} (and
+    C{OPTIONS}) on a C{GET} route, C{/content} downloads included, with 405
+    C{{"detail":"Method Not Allowed"}} and an C{Allow} header naming the
+    methods of the first route registered for the path (Starlette's rule).
     """
 
     isLeaf = True
@@ -1002,6 +1039,41 @@ class _WorkerResource(Resource):
         self._worker = worker
         self._inner = inner
         self._disabled = frozenset(worker.config.disabled_endpoints)
+        url_map = worker.app.url_map
+        self._map = url_map.bind("sim")
+        # One single-rule matcher per route, in registration order, with the
+        # declared methods (no route here declares HEAD: Werkzeug added it).
+        self._routes: list[tuple[MapAdapter, frozenset[str]]] = [
+            (
+                Map([Rule(rule.rule, endpoint=rule.endpoint)], converters=url_map.converters).bind("sim"),
+                frozenset(rule.methods or ()) - {"HEAD"},
+            )
+            for rule in url_map.iter_rules()
+        ]
+
+    def _allowed(self, path: str, method: str) -> frozenset[str] | None:
+        """The C{Allow} set if C{method} is wrong for a known C{path}, else C{None}."""
+        if method != "HEAD":
+            # The common case in one match: Werkzeug is right for every
+            # method but the HEAD it adds.
+            try:
+                self._map.match(path, method=method)
+            except MethodNotAllowed:
+                pass
+            except HTTPException:
+                return None
+            else:
+                return None
+        matching: list[frozenset[str]] = []
+        for adapter, methods in self._routes:
+            try:
+                adapter.match(path, method="GET")
+            except HTTPException:
+                continue
+            if method in methods:
+                return None
+            matching.append(methods)
+        return matching[0] if matching else None
 
     def render(self, request: Request) -> Any:
         if self._worker.worker_id:
@@ -1010,9 +1082,28 @@ class _WorkerResource(Resource):
         if self._worker.config.verbose:
             self._log.info("{method} {path}", method=request.method, path=path)
         if path in self._disabled:
-            body = b'{"detail":"Not Found"}'
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", JSON)
-            request.setHeader(b"content-length", str(len(body)).encode())
-            return body
+            return _plain_json(request, 404, b'{"detail":"Not Found"}')
+        try:
+            route_path = "/" + "/".join(seg.decode("utf-8") for seg in request.postpath or [])
+        except UnicodeDecodeError:
+            route_path = None
+        if route_path is not None:
+            allowed = self._allowed(route_path, (request.method or b"").decode("latin-1"))
+            if allowed is not None:
+                request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
+                return _plain_json(request, 405, b'{"detail":"Method Not Allowed"}')
         return self._inner.render(request)
+
+
+def _plain_json(request: Request, code: int, body: bytes) -> bytes:
+    """
+    Answer a small constant JSON body.
+
+    To C{HEAD}, only the headers, with the body's C{Content-Length} as
+    Starlette sends it (returning the body would make Twisted log a warning
+    each time before eating it).
+    """
+    request.setResponseCode(code, HTTPStatus(code).phrase.encode("ascii"))
+    request.setHeader(b"content-type", JSON)
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return b"" if request.method == b"HEAD" else body

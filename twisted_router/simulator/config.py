@@ -10,6 +10,7 @@ milliseconds of (fake or real) time and payloads are a few kB.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from twisted_router.simulator.model import PROFILES, ModelProfile, TaskType
@@ -29,7 +30,8 @@ class SimulatorConfig:
     @ivar base_ms: fixed milliseconds added to every generation.
     @ivar speed: divides every service time (2.0 is a GPU twice as fast).
     @ivar default_steps: steps when a request gives none; C{None} uses the
-        task type's simulator default (8 for images, 4 for video).
+        task type's simulator default (8 for T2I, I2I and I2M; 4 for TI2I,
+        whose real model, FLUX.2-klein, runs 4, and for the video types).
     @ivar startup_delay: seconds before the port opens (model loading).
     @ivar fail_rate: probability (0..1) that a generation fails.
     @ivar fail_update: make every C{/update_weights_from_disk} fail with the
@@ -45,6 +47,9 @@ class SimulatorConfig:
         is written there).
     @ivar disabled_endpoints: exact paths answered with 404, to imitate
         versions that lack an endpoint (e.g. C{/rollout/generate}).
+    @ivar keep_alive_timeout: seconds an idle keep-alive connection is kept
+        before the worker closes it (uvicorn's C{--timeout-keep-alive},
+        default 5 s).
     @ivar verbose: log every request.
     """
 
@@ -68,6 +73,7 @@ class SimulatorConfig:
     worker_id: str = ""
     output_path: str = "/tmp/sglang-sim/outputs"
     disabled_endpoints: tuple[str, ...] = field(default_factory=tuple)
+    keep_alive_timeout: float = 5.0
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -76,11 +82,20 @@ class SimulatorConfig:
             problems.append(f"port must be 0..65535, got {self.port}")
         if not 0.0 <= self.fail_rate <= 1.0:
             problems.append(f"fail-rate must be between 0 and 1, got {self.fail_rate}")
-        if self.speed <= 0:
-            problems.append(f"speed must be positive, got {self.speed}")
-        for name in ("step_ms", "base_ms", "startup_delay", "update_ms", "sleep_ms"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name.replace('_', '-')} must not be negative")
+        # NaN passes every comparison below and inf makes times NaN or 0:
+        # refuse both, naming the command-line flag.
+        for name in (
+            "step_ms", "base_ms", "speed", "startup_delay", "update_ms", "sleep_ms",
+            "keep_alive_timeout",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                problems.append(f"{name.replace('_', '-')} must be a finite number, got {value}")
+            elif name in ("speed", "keep_alive_timeout"):
+                if value <= 0:
+                    problems.append(f"{name.replace('_', '-')} must be positive, got {value}")
+            elif value < 0:
+                problems.append(f"{name.replace('_', '-')} must not be negative, got {value}")
         for name in ("image_bytes", "video_bytes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")

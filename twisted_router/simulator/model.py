@@ -11,6 +11,7 @@ read from C{sglang-worker-api.md}; section numbers below refer to it.
 
 from __future__ import annotations
 
+import email.message
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -444,6 +445,29 @@ def validate(body: Any, fields: Mapping[str, Field], model: str = "Request") -> 
     if errors:
         raise ValidationFailed(errors, model)
     return out
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """
+    Whether FastAPI parses a body with this C{Content-Type} as JSON.
+
+    FastAPI (0.165, C{strict_content_type=True}, its default) decodes a body
+    model's JSON only for C{application/json} or C{application/*+json},
+    parameters and case ignored; a missing or empty header, or any other
+    type (C{curl -d} sends C{application/x-www-form-urlencoded}), leaves the
+    body as bytes, which then fails validation with a 422
+    C{model_attributes_type}. The header is parsed with
+    C{email.message.Message}, exactly as FastAPI does, so malformed values
+    (no C{/}, several types) are not JSON either.
+    """
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
 
 
 def json_decode_error(message: str, position: int) -> list[dict[str, Any]]:

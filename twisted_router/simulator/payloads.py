@@ -7,9 +7,12 @@ send (§7 of C{sglang-worker-api.md}): JPEGs of a few hundred kB, PNGs of a
 few MB, trajectories of tens of MB of base64, MP4s of hundreds of MB. So the
 simulator must send bodies of those sizes that are still I{valid} files (the
 router's tests decode them), without costing the simulator that much memory
-per request. Every builder here is pure and cached by size or shape, so a
-payload is built once and shared by every answer that needs it; an MP4 is
-never materialised at all, it is described by its header and streamed.
+per request, nor memory that grows with the configured sizes. Every builder
+here is pure and cached by size or shape, so a payload is built once and
+shared by every answer that needs it, and no large payload is ever
+materialised: images are described as runs of a few repeated blocks
+(L{Runs}), MP4s by their header, and their base64 is a tuple of pieces that
+mostly reference one cached encoded unit (L{Base64}).
 
 Nothing here needs numpy: C{.npy} and safetensors containers are written by
 hand (the tests check them with numpy).
@@ -22,7 +25,7 @@ import json
 import random
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -65,11 +68,22 @@ def periodic_b64(head: bytes, block: bytes, nbytes: int) -> Base64:
     every C{lcm(len(block), 3)} bytes, and so does its base64 (4 characters
     per 3 bytes): one encoded unit is reused for the whole periodic part.
     """
+    pieces, tail = _periodic_pieces(head, block, nbytes)
+    if tail:
+        pieces.append(base64.b64encode(tail))
+    return Base64(tuple(pieces))
+
+
+def _periodic_pieces(head: bytes, block: bytes, nbytes: int) -> tuple[list[bytes], bytes]:
+    """
+    L{periodic_b64} without its end: the base64 pieces of the stream up to
+    the last whole unit, and the raw bytes after it (less than one unit, to
+    be encoded alone or continued by whatever follows).
+    """
     prefix_len = -(-len(head) // 3) * 3
     total = len(head) + nbytes
     if prefix_len >= total or not block:
-        whole = head + (block * (nbytes // max(1, len(block)) + 1))[:nbytes]
-        return Base64((base64.b64encode(whole),))
+        return [], head + (block * (nbytes // max(1, len(block)) + 1))[:nbytes]
     offset = prefix_len - len(head)
     rotated = block[offset % len(block):] + block[: offset % len(block)]
     prefix = head + (block * (offset // len(block) + 1))[:offset]
@@ -77,13 +91,72 @@ def periodic_b64(head: bytes, block: bytes, nbytes: int) -> Base64:
     unit = rotated * copies
     remaining = nbytes - offset
     count, tail_len = divmod(remaining, len(unit))
-    tail = (unit * 2)[:tail_len]
-    encoded_unit = _encoded_unit(unit)
-    pieces = [base64.b64encode(prefix)]
-    pieces.extend([encoded_unit] * count)
-    if tail:
-        pieces.append(base64.b64encode(tail))
+    pieces = [base64.b64encode(prefix)] if prefix else []
+    if count:
+        pieces.extend([_encoded_unit(unit)] * count)
+    return pieces, unit[:tail_len]
+
+
+def runs_b64(runs: Iterable[tuple[bytes, int]]) -> Base64:
+    """
+    Base64 of the concatenation of C{(block, count)} runs, as shared pieces.
+
+    Long runs of one block are encoded by L{_periodic_pieces}, so their
+    base64 is one cached unit referenced many times; short runs are encoded
+    directly. Nothing as large as the whole is ever built.
+    """
+    pieces: list[bytes] = []
+    carry = b""
+    for block, count in runs:
+        if not block or count <= 0:
+            continue
+        if count <= 6:
+            data = carry + block * count
+            cut = len(data) - len(data) % 3
+            if cut:
+                pieces.append(base64.b64encode(data[:cut]))
+            carry = data[cut:]
+        else:
+            more, tail = _periodic_pieces(carry, block, len(block) * count)
+            pieces.extend(more)
+            cut = len(tail) - len(tail) % 3
+            if cut:
+                pieces.append(base64.b64encode(tail[:cut]))
+            carry = tail[cut:]
+    if carry:
+        pieces.append(base64.b64encode(carry))
     return Base64(tuple(pieces))
+
+
+@dataclass(frozen=True)
+class Runs:
+    """
+    A file held as runs of repeated blocks: C{(block, count)} pairs in order.
+
+    Padded images are a head, one or two padding segments repeated many
+    times, and a tail, so a 100 MB image costs a few 64 KiB blocks however
+    many clients download it. Every block is at most L{CHUNK_SIZE} bytes.
+    """
+
+    runs: tuple[tuple[bytes, int], ...]
+
+    @property
+    def length(self) -> int:
+        return sum(len(block) * count for block, count in self.runs)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file as its blocks, in order (the same objects, never copies)."""
+        for block, count in self.runs:
+            for _ in range(count):
+                yield block
+
+    def to_bytes(self) -> bytes:
+        """The whole file (tests and small payloads only)."""
+        return b"".join(self.chunks())
+
+    def b64(self) -> Base64:
+        """The base64 of the file, as shared pieces (see L{runs_b64})."""
+        return runs_b64(self.runs)
 
 
 def _gcd(a: int, b: int) -> int:
@@ -121,8 +194,9 @@ _JPEG_TAIL = (
     + b"\x3f"
     + b"\xff\xd9"
 )
-#: Largest payload of one COM segment (its length field counts itself).
-_COM_MAX = 0xFFFF - 2
+#: Largest payload of one COM segment: 4 bytes of marker and length, so a
+#: segment is at most one L{CHUNK_SIZE} (the format allows 65533).
+_COM_MAX = CHUNK_SIZE - 4
 
 
 def _pad_segments(padding: int, overhead: int, max_payload: int) -> list[int]:
@@ -144,8 +218,32 @@ def _pad_segments(padding: int, overhead: int, max_payload: int) -> list[int]:
     return sizes
 
 
-@lru_cache(maxsize=16)
-def jpeg_bytes(size: int = 0) -> bytes:
+def _segment_runs(
+    padding: int, overhead: int, max_payload: int, build: Callable[[int], bytes]
+) -> list[tuple[bytes, int]]:
+    """
+    The runs of padding segments that fill C{padding} bytes exactly.
+
+    L{_pad_segments} gives at most two distinct payload sizes (the first
+    ones one byte larger), so the padding is at most two segments repeated;
+    C{build(n)} makes the segment with an C{n}-byte payload. Padding too
+    small to split rounds up to one empty segment.
+    """
+    if padding <= 0:
+        return []
+    sizes = _pad_segments(padding, overhead, max_payload)
+    if not sizes:
+        return [(build(0), 1)]
+    runs: list[tuple[bytes, int]] = []
+    big = sizes[0]
+    n_big = sizes.count(big)
+    runs.append((build(big), n_big))
+    if n_big < len(sizes):
+        runs.append((build(big - 1), len(sizes) - n_big))
+    return runs
+
+
+def _jpeg_runs(size: int) -> Runs:
     """
     A valid baseline JPEG of exactly C{size} bytes (at least the minimal file).
 
@@ -153,12 +251,9 @@ def jpeg_bytes(size: int = 0) -> bytes:
     size one to three bytes above the minimum cannot be padded exactly and
     is rounded up to the next possible size.
     """
-    base = len(_JPEG_HEAD) + len(_JPEG_TAIL)
-    sizes = _pad_segments(size - base, 4, _COM_MAX)
-    if size - base > 0 and not sizes:
-        sizes = [0]
-    filler = b"".join(_segment(0xFE, b"S" * n) for n in sizes)
-    return _JPEG_HEAD + filler + _JPEG_TAIL
+    padding = size - len(_JPEG_HEAD) - len(_JPEG_TAIL)
+    filler = _segment_runs(padding, 4, _COM_MAX, lambda n: _segment(0xFE, b"S" * n))
+    return Runs(((_JPEG_HEAD, 1), *filler, (_JPEG_TAIL, 1)))
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -176,34 +271,32 @@ _PNG_TAIL = _png_chunk(b"IDAT", zlib.compress(b"\x00\x80")) + _png_chunk(b"IEND"
 PNG_PADDING_CHUNK = b"sgPd"
 
 
-@lru_cache(maxsize=16)
-def png_bytes(size: int = 0) -> bytes:
+def _png_runs(size: int) -> Runs:
     """
     A valid 1×1 greyscale PNG of exactly C{size} bytes (at least the minimum).
 
-    Padding goes into C{sgPd} chunks, which are ancillary and private, so
-    decoders skip them. Sizes 1-11 bytes above the minimum round up.
+    Padding goes into C{sgPd} chunks of at most one L{CHUNK_SIZE} each,
+    which are ancillary and private, so decoders skip them. Sizes 1-11 bytes
+    above the minimum round up.
     """
-    base = len(_PNG_HEAD) + len(_PNG_TAIL)
-    sizes = _pad_segments(size - base, 12, 0x7FFFFFFF)
-    if size - base > 0 and not sizes:
-        sizes = [0]
-    filler = b"".join(_png_chunk(PNG_PADDING_CHUNK, b"\x00" * n) for n in sizes)
-    return _PNG_HEAD + filler + _PNG_TAIL
+    padding = size - len(_PNG_HEAD) - len(_PNG_TAIL)
+    filler = _segment_runs(
+        padding, 12, CHUNK_SIZE - 12, lambda n: _png_chunk(PNG_PADDING_CHUNK, bytes(n))
+    )
+    return Runs(((_PNG_HEAD, 1), *filler, (_PNG_TAIL, 1)))
 
 
 #: A 1×1 lossless WebP bitstream (the payload of a C{VP8L} chunk).
 _VP8L_1X1 = bytes.fromhex("2f000000000750c00216b0ff8188e87f00")
 
 
-@lru_cache(maxsize=16)
-def webp_bytes(size: int = 0) -> bytes:
+def _webp_runs(size: int) -> Runs:
     """
     A valid 1×1 WebP (extended format) of exactly C{size} bytes.
 
     The extended format (C{VP8X}) allows unknown chunks, which readers
-    ignore; padding goes into one C{PADD} chunk. RIFF chunks have even
-    sizes, so odd sizes and sizes 1-7 bytes above the minimum round up.
+    ignore; padding goes into one C{PADD} chunk of zeros. RIFF chunks have
+    even sizes, so odd sizes and sizes 1-7 bytes above the minimum round up.
     """
     vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00" + b"\x00\x00\x00" + b"\x00\x00\x00"
     image = b"VP8L" + struct.pack("<I", len(_VP8L_1X1)) + _VP8L_1X1
@@ -212,27 +305,69 @@ def webp_bytes(size: int = 0) -> bytes:
     body = b"WEBP" + vp8x + image
     base = 8 + len(body)
     padding = size - base
+    zeros = 0
     if padding > 0:
         # RIFF chunks are always an even number of bytes, so an odd size
         # (or one less than a chunk header above the minimum) rounds up.
         padding = max(padding + padding % 2, 8)
-        body += b"PADD" + struct.pack("<I", padding - 8) + b"\x00" * (padding - 8)
-    return b"RIFF" + struct.pack("<I", len(body)) + body
+        zeros = padding - 8
+        body += b"PADD" + struct.pack("<I", zeros)
+    head = b"RIFF" + struct.pack("<I", len(body) + zeros) + body
+    return Runs(((head, 1), *_zero_runs(zeros)))
 
 
-def image_bytes(ext: str, size: int) -> bytes:
-    """The cached image for extension C{jpg}, C{png} or C{webp}."""
-    if ext == "png":
-        return png_bytes(size)
-    if ext == "webp":
-        return webp_bytes(size)
-    return jpeg_bytes(size)
+def _zero_runs(n: int) -> list[tuple[bytes, int]]:
+    """C{n} zero bytes as runs of the shared zero chunk."""
+    whole, rest = divmod(n, CHUNK_SIZE)
+    runs: list[tuple[bytes, int]] = []
+    if whole:
+        runs.append((_zeros(CHUNK_SIZE), whole))
+    if rest:
+        runs.append((bytes(rest), 1))
+    return runs
 
 
 @lru_cache(maxsize=16)
-def image_b64(ext: str, size: int) -> bytes:
-    """The base64 (ASCII bytes) of L{image_bytes}, cached separately."""
-    return base64.b64encode(image_bytes(ext, size))
+def image_payload(ext: str, size: int) -> Runs:
+    """
+    The image file for extension C{jpg}, C{png} or C{webp}, described as runs.
+
+    Cached, but small whatever C{size}: at most a few L{CHUNK_SIZE} blocks.
+    """
+    if ext == "png":
+        return _png_runs(size)
+    if ext == "webp":
+        return _webp_runs(size)
+    return _jpeg_runs(size)
+
+
+def jpeg_bytes(size: int = 0) -> bytes:
+    """The whole JPEG of L{image_payload} (tests and small sizes only)."""
+    return image_payload("jpg", size).to_bytes()
+
+
+def png_bytes(size: int = 0) -> bytes:
+    """The whole PNG of L{image_payload} (tests and small sizes only)."""
+    return image_payload("png", size).to_bytes()
+
+
+def webp_bytes(size: int = 0) -> bytes:
+    """The whole WebP of L{image_payload} (tests and small sizes only)."""
+    return image_payload("webp", size).to_bytes()
+
+
+def image_bytes(ext: str, size: int) -> bytes:
+    """The whole image of L{image_payload} (tests and small sizes only)."""
+    return image_payload(ext, size).to_bytes()
+
+
+@lru_cache(maxsize=16)
+def image_b64(ext: str, size: int) -> Base64:
+    """
+    The base64 of L{image_payload}, as shared pieces: a 16 MB image's
+    21 MB of base64 costs a few hundred kB, not a copy of the text.
+    """
+    return image_payload(ext, size).b64()
 
 
 # ---------------------------------------------------------------------------
