@@ -60,9 +60,10 @@ def plan_launch(config: RouterConfig) -> FleetPlan | None:
     """
     if config.launcher_config is None:
         return None
-    from twisted_router.launcher import load_launcher_config, plan_fleet
+    from twisted_router.launcher import load_launcher_config, plan_fleet, router_listen_ports
 
-    return plan_fleet(load_launcher_config(config.launcher_config))
+    # The router binds its port only after planning: keep the workers off it.
+    return plan_fleet(load_launcher_config(config.launcher_config), reserved_ports=router_listen_ports(config))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -28,9 +28,11 @@ from twisted_router.control import FleetController
 from twisted_router.health import HealthChecker, refresh_capabilities
 from twisted_router.launcher import (
     FleetPlan,
+    LauncherService,
     load_launcher_config,
     make_launcher_service,
     plan_fleet,
+    router_listen_ports,
 )
 from twisted_router.listener import ListenerService
 from twisted_router.policies import make_policy
@@ -58,12 +60,16 @@ def build_router(
     *,
     agent: IAgent | None = None,
     rng: random.Random | None = None,
+    on_quarantine: Callable[[Worker, str], None] | None = None,
 ) -> RouterParts:
     """
     Wire the router's pieces on an injected reactor.
 
     @param agent: the HTTP client agent for worker calls; tests pass an
         in-memory one, production leaves it to a pooled L{Agent}.
+    @param on_quarantine: called with the worker and the reason when the
+        health checker quarantines a worker (the launcher restarts managed
+        ones).
     """
     connection_pool: HTTPConnectionPool | None = None
     if agent is None:
@@ -95,6 +101,7 @@ def build_router(
         interval=config.health_check_interval,
         failure_threshold=config.health_check_failure_threshold,
         probe_timeout=config.health_check_timeout,
+        on_quarantine=on_quarantine,
         on_first_answer=lambda worker: Deferred.fromCoroutine(router.bring_up(worker)),
     )
     return RouterParts(config, pool, router, control, health, connection_pool)
@@ -157,8 +164,16 @@ def make_router_service(
     With C{--launcher-config}, a service named C{launcher} runs the managed
     workers (C{launch_plan}, or planned here from the file); it is stopped
     after the listener, so the router stops accepting before its workers go.
+    A managed worker the health checker quarantines (hung, say) is handed to
+    the launcher, which restarts it.
     """
-    parts = build_router(config, reactor)  # type: ignore[arg-type]
+    launcher: LauncherService | None = None
+
+    def quarantined(worker: Worker, reason: str) -> None:
+        if launcher is not None:
+            launcher.worker_quarantined(worker.url, reason)
+
+    parts = build_router(config, reactor, on_quarantine=quarantined)  # type: ignore[arg-type]
     top = MultiService()
     site = RouterSite(
         parts.router.app.resource(),
@@ -180,7 +195,9 @@ def make_router_service(
     parts.health.setServiceParent(top)
     _StartupWorkers(parts).setServiceParent(top)
     if config.launcher_config is not None:
-        plan = launch_plan or plan_fleet(load_launcher_config(config.launcher_config))
+        plan = launch_plan or plan_fleet(
+            load_launcher_config(config.launcher_config), reserved_ports=router_listen_ports(config)
+        )
         launcher = make_launcher_service(plan, parts.router, reactor, on_failure=on_launch_failure)  # type: ignore[arg-type]
         launcher.setServiceParent(top)
     listener.setServiceParent(top)

@@ -42,9 +42,16 @@ class Options(usage.Options):
             if self.config.launcher_config is not None:
                 # Imported here, not at the top: it imports the reactor, and
                 # twistd must have installed the one it was asked for first.
-                from twisted_router.launcher import load_launcher_config, plan_fleet
+                from twisted_router.launcher import (
+                    load_launcher_config,
+                    plan_fleet,
+                    router_listen_ports,
+                )
 
-                self.launch_plan = plan_fleet(load_launcher_config(self.config.launcher_config))
+                self.launch_plan = plan_fleet(
+                    load_launcher_config(self.config.launcher_config),
+                    reserved_ports=router_listen_ports(self.config),
+                )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
 

@@ -235,6 +235,79 @@ def test_router_listens_at_once_and_sigint_stops_the_fleet_with_exit_0(
     assert [pgid for pgid in worker_groups if group_alive(pgid)] == []
 
 
+def test_workers_never_get_the_routers_own_port(
+    processes: Processes, worker_groups: set[int], tmp_path: Path
+) -> None:
+    """With C{--port P} and C{worker_base_port: P} the router used to register itself as worker 0."""
+    base = free_port_range(6)
+    fleet = write_fleet(
+        tmp_path,
+        f"""
+        launcher:
+          backend: simulated
+          num_workers: 2
+          worker_base_port: {base}
+        """,
+    )
+    router = processes.start(
+        python_module("twisted_router", "--host", "127.0.0.1", "--port", str(base), "--launcher-config", str(fleet))
+    )
+    assert router.url == f"http://127.0.0.1:{base}"
+    urls = [f"http://127.0.0.1:{base + 1}", f"http://127.0.0.1:{base + 3}"]
+    wait_until("both workers routable on other ports", lambda: all_routable(router, urls), 20.0)
+    worker_groups.update(pid for runs in started_workers(router).values() for pid in runs)
+    assert f"127.0.0.1:{base} registered" not in router.output()
+    assert "Address already in use" not in router.output()
+    assert terminate(router) == 0, router.output()
+
+
+def test_a_hung_managed_worker_is_quarantined_restarted_and_serves_again(
+    processes: Processes, worker_groups: set[int], tmp_path: Path
+) -> None:
+    """SIGSTOP: the process does not exit, so only the health checker notices; it used to hold its GPUs for ever."""
+    base = free_port_range(4)
+    fleet = write_fleet(
+        tmp_path,
+        f"""
+        launcher:
+          backend: simulated
+          num_workers: 2
+          worker_base_port: {base}
+          shutdown_grace: 1
+          restart: {{min_delay: 0.5, max_delay: 2}}
+        """,
+    )
+    router = processes.start(
+        python_module(
+            "twisted_router", "--host", "127.0.0.1", "--port", "0",
+            "--health-check-interval", "0.5", "--health-check-timeout", "0.5",
+            "--health-check-failure-threshold", "2",
+            "--launcher-config", str(fleet),
+        )
+    )
+    urls = [f"http://127.0.0.1:{base + 2 * i}" for i in range(2)]
+    wait_until("both workers routable", lambda: all_routable(router, urls), 20.0)
+    pids = started_workers(router)
+    worker_groups.update(pid for runs in pids.values() for pid in runs)
+    (victim,) = pids[0]
+    os.killpg(victim, signal.SIGSTOP)
+
+    def quarantined() -> dict[str, Any] | None:
+        workers = workers_by_url(router)
+        return workers[urls[0]] if workers and workers[urls[0]]["is_dead"] else None
+
+    wait_until("the hung worker to be quarantined", quarantined, 10.0)
+    router.wait_for_line(r"\[worker 0\] .* quarantined by health checks .*: restarting it", timeout=5.0)
+    wait_until("the hung worker to be replaced and routable again", lambda: all_routable(router, urls), 20.0)
+    restarted = started_workers(router)[0]
+    worker_groups.update(restarted)
+    assert len(restarted) == 2 and restarted[0] == victim
+    assert not group_alive(victim)  # SIGKILLed after shutdown_grace: a stopped process ignores SIGTERM
+    assert started_workers(router)[1] == pids[1]  # the healthy worker is untouched
+    assert terminate(router) == 0, router.output()
+    assert [pgid for pgid in worker_groups if group_alive(pgid)] == []
+
+
 def test_twistd_runs_and_stops_the_fleet(processes: Processes, worker_groups: set[int], tmp_path: Path) -> None:
     base = free_port_range(2)
     fleet = write_fleet(tmp_path, f"launcher: {{backend: simulated, worker_base_port: {base}}}\n")

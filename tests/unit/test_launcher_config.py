@@ -198,6 +198,12 @@ def test_the_simulated_example_is_the_documented_fleet() -> None:
         ("launcher: {model: m, worker_extra_args: \"--a 'unclosed\"}", "launcher.worker_extra_args: cannot split"),
         ("launcher: {model: m, restart: {min_delay: 10, max_delay: 5}}", "launcher.restart.max_delay: must be at least min_delay (10)"),
         ("launcher: {model: m, restart: {min_delay: 0}}", "launcher.restart.min_delay: must be a positive number"),
+        # a threshold below min_delay (0: no backoff for a serving worker at all) is refused
+        ("launcher: {model: m, restart: {threshold: 0}}", "launcher.restart.threshold: must be at least min_delay (1), got 0"),
+        (
+            "launcher: {model: m, restart: {min_delay: 120}}",
+            "launcher.restart.threshold: must be at least min_delay (120), got the default 60",
+        ),
         (
             "launcher: {model: m, num_workers: 40, master_port_base: 30005}",
             "launcher.master_port_base: worker 39 would get port 69005",
@@ -233,6 +239,11 @@ def test_the_simulated_example_is_the_documented_fleet() -> None:
 )
 def test_errors_name_the_key(text: str, expected: str) -> None:
     assert expected in error_of(text)
+
+
+def test_restart_threshold_equal_to_min_delay_is_accepted() -> None:
+    config = parse_launcher_config({"launcher": {"model": "m", "restart": {"min_delay": 5, "threshold": 5}}})
+    assert (config.restart.min_delay, config.restart.threshold) == (5.0, 5.0)
 
 
 def test_launcher_config_error_is_a_config_error() -> None:
@@ -326,6 +337,36 @@ def test_twistd_options_plan_the_fleet(tmp_path: Path) -> None:
     assert options.launch_plan is not None
     assert len(options.launch_plan.workers) == 2
     assert options.launch_plan.config.source == str(path)
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("how", ["--port", "--listen"])
+def test_twistd_options_keep_workers_off_the_routers_port(how: str, tmp_path: Path) -> None:
+    port = _unused_port()
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"launcher: {{backend: simulated, num_workers: 2, worker_base_port: {port}}}\n")
+    options = tap.Options()
+    listen = ["--port", str(port)] if how == "--port" else ["--listen", f"tcp:{port}:interface=127.0.0.1"]
+    options.parseOptions(["--host", "127.0.0.1", *listen, "--launcher-config", str(path)])
+    assert options.launch_plan is not None
+    taken = {p for w in options.launch_plan.workers for p in (w.port, w.port + 1)}
+    assert port not in taken
+
+
+def test_console_script_keeps_workers_off_the_routers_port(tmp_path: Path) -> None:
+    port = _unused_port()
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"launcher: {{backend: simulated, worker_base_port: {port}}}\n")
+    launch_plan = cli.plan_launch(config_from_args(["--port", str(port), "--launcher-config", str(path)]))
+    assert launch_plan is not None
+    assert launch_plan.workers[0].port > port
 
 
 def test_twistd_options_without_launcher_have_no_plan() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from twisted_router.config import RouterConfig
 from twisted_router.launcher import (
     FleetPlan,
     LauncherConfig,
@@ -28,6 +29,7 @@ from twisted_router.launcher import (
     plan_fleet,
     port_is_free,
     process_group_argv,
+    router_listen_ports,
 )
 
 SGLANG = "/opt/sglang/bin/sglang"
@@ -225,6 +227,83 @@ def test_plan_uses_the_port_probe() -> None:
     fleet = plan(local(num_workers=2), is_port_free=busy(10091))
     assert [w.port for w in fleet.workers] == [10092, 10094]
     assert [w.url for w in fleet.workers] == ["http://127.0.0.1:10092", "http://127.0.0.1:10094"]
+
+
+# -- the router's own port ----------------------------------------------------------------
+
+
+def test_reserved_ports_count_as_busy_whatever_the_probe_says() -> None:
+    """The router binds its port only after planning: a probe then finds it free."""
+    assert choose_ports("127.0.0.1", 2, 30080, busy(), reserved={30080}) == [30081, 30083]
+    assert choose_ports("127.0.0.1", 2, 30079, busy(), reserved={30080}) == [30081, 30083]  # nor port + 1
+    assert choose_ports("127.0.0.1", 2, 10090, busy(), reserved={30080}) == [10090, 10092]
+
+
+def test_plan_keeps_workers_off_reserved_ports() -> None:
+    fleet = plan(local(num_workers=2, worker_base_port=30080), reserved_ports={30080})
+    assert [w.port for w in fleet.workers] == [30081, 30083]
+    assert fleet.workers[0].url == "http://127.0.0.1:30081"
+
+
+@pytest.mark.parametrize(
+    ("config", "ports"),
+    [
+        (RouterConfig(port=30080), {30080}),
+        (RouterConfig(port=0), set()),  # any free port: nothing to keep clear
+        (RouterConfig(port=30080, listen="tcp:8080:interface=127.0.0.1"), {8080}),  # --listen wins
+        (RouterConfig(listen="tcp:port=8081:interface=127.0.0.1"), {8081}),
+        (RouterConfig(listen=r"tcp6:8082:interface=\:\:1"), {8082}),
+        (RouterConfig(listen="ssl:443:privateKey=key.pem:certKey=cert.pem"), {443}),
+        (RouterConfig(listen="TCP:8083"), {8083}),
+        (RouterConfig(listen="tcp:0"), set()),
+        (RouterConfig(listen="unix:/run/router.sock"), set()),
+        (RouterConfig(listen="tcp:interface=127.0.0.1"), set()),
+    ],
+)
+def test_router_listen_ports(config: RouterConfig, ports: set[int]) -> None:
+    assert router_listen_ports(config) == ports
+
+
+# -- master and scheduler ports -----------------------------------------------------------
+
+
+def test_busy_master_port_is_refused_naming_the_key() -> None:
+    with pytest.raises(LaunchPlanError, match=r"^launcher\.master_port_base: worker 1's master port 31005 is already in use on 127\.0\.0\.1"):
+        plan(local(num_workers=2), is_port_free=busy(31005))
+
+
+def test_busy_scheduler_port_is_refused_naming_the_key() -> None:
+    with pytest.raises(LaunchPlanError, match=r"^launcher\.scheduler_port_base: worker 0's scheduler port 5555 is already in use"):
+        plan(local(num_workers=2), is_port_free=busy(5555))
+
+
+def test_internal_ports_are_probed_on_the_worker_host_and_loopback() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def free(host: str, port: int) -> bool:
+        seen.append((host, port))
+        return True
+
+    plan(local(worker_host="0.0.0.0"), is_port_free=free)
+    assert {(h, p) for h, p in seen if p in (30005, 5555)} == {
+        ("0.0.0.0", 30005), ("127.0.0.1", 30005), ("0.0.0.0", 5555), ("127.0.0.1", 5555)
+    }
+
+
+def test_an_internal_port_on_the_routers_own_port_is_refused() -> None:
+    with pytest.raises(LaunchPlanError, match=r"^launcher\.master_port_base: worker 0's master port 30005 is the router's own port"):
+        plan(local(), reserved_ports={30005})
+
+
+def test_simulated_workers_have_no_internal_ports_to_probe() -> None:
+    seen: list[int] = []
+
+    def free(host: str, port: int) -> bool:
+        seen.append(port)
+        return True
+
+    plan(LauncherConfig(backend="simulated", simulated=(SimulatedWorker(),)), is_port_free=free)
+    assert seen == [10090, 10091]
 
 
 def test_port_is_free_really_binds() -> None:

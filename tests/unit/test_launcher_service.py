@@ -505,6 +505,193 @@ def test_a_spawn_that_fails_counts_as_an_exit() -> None:
     failure_result_of(h.service.when_failed(), LaunchFailed)
 
 
+def test_a_start_that_never_became_ready_backs_off_however_long_it_ran() -> None:
+    """A real model that crashes at the end of a minutes-long load must not reload for ever without a pause."""
+    h = harness(2, restart=RestartPolicy(min_delay=5.0, max_delay=60.0, threshold=10.0), wait_timeout=600.0)
+    h.up(URL1)  # the fleet serves, so the router never gives up
+    delays = []
+    with capturedLogs() as events:
+        h.service.startService()
+        for _ in range(4):
+            h.advance(30.0)  # loads for longer than threshold, never answers /health
+            h.reactor.running(0).exit(code=1)
+            delays.append(next(e["delay"] for e in reversed(events) if "delay" in e))
+            h.advance(delays[-1])
+    assert delays == [5.0, 10.0, 20.0, 40.0]
+    assert len(h.reactor.processes_of(0)) == 5
+
+
+def test_a_worker_stopped_for_missing_wait_timeout_backs_off() -> None:
+    h = harness(2, restart=RestartPolicy(min_delay=3.0, max_delay=60.0, threshold=5.0), wait_timeout=10.0)
+    h.up(URL1)
+    with capturedLogs() as events:
+        h.service.startService()
+        h.advance(10.0)
+    assert [e["delay"] for e in events if "delay" in e] == [3.0]
+    h.advance(2.9)
+    assert len(h.reactor.processes_of(0)) == 1
+    h.advance(0.2)
+    assert len(h.reactor.processes_of(0)) == 2
+
+
+def test_backoff_is_reset_only_by_a_start_that_was_ready_and_ran_long() -> None:
+    h = harness(1, restart=RestartPolicy(min_delay=1.0, max_delay=60.0, threshold=10.0), wait_timeout=600.0)
+    delays = []
+    with capturedLogs() as events:
+        h.service.startService()
+        for ready in (False, False, True, False):
+            if ready:
+                h.up(URL0)
+            h.advance(20.0)
+            h.reactor.running(0).exit(code=1)
+            delays.append(next(e["delay"] for e in reversed(events) if "delay" in e))
+            h.http.up.pop(URL0, None)
+            h.advance(delays[-1])
+    assert delays == [1.0, 2.0, 0.0, 1.0]
+
+
+# -- a port that is taken ----------------------------------------------------------------------------
+
+IN_USE = b"twisted.internet.error.CannotListenError: Couldn't listen on 127.0.0.1:10090: [Errno 98] Address already in use.\n"
+
+
+def test_a_worker_that_cannot_bind_its_port_is_a_start_up_failure_and_is_not_restarted() -> None:
+    h = harness(1)
+    d = h.service.when_failed()
+    with capturedLogs() as events:
+        h.service.startService()
+        proc = h.reactor.running(0)
+        proc.output(IN_USE)
+        proc.exit(code=1)
+    (report,) = messages(events, LogLevel.error)
+    assert report.startswith(
+        "[worker 0] http://127.0.0.1:10090 could not start (exited with status 1): a port it needs is already in use "
+        "(twisted.internet.error.CannotListenError: Couldn't listen on 127.0.0.1:10090: [Errno 98] Address already in use.); "
+        "not restarting it: free port 10090 and 10091, or move launcher.worker_base_port;"
+    )
+    failure_result_of(d, LaunchFailed)  # its only worker failed its start-up: no 3 tries
+    h.advance(60.0)
+    assert len(h.reactor.processes_of(0)) == 1
+    assert h.router.ready == []
+
+
+def test_address_in_use_said_after_the_exit_was_reported_still_stops_the_restart() -> None:
+    """The exit can be seen before the last output is read from the pipes."""
+    h = harness(2)
+    with capturedLogs() as events:
+        h.service.startService()
+        h.up(URL1)
+        h.advance(0.5)
+        proc = h.reactor.running(0)
+        proc.exit(code=1, hold_pipes=True)
+        proc.output(b"OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', 10090): address already in use\n")
+        proc.close_pipes()
+        h.advance(60.0)
+    assert len(h.reactor.processes_of(0)) == 1
+    assert any("a port it needs is already in use" in m for m in messages(events, LogLevel.error))
+    assert h.failures == []  # worker 1 serves
+
+
+def test_address_in_use_after_a_stop_by_the_launcher_is_not_a_port_clash() -> None:
+    h = harness(1, wait_timeout=5.0)
+    h.service.startService()
+    proc = h.reactor.running(0)
+    proc.output(b"retrying: Address already in use\n")
+    h.advance(5.0)  # missed wait_timeout: stopped by the launcher, restarted after the backoff
+    h.advance(1.1)
+    assert len(h.reactor.processes_of(0)) == 2
+
+
+def test_health_is_not_trusted_once_the_spawned_process_is_gone() -> None:
+    """Whatever answers on the port, only the process started for it may be registered."""
+    h = harness(1)
+    h.service.startService()
+    h.service.monitor.running_pid = lambda name: None  # type: ignore[method-assign]  # exited, not reported yet
+    h.up(URL0)
+    with capturedLogs() as events:
+        h.advance(2.0)
+    assert h.router.ready == []
+    assert any("its process is not running; not registering it" in m for m in messages(events, LogLevel.warn))
+
+
+# -- a hung worker ----------------------------------------------------------------------------------
+
+
+def test_a_managed_worker_quarantined_by_health_checks_is_restarted_and_re_registered() -> None:
+    """A hung (SIGSTOPped) worker holds its GPUs for ever unless the launcher replaces it."""
+    h = harness(2, shutdown_grace=5.0)
+    h.service.startService()
+    h.up(URL0, URL1)
+    h.advance(0.5)
+    hung, other = h.reactor.running(0), h.reactor.running(1)
+    h.table.stubborn.add(hung.pgid)  # stopped: SIGTERM does nothing until it is SIGKILLed
+    del h.http.up[URL0]
+    with capturedLogs() as events:
+        h.service.worker_quarantined(URL0, "timed out after 5 s")
+    assert messages(events, LogLevel.warn) == [
+        "[worker 0] http://127.0.0.1:10090 quarantined by health checks (timed out after 5 s): restarting it "
+        "(SIGTERM to its process group, SIGKILL after 5 s)"
+    ]
+    assert h.table.signals_to(hung.pgid) == [signal.SIGTERM]
+    h.advance(4.8)
+    assert hung.alive
+    h.advance(0.3)
+    assert h.table.signals_to(hung.pgid) == [signal.SIGTERM, signal.SIGKILL]
+    assert not hung.alive
+    assert [url for url, _ in h.router.lost] == [URL0]
+    h.advance(1.1)  # it ran 6 s after start: less than threshold, so the usual min_delay
+    fresh = h.reactor.running(0)
+    assert fresh is not hung and fresh.alive
+    h.advance(2.0)
+    assert h.router.ready.count(URL0) == 1  # not before it is healthy
+    h.up(URL0)
+    h.advance(0.5)
+    assert h.router.ready.count(URL0) == 2  # the router re-admits it (and catches it up)
+    assert h.table.signals_to(other.pgid) == []
+    assert h.service.ready_count() == 2
+
+
+def test_quarantine_of_a_worker_the_launcher_does_not_manage_is_ignored() -> None:
+    h = harness(1)
+    h.service.startService()
+    h.up(URL0)
+    h.advance(0.5)
+    with capturedLogs() as events:
+        h.service.worker_quarantined("http://10.0.0.7:30000", "HTTP 503")
+    assert messages(events) == []
+    assert h.table.signals == []
+
+
+def test_quarantine_matches_the_pools_spelling_of_the_url() -> None:
+    h = harness(1)
+    h.service.startService()
+    h.up(URL0)
+    h.advance(0.5)
+    h.service.worker_quarantined("HTTP://127.0.0.1:10090/", "HTTP 503")
+    assert h.table.signals_to(h.reactor.running(0).pgid) == [signal.SIGTERM]
+
+
+def test_quarantine_while_loading_or_restarting_is_left_to_the_start_up() -> None:
+    h = harness(1)
+    h.service.startService()
+    h.service.worker_quarantined(URL0, "connection refused")  # still loading
+    assert h.table.signals == []
+    h.reactor.running(0).exit(code=1)
+    h.service.worker_quarantined(URL0, "connection refused")  # waiting for its restart
+    assert h.table.signals == []
+
+
+def test_quarantine_with_restart_off_leaves_the_worker_alone() -> None:
+    h = harness(1, restart=RestartPolicy(enabled=False))
+    h.service.startService()
+    h.up(URL0)
+    h.advance(0.5)
+    with capturedLogs() as events:
+        h.service.worker_quarantined(URL0, "HTTP 500")
+    assert h.table.signals == []
+    assert any("not restarted: restart is off" in m for m in messages(events, LogLevel.warn))
+
+
 # -- wait_timeout ----------------------------------------------------------------------------------
 
 
@@ -737,6 +924,36 @@ def test_router_service_runs_the_launcher_and_stops_it_after_the_listener() -> N
     launcher.startService()
     assert len(reactor.spawned) == 2
     assert launcher._hooks is parts.router  # type: ignore[attr-defined]
+
+
+def test_router_service_hands_health_check_quarantines_to_the_launcher() -> None:
+    from twisted_router.service import make_router_service
+
+    config = LauncherConfig(backend="simulated", num_workers=1, simulated=(SimulatedWorker(),))
+    plan = plan_fleet(config, is_port_free=lambda host, port: True)
+    reactor = _MemoryProcessReactor()
+    router_config = RouterConfig(
+        host="127.0.0.1", port=0, launcher_config="fleet.yaml",
+        health_check_interval=1.0, health_check_failure_threshold=2, health_check_timeout=0.5,
+    )
+    top, parts, _ = make_router_service(router_config, reactor, launch_plan=plan)
+    launcher = top.getServiceNamed("launcher")
+    handed: list[tuple[str, str]] = []
+    launcher.worker_quarantined = lambda url, reason: handed.append((url, reason))  # type: ignore[attr-defined]
+    parts.pool.add(URL0)
+    for _ in range(2):  # probes that never answer time out: two failures quarantine it
+        parts.health.check_all()
+        reactor.advance(0.6)
+    (worker,) = parts.pool.workers()
+    assert worker.is_dead
+    assert [url for url, _ in handed] == [URL0]
+
+
+def test_build_router_without_a_quarantine_hook_still_works() -> None:
+    from twisted_router.service import build_router
+
+    parts = build_router(RouterConfig(host="127.0.0.1", port=0), MemoryReactorClock())
+    assert parts.health is not None
 
 
 def test_router_service_without_launcher_config_has_no_launcher() -> None:

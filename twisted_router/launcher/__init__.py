@@ -29,6 +29,7 @@ from twisted_router.launcher._plan import (
     plan_fleet,
     port_is_free,
     process_group_argv,
+    router_listen_ports,
 )
 from twisted_router.launcher._service import (
     STARTUP_EXIT_LIMIT,
@@ -65,4 +66,5 @@ __all__ = [
     "plan_fleet",
     "port_is_free",
     "process_group_argv",
+    "router_listen_ports",
 ]

@@ -57,6 +57,7 @@ SIMULATOR_OPTIONS: Mapping[str, str] = {
     "video_bytes": "int",
     "update_ms": "float",
     "sleep_ms": "float",
+    "keep_alive_timeout": "float",
     "worker_id": "str",
     "output_path": "str",
     "disable_endpoint": "str_list",
@@ -75,18 +76,21 @@ class RestartPolicy:
     """
     What happens when a managed worker's process exits.
 
-    The backoff is L{twisted.runner.procmon.ProcessMonitor}'s: a worker that
-    dies less than C{threshold} seconds after it was started waits
-    C{min_delay} seconds before its restart, and each further quick death
-    doubles the wait up to C{max_delay}; one that ran longer is restarted at
-    once. The threshold is long by default because a real worker spends a
-    minute or more loading its model, and a crash during loading is exactly
-    the case that must back off.
+    The backoff is L{twisted.runner.procmon.ProcessMonitor}'s, with one
+    rule added: a worker that exits before it was ever ready in that start
+    (its C{/health} never answered 200) or less than C{threshold} seconds
+    after it was started waits C{min_delay} seconds before its restart, and
+    each further such death doubles the wait up to C{max_delay}; only one
+    that became ready and ran longer than C{threshold} is restarted at once
+    (and its wait reset). So a model that crashes at the end of a long load
+    backs off however long the load took. C{threshold} is at least
+    C{min_delay}.
 
     @ivar enabled: restart exited workers at all.
     @ivar min_delay: first wait, in seconds, after a quick death.
     @ivar max_delay: longest wait, in seconds.
-    @ivar threshold: a death within this many seconds of start counts as quick.
+    @ivar threshold: a death of a ready worker within this many seconds of
+        start counts as quick.
     """
 
     enabled: bool = True
@@ -291,6 +295,13 @@ def _restart(value: Any, where: str) -> RestartPolicy:
     if max_delay < min_delay:
         raise LauncherConfigError(
             f"{where}.max_delay: must be at least min_delay ({min_delay:g}), got {max_delay:g}"
+        )
+    if threshold < min_delay:
+        # A threshold of 0 would make every death of a serving worker "old"
+        # and restart it at once, however often it dies.
+        given = f"{threshold:g}" if "threshold" in data else f"the default {threshold:g}"
+        raise LauncherConfigError(
+            f"{where}.threshold: must be at least min_delay ({min_delay:g}), got {given}"
         )
     return RestartPolicy(enabled=enabled, min_delay=min_delay, max_delay=max_delay, threshold=threshold)
 

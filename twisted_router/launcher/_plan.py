@@ -18,11 +18,15 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twisted_router.launcher._config import SIMULATOR_OPTIONS, LauncherConfig, LauncherConfigError
 from twisted_router.urls import WorkerURLError, normalize_worker_url
+
+if TYPE_CHECKING:
+    from twisted_router.config import RouterConfig
 
 __all__ = [
     "FleetPlan",
@@ -34,6 +38,7 @@ __all__ = [
     "plan_fleet",
     "port_is_free",
     "process_group_argv",
+    "router_listen_ports",
 ]
 
 #: Runs the worker's command in a process group of its own (so the whole
@@ -116,6 +121,31 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def router_listen_ports(config: RouterConfig) -> frozenset[int]:
+    """
+    The TCP ports the router itself will listen on, which no worker may get.
+
+    The fleet is planned before the router binds, so probing cannot see
+    them: C{--port}, or with C{--listen} the port of a C{tcp:}, C{tcp6:} or
+    C{ssl:} endpoint (positional or C{port=}). Port 0 (any free port) and
+    other endpoint types reserve nothing.
+    """
+    if not config.listen:
+        return frozenset({config.port} if config.port else ())
+    fields = [f.replace("\x00", ":") for f in config.listen.replace("\\:", "\x00").split(":")]
+    kind, args = fields[0].strip().lower(), fields[1:]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return frozenset()
+    positional = [a for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    text = named.get("port", positional[0] if positional else "")
+    try:
+        port = int(text)
+    except ValueError:
+        return frozenset()
+    return frozenset({port} if 0 < port <= 65535 else ())
+
+
 def choose_ports(
     host: str,
     count: int,
@@ -123,6 +153,7 @@ def choose_ports(
     is_port_free: Callable[[str, int], bool],
     *,
     highest: int = 65534,
+    reserved: Collection[int] = (),
 ) -> list[int]:
     """
     One port per worker such that the port and the next one up are free.
@@ -131,14 +162,20 @@ def choose_ports(
     where a real worker binds its ZMQ broker) moves it up to the next free
     pair, and later workers start above the pairs already taken.
 
+    @param reserved: ports that count as busy whatever the probe says (the
+        router's own, which it has not bound yet).
     @raise LaunchPlanError: the ports run out below C{highest}.
     """
+
+    def free(port: int) -> bool:
+        return port not in reserved and is_port_free(host, port)
+
     ports: list[int] = []
     for i in range(count):
         candidate = base + 2 * i
         if ports:
             candidate = max(candidate, ports[-1] + 2)
-        while not (is_port_free(host, candidate) and is_port_free(host, candidate + 1)):
+        while not (free(candidate) and free(candidate + 1)):
             candidate += 1
             if candidate > highest:
                 raise LaunchPlanError(
@@ -267,6 +304,43 @@ def process_group_argv(argv: Sequence[str], *, python: str, parent_pid: int) -> 
     return [python, "-c", _GROUP_WRAPPER, str(parent_pid), *argv]
 
 
+def _check_internal_ports(
+    config: LauncherConfig,
+    worker_ports: Sequence[int],
+    reserved: Collection[int],
+    is_port_free: Callable[[str, int], bool],
+) -> None:
+    """
+    The C{local} backend's master and scheduler ports are fixed by the
+    config, so one that is taken is refused now, not after a model load.
+
+    They are probed on C{worker_host} and on loopback, where C{sglang serve}
+    binds some of them whatever its C{--host}.
+    """
+    pairs = {p for port in worker_ports for p in (port, port + 1)}
+    hosts = list(dict.fromkeys([config.worker_host, "127.0.0.1"]))
+    for key, kind in (("master_port_base", "master"), ("scheduler_port_base", "scheduler")):
+        base = getattr(config, key)
+        for i in range(config.num_workers):
+            port = base + i * config.internal_port_stride
+            if port in pairs:
+                raise LaunchPlanError(
+                    f"launcher.worker_base_port: worker port {port} is also a master or scheduler "
+                    "port; move worker_base_port, master_port_base or scheduler_port_base apart"
+                )
+            if port in reserved:
+                raise LaunchPlanError(
+                    f"launcher.{key}: worker {i}'s {kind} port {port} is the router's own port; "
+                    f"move launcher.{key} or the router's --port"
+                )
+            busy = next((host for host in hosts if not is_port_free(host, port)), None)
+            if busy is not None:
+                raise LaunchPlanError(
+                    f"launcher.{key}: worker {i}'s {kind} port {port} is already in use on {busy}; "
+                    f"move launcher.{key} (or internal_port_stride) to free ports"
+                )
+
+
 def plan_fleet(
     config: LauncherConfig,
     *,
@@ -275,15 +349,20 @@ def plan_fleet(
     is_port_free: Callable[[str, int], bool] = port_is_free,
     list_gpus: Callable[[], list[str] | None] = list_nvidia_gpus,
     python: str = sys.executable,
+    reserved_ports: Collection[int] = (),
 ) -> FleetPlan:
     """
     Decide every worker's port, GPUs, command line and environment.
 
     @param environ: the router's environment, inherited by the workers
         (default: C{os.environ}).
+    @param reserved_ports: ports no worker may use although they are free
+        now: the router's own (L{router_listen_ports}), which it binds only
+        after planning. A worker that got one would lose the bind to the
+        router, and the router's own C{/health} would answer for it.
     @raise LaunchPlanError: this machine cannot run the fleet: C{sglang} is
-        not on PATH, too few GPUs, no free ports, or an address the router
-        would refuse.
+        not on PATH, too few GPUs, no free ports (worker, master or
+        scheduler), or an address the router would refuse.
     """
     env = dict(os.environ if environ is None else environ)
     # Workers' output is relayed line by line; a block-buffered Python child
@@ -312,19 +391,12 @@ def plan_fleet(
         gpu_groups = list(config.worker_gpu_ids) if config.worker_gpu_ids is not None else [None] * config.num_workers
         gpu_source = "launcher.worker_gpu_ids" if config.worker_gpu_ids is not None else None
 
-    ports = choose_ports(config.worker_host, config.num_workers, config.worker_base_port, is_port_free)
+    reserved = frozenset(reserved_ports)
+    ports = choose_ports(
+        config.worker_host, config.num_workers, config.worker_base_port, is_port_free, reserved=reserved
+    )
     if config.backend == "local":
-        internal = {
-            base + i * config.internal_port_stride
-            for base in (config.master_port_base, config.scheduler_port_base)
-            for i in range(config.num_workers)
-        }
-        clash = sorted(internal & {p for port in ports for p in (port, port + 1)})
-        if clash:
-            raise LaunchPlanError(
-                f"launcher.worker_base_port: worker port {clash[0]} is also a master or scheduler "
-                "port; move worker_base_port, master_port_base or scheduler_port_base apart"
-            )
+        _check_internal_ports(config, ports, reserved, is_port_free)
 
     workers = []
     for index, (port, gpus) in enumerate(zip(ports, gpu_groups, strict=True)):

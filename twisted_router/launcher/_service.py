@@ -13,6 +13,7 @@ in-memory HTTP client.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -31,6 +32,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted_router.calls import describe_failure, make_http_client, read_body, with_deadline
 from twisted_router.launcher._plan import FleetPlan, WorkerSpec, process_group_argv
 from twisted_router.launcher._supervisor import WorkerMonitor, describe_exit
+from twisted_router.urls import WorkerURLError, normalize_worker_url
 
 __all__ = [
     "STARTUP_EXIT_LIMIT",
@@ -47,6 +49,10 @@ STARTUP_EXIT_LIMIT = 3
 
 #: Output lines kept per worker for the report when it fails.
 TAIL_LINES = 50
+
+#: How a process says it could not bind a port: Python's OSError (Linux
+#: errno 98, macOS 48), uvicorn, ZMQ and torch.distributed all use one of these.
+_ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|\[Errno (?:98|48)\]", re.IGNORECASE)
 
 
 class FleetHooks(Protocol):
@@ -80,6 +86,12 @@ class _Managed:
     registered: bool = False
     startup_exits: int = 0
     missed_deadline: bool = False
+    #: Its last process exited on its own before it was ready (its output
+    #: may still be arriving: see L{LauncherService.process_output}).
+    failed_loading: bool = False
+    #: It exited before it was ready because a port it needs was taken: not
+    #: restarted (its /health URL may be answered by whoever holds the port).
+    port_in_use: bool = False
     stopped_by_us: bool = False
     poll: IDelayedCall | None = None
     deadline: IDelayedCall | None = None
@@ -145,6 +157,7 @@ class LauncherService(Service):
         self._python = python
         self._parent_pid = parent_pid
         self._workers = {spec.name: _Managed(spec) for spec in plan.workers}
+        self._by_url = {_url_key(m.url): m for m in self._workers.values()}
         self._monitor = WorkerMonitor(
             reactor,
             self,
@@ -171,6 +184,37 @@ class LauncherService(Service):
     def ready_count(self) -> int:
         """How many workers are registered and serving now."""
         return sum(1 for m in self._workers.values() if m.phase == "ready")
+
+    def worker_quarantined(self, url: str, reason: str) -> None:
+        """
+        The router's health checker quarantined C{url} (e.g. a hung worker
+        that no longer answers C{/health}). If it is one of ours and running,
+        restart it: SIGTERM to its process group, SIGKILL after
+        C{shutdown_grace}, and a new start with the usual backoff, which is
+        registered again once it is healthy. Other workers are not ours to touch.
+        """
+        m = self._by_url.get(_url_key(url))
+        if m is None or self._stopping or m.phase not in ("registering", "ready"):
+            return  # not managed, or not running (its restart is under way), or still loading
+        if not self._config.restart.enabled:
+            self.log.warn(
+                "[worker {index}] {url} quarantined by health checks ({reason}); "
+                "not restarted: restart is off",
+                index=m.index,
+                url=m.url,
+                reason=reason,
+            )
+            return
+        self.log.warn(
+            "[worker {index}] {url} quarantined by health checks ({reason}): restarting it "
+            "(SIGTERM to its process group, SIGKILL after {grace:g} s)",
+            index=m.index,
+            url=m.url,
+            reason=reason,
+            grace=self._config.shutdown_grace,
+        )
+        m.stopped_by_us = True
+        self._monitor.stopProcess(m.spec.name)
 
     def when_failed(self) -> Deferred[None]:
         """
@@ -247,6 +291,7 @@ class LauncherService(Service):
         m.phase = "starting"
         m.started_at = self._clock.seconds()
         m.stopped_by_us = False
+        m.failed_loading = False
         m.tail.clear()
         self.log.info(
             "[worker {index}] started{again}, pid {pid}; waiting for {url}/health",
@@ -263,6 +308,10 @@ class LauncherService(Service):
         m = self._workers[name]
         m.tail.append(line)
         self.log.info("[worker {index}] {line}", index=m.index, line=line, stream=stream)
+        if m.failed_loading and not m.port_in_use and not self._stopping and _ADDRESS_IN_USE.search(line):
+            # Its last words arrived after the exit was reported; the restart
+            # is scheduled only once its pipes are closed, so this is in time.
+            self._port_in_use(m, line)
 
     def process_exited(self, name: str, reason: Failure) -> None:
         m = self._workers[name]
@@ -270,6 +319,7 @@ class LauncherService(Service):
         if m.inflight is not None and m.phase == "starting":
             m.inflight.cancel()  # a health probe of a dead process; registering is left to finish
         uptime = self._clock.seconds() - m.started_at if m.starts else 0.0
+        was_loading = m.phase == "starting"
         m.phase = "exited"
         m.pid = None
         why = describe_exit(reason)
@@ -278,8 +328,13 @@ class LauncherService(Service):
             return
         if m.registered:
             self._lost(m, f"launcher: worker process {why}")
+        m.failed_loading = was_loading and not m.stopped_by_us
+        in_use = self._address_in_use(m) if m.failed_loading else None
         if m.stopped_by_us:
             self.log.info("[worker {index}] stopped: {why}", index=m.index, why=why)
+        elif in_use is not None:
+            self._port_in_use(m, in_use, why=why)  # checks the start-up too
+            return
         else:
             if not m.ever_ready:
                 m.startup_exits += 1
@@ -326,6 +381,17 @@ class LauncherService(Service):
         if m.starts != attempt or m.phase != "starting" or self._stopping:
             return
         if code == 200:
+            pid = m.pid
+            if pid is None or self._monitor.running_pid(m.spec.name) != pid:
+                # Whatever answered, it is not the process we started for
+                # this port (that one has exited): never register it.
+                self.log.warn(
+                    "[worker {index}] {url}/health answered, but its process is not running; not registering it",
+                    index=m.index,
+                    url=m.url,
+                )
+                return
+            self._monitor.mark_ready(m.spec.name, pid)
             self._register(m, attempt)
         else:
             self.log.debug("[worker {index}] /health answered {code}", index=m.index, code=code)
@@ -422,6 +488,47 @@ class LauncherService(Service):
                 call.cancel()
         m.poll = m.deadline = None
 
+    def _address_in_use(self, m: _Managed) -> str | None:
+        """The output line saying the worker could not bind a port, if it said so."""
+        for line in reversed(m.tail):
+            if _ADDRESS_IN_USE.search(line):
+                return line
+        return None
+
+    def _port_in_use(self, m: _Managed, line: str, why: str | None = None) -> None:
+        """
+        A worker exited before it was ready because a port it needs is taken:
+        a start-up failure. Restarting cannot help, and while a new start
+        loaded, its readiness probe would reach whatever holds the port.
+        """
+        m.port_in_use = True
+        self._monitor.do_not_restart(m.spec.name)
+        text = line.strip()
+        self.log.error(
+            "[worker {index}] {url} could not start{why}: a port it needs is already in use "
+            "({line}); not restarting it: free {ports}, or move {keys}; {report}",
+            index=m.index,
+            url=m.url,
+            why=f" ({why})" if why else "",
+            line=text if len(text) <= 200 else text[:197] + "...",
+            ports=self._ports_of(m),
+            keys=(
+                "launcher.worker_base_port, master_port_base or scheduler_port_base"
+                if self._config.backend == "local"
+                else "launcher.worker_base_port"
+            ),
+            report=self._report(m),
+        )
+        self._check_startup()
+
+    def _ports_of(self, m: _Managed) -> str:
+        port = m.spec.port
+        ports = [str(port), str(port + 1)]
+        if self._config.backend == "local":
+            offset = m.index * self._config.internal_port_stride
+            ports += [str(self._config.master_port_base + offset), str(self._config.scheduler_port_base + offset)]
+        return "port " + ", ".join(ports[:-1]) + " and " + ports[-1]
+
     def _report(self, m: _Managed) -> str:
         if not m.tail:
             return "it printed nothing"
@@ -432,7 +539,7 @@ class LauncherService(Service):
         if m.ever_ready:
             return False
         limit = STARTUP_EXIT_LIMIT if self._config.restart.enabled else 1
-        return m.missed_deadline or m.startup_exits >= limit
+        return m.missed_deadline or m.port_in_use or m.startup_exits >= limit
 
     def _check_startup(self) -> None:
         """Decide the start-up once the first worker is ready, or once every worker has given up."""
@@ -472,6 +579,14 @@ class LauncherService(Service):
             elapsed=self._clock.seconds() - self._began,
             waiting=", ".join(waiting),
         )
+
+
+def _url_key(url: str) -> str:
+    """A worker URL as the pool spells it, so the router's and the launcher's spellings match."""
+    try:
+        return normalize_worker_url(url)
+    except WorkerURLError:
+        return url
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

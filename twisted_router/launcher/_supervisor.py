@@ -15,7 +15,11 @@ does not do, and a GPU fleet needs, are added here:
     out of rotation at once;
   - a worker is restarted (or counted as stopped) only once nothing of its
     group is left, so a restart never races its predecessor's leftovers for
-    the GPU or the port.
+    the GPU or the port;
+  - a start that never became ready (see L{WorkerMonitor.mark_ready}) always
+    backs off, however long it ran: C{ProcessMonitor} restarts anything that
+    ran longer than its threshold at once, which for a model that crashes at
+    the end of a long load means reloading it for ever without a pause.
 
 The launcher service receives what happens through L{ProcessEvents}.
 """
@@ -173,6 +177,8 @@ class WorkerMonitor(ProcessMonitor):
         self._reaping: dict[str, IDelayedCall] = {}
         self._killed_at: dict[str, float] = {}
         self._stopped: list[Deferred[None]] = []
+        #: Processes whose current start became ready (see L{mark_ready}).
+        self._ready: set[str] = set()
 
     # -- spawning --------------------------------------------------------------------
 
@@ -184,6 +190,7 @@ class WorkerMonitor(ProcessMonitor):
         proto = _WorkerProcess(self, name)
         self.protocols[name] = proto
         self.timeStarted[name] = self._clock.seconds()
+        self._ready.discard(name)
         try:
             self._reactor.spawnProcess(
                 proto,
@@ -199,6 +206,31 @@ class WorkerMonitor(ProcessMonitor):
             proto.exited = True
             self._leader_exited(proto, failure)
             self._finished(name, failure)
+
+    def running_pid(self, name: str) -> int | None:
+        """
+        The pid of C{name}'s current process while its main process runs
+        (as far as the reactor has told us), else C{None}.
+        """
+        proto = self.protocols.get(name)
+        if isinstance(proto, _WorkerProcess) and not proto.exited:
+            return proto.pid
+        return None
+
+    def mark_ready(self, name: str, pid: int) -> None:
+        """
+        Process C{pid} of C{name} became ready (it answered its health
+        check). Only then may its exit, if it ran longer than C{threshold},
+        be restarted at once; an exit of a start that never became ready
+        always backs off.
+        """
+        if self.running_pid(name) == pid:
+            self._ready.add(name)
+
+    def do_not_restart(self, name: str) -> None:
+        """Stop supervising C{name}: its current process is not restarted when it exits (nor stopped here)."""
+        if name in self._processes:
+            self.removeProcess(name)
 
     def _started(self, proto: _WorkerProcess) -> None:
         assert proto.pid is not None
@@ -299,15 +331,33 @@ class WorkerMonitor(ProcessMonitor):
         self._finished(name, reason)
 
     def _finished(self, name: str, reason: Failure) -> None:
-        """Hand the exit to C{ProcessMonitor}: bookkeeping, and a restart with backoff if running."""
-        monitored_exit = getattr(self, "_monitoredProcessExited", None)
-        if monitored_exit is not None:
-            monitored_exit(name, reason)
-        else:  # Twisted before 25.5
-            self.connectionLost(name)
-        pending = self.restart.get(name)
-        if self.running and name in self._processes and pending is not None and pending.active():
-            self._events.process_restart_scheduled(name, max(0.0, pending.getTime() - self._clock.seconds()))
+        """
+        The process and its group are gone: C{ProcessMonitor}'s bookkeeping,
+        and a restart with backoff if it is still supervised.
+
+        This is C{ProcessMonitor}'s own rule (a process that ran less than
+        C{threshold} seconds waits C{delay}, which doubles up to
+        C{maxRestartDelay}; one that ran longer is restarted at once and its
+        delay reset), except that only a start that became ready counts as
+        having run: an exit before readiness always backs off.
+        """
+        murder = self.murder.pop(name, None)
+        if murder is not None and murder.active():
+            murder.cancel()
+        self.protocols.pop(name, None)
+        became_ready = name in self._ready
+        self._ready.discard(name)
+        now = self._clock.seconds()
+        ran = now - self.timeStarted.get(name, now)
+        if became_ready and ran >= self.threshold:
+            delay = 0.0
+            self.delay[name] = self.minRestartDelay
+        else:
+            delay = self.delay.get(name, self.minRestartDelay)
+            self.delay[name] = min(delay * 2, self.maxRestartDelay)
+        if self.running and name in self._processes:
+            self.restart[name] = self._clock.callLater(delay, self.startProcess, name)
+            self._events.process_restart_scheduled(name, delay)
         self._check_stopped()
 
     # -- stopping everything -------------------------------------------------------
