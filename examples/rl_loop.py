@@ -3,7 +3,7 @@
 An RL controller driving a diffusion fleet through twisted_router, the way a
 trainer does: rollout -> sleep -> train -> wake -> refit, N times.
 
-It uses only `requests`. Every sample's `X-Weight-Version` header is checked
+It uses only `requests` (`pip install requests`). Every sample's `X-Weight-Version` header is checked
 against the version the rollout should be using, so an off-policy sample (one
 generated with stale weights) is caught and reported.
 
