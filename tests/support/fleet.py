@@ -224,3 +224,18 @@ class RouterHarness:
     def json(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         code, body, _ = self.call(method, path, **kwargs)
         return code, json.loads(body)
+
+
+def make_router(
+    n: int = 2, *, task_types: tuple[str, ...] = (), **config: Any
+) -> tuple[RouterHarness, list[FakeWorker]]:
+    """A router over C{n} registered fake workers named w0, w1, ... (T2I unless C{task_types} says)."""
+    fleet = Fleet()
+    harness = RouterHarness(fleet, **config)
+    workers = []
+    for i in range(n):
+        task_type = task_types[i] if i < len(task_types) else "T2I"
+        url, worker = fleet.add(f"w{i}", task_type=task_type)
+        harness.register(url)
+        workers.append(worker)
+    return harness, workers

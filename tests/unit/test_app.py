@@ -12,19 +12,8 @@ import pytest
 from twisted.web.server import Request
 
 from tests.support.deferreds import assert_no_result, success_result_of
-from tests.support.fleet import Fleet, RouterHarness, json_answer
-
-
-def make(n: int = 2, *, task_types: tuple[str, ...] = (), **config: object) -> tuple[RouterHarness, list]:
-    fleet = Fleet()
-    harness = RouterHarness(fleet, **config)
-    workers = []
-    for i in range(n):
-        task_type = task_types[i] if i < len(task_types) else "T2I"
-        url, worker = fleet.add(f"w{i}", task_type=task_type)
-        harness.register(url)
-        workers.append(worker)
-    return harness, workers
+from tests.support.fleet import json_answer
+from tests.support.fleet import make_router as make
 
 
 def served_by(response: object) -> str:

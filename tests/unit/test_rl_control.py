@@ -11,18 +11,8 @@ import json
 from twisted.internet.defer import Deferred
 
 from tests.support.deferreds import assert_no_result, success_result_of
-from tests.support.fleet import FakeWorker, Fleet, RouterHarness, json_answer
-
-
-def make(n: int = 2, **config: object) -> tuple[RouterHarness, list[FakeWorker]]:
-    fleet = Fleet()
-    harness = RouterHarness(fleet, **config)
-    workers = []
-    for i in range(n):
-        url, worker = fleet.add(f"w{i}")
-        harness.register(url)
-        workers.append(worker)
-    return harness, workers
+from tests.support.fleet import FakeWorker, RouterHarness, json_answer
+from tests.support.fleet import make_router as make
 
 
 def generate(h: RouterHarness) -> tuple[int, str | None, str | None]:

@@ -15,19 +15,9 @@ from twisted.internet.testing import StringTransport
 from twisted.web.server import Request
 
 from tests.support.deferreds import success_result_of
-from tests.support.fleet import FakeWorker, Fleet, RouterHarness, json_answer
+from tests.support.fleet import FakeWorker, RouterHarness, json_answer
+from tests.support.fleet import make_router as make
 from twisted_router.site import RouterSite
-
-
-def make(n: int = 2, **config: object) -> tuple[RouterHarness, list[FakeWorker]]:
-    fleet = Fleet()
-    harness = RouterHarness(fleet, **config)
-    workers = []
-    for i in range(n):
-        url, worker = fleet.add(f"w{i}")
-        harness.register(url)
-        workers.append(worker)
-    return harness, workers
 
 
 def update_bodies(worker: FakeWorker) -> list[bytes]:
