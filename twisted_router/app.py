@@ -207,10 +207,6 @@ class Router:
         if worker is not None and self._pool.quarantine(worker, reason):
             self.log.warn("managed worker {worker} out of rotation: {reason}", worker=worker.display_id, reason=reason)
 
-    async def refresh_worker(self, worker: Worker) -> bool:
-        """Learn (again) what a worker serves: task type, model, video support."""
-        return await self._refresh(worker)
-
     # ------------------------------------------------------------------ dispatch
 
     def _unavailable(self, request: Request, *, video: bool, image_only: bool = False) -> bytes:
