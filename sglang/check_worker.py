@@ -641,27 +641,22 @@ class Probe:
         })
 
     def sleep_wake(self) -> None:
-        def release(expected: str) -> Callable[[], str]:
+        def memory_call(path: str, sleeping: bool, expected: str) -> Callable[[], str]:
             def check() -> str:
-                a = self.w.request("POST", "/release_memory_occupation", {})
+                a = self.w.request("POST", path, {})
                 expect_code(a, 200)
                 j = a.json()
-                expect(j.get("success") is True and j.get("sleeping") is True, f"body {a.body[:200]!r}")
+                expect(j.get("success") is True and j.get("sleeping") is sleeping, f"body {a.body[:200]!r}")
                 if expected:
                     expect(j.get("message") == expected, f"message {j.get('message')!r}, expected {expected!r}")
-                return f"sleeping, {j.get('message')!r}"
+                return f"{'sleeping' if sleeping else 'awake'}, {j.get('message')!r}"
             return check
 
+        def release(expected: str) -> Callable[[], str]:
+            return memory_call("/release_memory_occupation", True, expected)
+
         def resume(expected: str) -> Callable[[], str]:
-            def check() -> str:
-                a = self.w.request("POST", "/resume_memory_occupation", {})
-                expect_code(a, 200)
-                j = a.json()
-                expect(j.get("success") is True and j.get("sleeping") is False, f"body {a.body[:200]!r}")
-                if expected:
-                    expect(j.get("message") == expected, f"message {j.get('message')!r}, expected {expected!r}")
-                return f"awake, {j.get('message')!r}"
-            return check
+            return memory_call("/resume_memory_occupation", False, expected)
 
         def rejected() -> str:
             a = self._small_generation()

@@ -590,6 +590,12 @@ def _abort_client(request: Request) -> None:
         force()
 
 
+def _cancel_timer(call: _DelayedCall | None) -> None:
+    """Cancel a timer if it is still pending."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 def _client_gone(request: Request) -> bool:
     """Twisted sets C{channel} to None in C{Request.connectionLost}."""
     return getattr(request, "channel", None) is None
@@ -760,10 +766,8 @@ class _Relay(TwistedProtocol):
         _abort_client(cast(Request, self._request))
 
     def _disarm_stall(self) -> None:
-        if self._stall_call is not None:
-            if self._stall_call.active():
-                self._stall_call.cancel()
-            self._stall_call = None
+        _cancel_timer(self._stall_call)
+        self._stall_call = None
 
     # Ways out
 
@@ -826,10 +830,8 @@ class _Relay(TwistedProtocol):
             self._idle_call = self._reactor.callLater(self._idle_timeout, self._idle_expired)
 
     def _disarm_idle(self) -> None:
-        if self._idle_call is not None:
-            if self._idle_call.active():
-                self._idle_call.cancel()
-            self._idle_call = None
+        _cancel_timer(self._idle_call)
+        self._idle_call = None
 
 
 # --------------------------------------------------------------------------
