@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, TypeVar
 
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
@@ -43,10 +44,34 @@ _T = TypeVar("_T")
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
+class _AsciiURL(EncodedURL):
+    """
+    A URL that is already in its wire form.
+
+    treq turns every URL into a URI with hyperlink's C{to_uri}, which
+    IDNA-encodes the host and fails on an IPv6 literal (C{'::1'} is no host
+    name), so a worker at C{http://[::1]:30000} could never be called. The
+    router's worker URLs are canonical ASCII and its paths are quoted, so
+    there is nothing left to encode: the URL is used as it is.
+    """
+
+    def to_uri(self) -> _AsciiURL:
+        return self
+
+
+class _WorkerHTTPClient(HTTPClient):
+    """A treq client whose string URLs skip the re-encoding that breaks IPv6 literals."""
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        if isinstance(url, str):
+            url = _AsciiURL.from_text(url)
+        return super().request(method, url, **kwargs)
+
+
 def make_http_client(agent: IAgent) -> HTTPClient:
     """A treq client for worker calls that never stores or replays cookies between workers."""
     jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    return HTTPClient(agent, cookiejar=jar)  # type: ignore[arg-type]  # treq annotates its own jar subclass
+    return _WorkerHTTPClient(agent, cookiejar=jar)  # type: ignore[arg-type]  # treq annotates its own jar subclass
 
 
 @dataclass(frozen=True)

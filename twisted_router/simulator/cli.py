@@ -194,9 +194,10 @@ async def serve(reactor: _Reactor, config: SimulatorConfig) -> tuple[SimulatedWo
     site = _QuietSite(worker.resource(), timeout=config.keep_alive_timeout, reactor=reactor)
     port = await endpoint.listen(site)
     bound = port.getHost().port
+    host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 literal, as in a URL
     if not worker.worker_id:
-        worker.worker_id = f"{config.host}:{bound}"
-    _log.info("listening on http://{host}:{port}", host=config.host, port=bound)
+        worker.worker_id = f"{host}:{bound}"
+    _log.info("listening on http://{host}:{port}", host=host, port=bound)
     return worker, port
 
 
