@@ -391,7 +391,7 @@ class Router:
 
     @app.route("/v1/images/<image_id>/content", methods=["GET", "HEAD"])
     async def image_content(self, request: Request, image_id: str) -> bytes | None:
-        owner = self._registered(self.images.owner(image_id))
+        owner = await self._image_owner(image_id)
         if owner is None:
             return json_error(request, 404, f"Unknown image_id: {image_id}")
         out = await self._forward_to(request, owner)
@@ -440,30 +440,67 @@ class Router:
         return self._pool.get(worker_url) if worker_url else None
 
     async def _video_owner(self, video_id: str) -> Worker | None:
-        """
-        The worker that owns job C{video_id}.
+        """The worker that owns job C{video_id} (asking the video workers when the router does not know)."""
+        return await self._find_owner(
+            "video",
+            video_id,
+            self.videos,
+            [w for w in self._pool.workers() if not w.is_dead and w.video_support],
+            "/v1/videos/" + quote(video_id, safe=""),
+            learn=self._learn_job,
+        )
 
-        Unknown ids are looked up by asking every live video-capable worker, so
-        a router restart (or an evicted entry) never orphans a running job.
+    async def _image_owner(self, image_id: str) -> Worker | None:
+        """The worker that holds image C{image_id} (asking the image workers when the router does not know)."""
+        live = [w for w in self._pool.workers() if not w.is_dead]
+        # Any worker may have made it when the fleet had no image-model workers then.
+        suspects = [w for w in live if w.image_model] or live
+        return await self._find_owner(
+            "image",
+            image_id,
+            self.images,
+            suspects,
+            "/v1/images/" + quote(image_id, safe="") + "/content",
+            finished=True,
+        )
+
+    async def _find_owner(
+        self,
+        kind: str,
+        item_id: str,
+        owners: OwnerMap,
+        suspects: list[Worker],
+        path: str,
+        *,
+        learn: Callable[[Worker, Any], None] | None = None,
+        finished: bool = False,
+    ) -> Worker | None:
         """
-        owner = self._registered(self.videos.owner(video_id))
+        The worker that holds C{item_id}: the one the router remembers, else
+        the first of C{suspects} that answers C{GET path} with 200.
+
+        Only the worker that made an image or runs a job has it, and the
+        router's memory of owners is lost on a restart (or evicted), so asking
+        the workers is what keeps ids valid for as long as the workers keep them.
+        """
+        owner = self._registered(owners.owner(item_id))
         if owner is not None:
             return owner
-        suspects = [w for w in self._pool.workers() if not w.is_dead and w.video_support]
         if not suspects:
             return None
+        # A video poll answer says more about the job (learned); an image's bytes say nothing.
         replies = await self._caller.fan_out(
-            [w.url for w in suspects],
-            "GET",
-            "/v1/videos/" + quote(video_id, safe=""),
-            timeout=LOOKUP_TIMEOUT,
+            [w.url for w in suspects], "GET", path, timeout=LOOKUP_TIMEOUT, keep_body=learn is not None
         )
         for worker, reply in zip(suspects, replies, strict=True):
             if reply.status_code == 200:
-                self._learn_job(worker, reply.body)
-                if video_id not in self.videos:
-                    self.videos.remember(video_id, worker.url)
-                self.log.info("found owner {worker} of video {video}", worker=worker.display_id, video=video_id)
+                if learn is not None:
+                    learn(worker, reply.body)
+                if item_id not in owners:
+                    owners.remember(item_id, worker.url, finished=finished)
+                self.log.info(
+                    "found owner {worker} of {kind} {item}", worker=worker.display_id, kind=kind, item=item_id
+                )
                 return worker
         return None
 

@@ -245,6 +245,10 @@ async def read_limited(response: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _drop(data: bytes) -> None:
+    """A body sink for answers whose status is all that matters."""
+
+
 def decode_body(raw: bytes) -> Any:
     """JSON when the worker sent JSON, else the text, so results always serialise."""
     try:
@@ -271,8 +275,14 @@ class WorkerCaller:
         body: bytes | None = None,
         timeout: float,
         content_type: bytes = b"application/json",
+        keep_body: bool = True,
     ) -> WorkerReply:
-        """Make one call; never raises except for cancellation of the caller."""
+        """
+        Make one call; never raises except for cancellation of the caller.
+
+        @param keep_body: False when only the status matters (an image lookup):
+            the answer, possibly megabytes, is read to its end and dropped.
+        """
         headers = Headers({b"Content-Type": [content_type]}) if body is not None else None
 
         async def exchange() -> tuple[int, bytes]:
@@ -284,6 +294,9 @@ class WorkerCaller:
                 allow_redirects=False,
                 unbuffered=True,
             )
+            if not keep_body:
+                await read_body(response, _drop)  # to the end, so the connection goes back to the pool
+                return response.code, b""
             return response.code, await read_limited(response, MAX_REPLY_BYTES)
 
         try:
@@ -294,7 +307,7 @@ class WorkerCaller:
             if was_cancelled(exc):
                 raise CancelledError() from exc
             return WorkerReply(worker_url, None, None, describe_failure(exc, timeout))  # a result, never a crash
-        return WorkerReply(worker_url, code, decode_body(raw))
+        return WorkerReply(worker_url, code, decode_body(raw) if keep_body else None)
 
     async def fan_out(
         self,
@@ -304,10 +317,11 @@ class WorkerCaller:
         *,
         body: bytes | None = None,
         timeout: float,
+        keep_body: bool = True,
     ) -> list[WorkerReply]:
         """Call every worker concurrently; one reply per worker, in the given order."""
         calls = [
-            Deferred.fromCoroutine(self.call(url, method, path, body=body, timeout=timeout))
+            Deferred.fromCoroutine(self.call(url, method, path, body=body, timeout=timeout, keep_body=keep_body))
             for url in worker_urls
         ]
         outcomes = await DeferredList(calls, consumeErrors=True)

@@ -65,6 +65,7 @@ class FakeWorker(Resource):
         self.handlers: dict[tuple[bytes, bytes], Handler] = {}
         self.held: list[Request] = []
         self.health_status = 200
+        self.images: set[str] = set()
         self._counter = 0
 
     def on(self, method: bytes, path: bytes, handler: Handler) -> None:
@@ -102,6 +103,7 @@ class FakeWorker(Resource):
             card = {"id": self.model_id, "object": "model", "task_type": self.task_type}
             return json_answer(request, 200, {"object": "list", "data": [card]})
         if path == "/v1/images/generations":
+            self.images.add(job_id)
             return json_answer(
                 request,
                 200,
@@ -112,6 +114,8 @@ class FakeWorker(Resource):
                 },
             )
         if path.startswith("/v1/images/") and path.endswith("/content"):
+            if path.split("/")[3] not in self.images:  # only the worker that made an image has it
+                return json_answer(request, 404, {"detail": "Image not found"})
             request.setHeader(b"content-type", b"image/jpeg")
             return b"JPEG:" + path.encode()
         if path == "/v1/videos" and request.method == b"POST":
