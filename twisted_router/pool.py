@@ -12,6 +12,7 @@ only available through L{WorkerPool.lease}.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ VIDEO_INCAPABLE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I", "I2M"})
 #: The activity of a registered worker that has not answered yet (it may
 #: still be loading its model): not routable, probed until it answers.
 STARTING = "starting"
+
+#: A URL whose "//" after the scheme was merged into one slash.
+_MERGED_SCHEME = re.compile(r"^(https?):/(?!/)", re.IGNORECASE)
 
 #: Task types of image models: image endpoints prefer these workers.
 IMAGE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I"})
@@ -302,7 +306,10 @@ class WorkerPool:
         found = self._workers.get(key)
         if found is not None:
             return found
-        for candidate in (unquote(key), key):
+        # Request paths arrive with duplicate slashes merged, so a plain URL in
+        # /workers/http://h:1 is seen as http:/h:1: restore its "//".
+        plain = unquote(key)
+        for candidate in (plain, key, _MERGED_SCHEME.sub(r"\1://", plain)):
             try:
                 url = normalize_worker_url(candidate)
             except WorkerURLError:

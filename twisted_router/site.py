@@ -1,10 +1,16 @@
 """
-The router's HTTP server side: a Site whose requests have a bounded body.
+The router's HTTP server side: a Site whose requests have a bounded body and
+a canonical request-target.
 
 Twisted buffers a whole request body (in memory, then a temporary file)
 before any route runs and sets no limit. A router open to a fleet's clients
 needs one: a body over C{max_request_body} bytes is not stored at all, and the
 request is answered 413 without reaching a route or a worker.
+
+Every request-target is rewritten to its canonical origin form
+(L{twisted_router.targets}) before routing, so an absolute-form or oddly
+spelled path reaches the same route as its plain spelling; one that cannot be
+read is answered 400 here, before Klein (which would log a traceback).
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
+from twisted_router.targets import BadTarget, normalize_target
+
 
 class BoundedRequest(Request):
     """A request that stops storing its body once it is larger than the site allows."""
 
     _too_large = False
     _received = 0
+    _bad_target: str | None = None
 
     def _limit(self) -> int:
         site = getattr(self.channel, "site", None)
@@ -56,21 +65,36 @@ class BoundedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        try:
+            path = normalize_target(path)
+        except BadTarget as exc:
+            self._bad_target = str(exc)
+            path = b"/"  # parse nothing of it; process() answers 400
+        super().requestReceived(command, path, version)
+
     def process(self) -> None:
-        if not self._too_large:
+        if self._too_large:
+            # The rest of the refused body may still be on its way: close.
+            self._refuse(413, f"request body larger than {self._limit()} bytes (--max-request-body)", close=True)
+        elif self._bad_target is not None:
+            self._refuse(400, self._bad_target, close=False)
+        else:
             super().process()
-            return
+
+    def _refuse(self, status: int, message: str, *, close: bool) -> None:
+        """Answer with the router's JSON error without reaching a route."""
         self.site = getattr(self.channel, "site", None)
-        self.setResponseCode(413)
+        self.setResponseCode(status)
         self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"connection", b"close")
-        message = f"request body larger than {self._limit()} bytes (--max-request-body)"
+        if close:
+            self.setHeader(b"connection", b"close")
         body = json.dumps({"error": message}).encode()
         self.setHeader(b"content-length", str(len(body)).encode())
         channel = self.channel
         self.write(body)
         self.finish()
-        if channel is not None:  # the rest of the refused body may still be on its way
+        if close and channel is not None:
             channel.loseConnection()
 
 
