@@ -17,6 +17,8 @@ How the invariant is kept:
     quarantine, restarted) or older than the fleet's (slept through a refit)
     is first sent the fleet's last update body, and becomes routable only
     when that succeeds. A failed refit or catch-up quarantines the worker.
+  - A worker that joins while the fleet sleeps is put to sleep too before it
+    gets any traffic, and wakes (and is caught up) with the fleet.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_router.calls import WorkerCaller, WorkerReply
-from twisted_router.pool import Worker, WorkerPool
+from twisted_router.pool import STARTING, Worker, WorkerPool
 
 UPDATING = "updating weights"
 SYNCING = "syncing weights"
 RELEASING = "releasing memory"
 RESUMING = "resuming memory"
+#: A worker that joined a sleeping fleet, being put to sleep (or, if the fleet woke meanwhile, let in).
+JOINING = "joining asleep"
 
 INITIAL_VERSION = "0"
 
@@ -340,12 +344,80 @@ class FleetController:
             # Start-up weights. A first refit running right now does not target
             # it; it is caught up when that refit ends (_catch_up_stragglers).
             self._make_current(worker)
-            self.changed.notify()
-            return
         if worker.is_dead or worker.is_sleeping:
             return  # caught up when it is re-admitted or woken
+        if self._may_be_asleep(worker):
+            # Serving while every other worker sleeps would put generations
+            # where the controller freed the GPUs: it joins asleep instead.
+            worker.activity = JOINING
+            self._schedule_join()
+            return
+        if self._update_body is None:
+            self.changed.notify()
+            return
         worker.activity = SYNCING
         self._schedule_sync()
+
+    def _fleet_asleep(self, joiner: Worker) -> bool:
+        """Every other live worker that has answered sleeps (and there is one)."""
+        others = [
+            w
+            for w in self._pool.workers()
+            if w is not joiner and not w.is_dead and w.activity not in (STARTING, JOINING)
+        ]
+        return bool(others) and all(w.is_sleeping for w in others)
+
+    def _may_be_asleep(self, joiner: Worker) -> bool:
+        """The fleet sleeps, or a sleep broadcast running now may leave it asleep: decide under the lock."""
+        return self._fleet_asleep(joiner) or any(
+            w.activity == RELEASING for w in self._pool.workers() if w is not joiner
+        )
+
+    def _schedule_join(self) -> None:
+        """Settle the joiners under the lock, after whatever control call runs now."""
+        d = Deferred.fromCoroutine(self._locked(self._join_pass))
+        self._sync_runs.add(d)
+
+        def done(result: object) -> None:
+            self._sync_runs.discard(d)
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                self.log.failure("putting joining workers to sleep failed", result)
+
+        d.addBoth(done)
+
+    async def _join_pass(self) -> None:
+        joiners = [w for w in self._pool.workers() if w.activity == JOINING]
+        if not joiners:
+            return
+        if not self._fleet_asleep(joiners[0]):
+            # The fleet woke (or never slept) meanwhile: an ordinary join.
+            self._set_activity(joiners, None)
+            self._catch_up_stragglers()
+            return
+        self.log.info("putting {count} worker(s) that joined a sleeping fleet to sleep", count=len(joiners))
+        admissions = self._admissions(joiners)
+        try:
+            replies = await self._caller.fan_out(
+                [w.url for w in joiners], "POST", "/release_memory_occupation", body=b"{}", timeout=self._timeout
+            )
+        except BaseException:
+            self._set_activity(joiners, None)
+            for worker in joiners:
+                self._quarantine(worker, "joining the sleeping fleet was interrupted")
+            raise
+        for worker, admitted, reply in zip(joiners, admissions, replies, strict=True):
+            if worker.admissions != admitted or worker.activity != JOINING:
+                continue  # re-admitted, removed or changed meanwhile: it has its own admission
+            worker.activity = None
+            if worker.is_dead:
+                continue
+            if reply.success:
+                self._pool.set_sleeping(worker, True)
+                self.log.info("worker {worker} joined the sleeping fleet asleep", worker=worker.display_id)
+            else:
+                # Awake while the fleet sleeps would split it: keep it out.
+                self._quarantine(worker, f"could not be put to sleep with the fleet: {_reason(reply)}")
+        self.changed.notify()
 
     def _schedule_sync(self) -> None:
         """Run one catch-up pass soon; passes coalesce, so N joining workers cost one broadcast."""

@@ -311,16 +311,18 @@ def test_worker_that_slept_through_a_refit_is_caught_up_on_wake(processes: Proce
 
 
 def test_worker_asleep_during_a_refit_is_caught_up_on_wake(processes: Processes) -> None:
-    # No quarantine involved: a sleeps, then b joins (awake) and alone takes the refit.
-    (a,) = processes.workers(sim("a", "--update-ms", "1500"))
-    router = processes.router([a])
-    wait_for_workers(router, 1)
-    assert control(router, "release").json()["success"] is True
-    (b,) = processes.workers(sim("b"))
-    joined = call(router.url, "POST", "/workers", {"url": b.url})
-    assert joined.status == 200 and joined.json()["worker"]["state"] == "ready", (
-        joined
-    )  # never refitted
+    # No quarantine involved: a sleeps, b (a version without the sleep endpoint) refuses the
+    # sleep with a 404 and stays awake, and alone takes the refit. (A worker that *joins* a
+    # sleeping fleet is put to sleep too: test_join_sleeping_process.py.)
+    a, b = processes.workers(
+        sim("a", "--update-ms", "1500"), sim("b", "--disable-endpoint", "/release_memory_occupation")
+    )
+    router = processes.router([a, b])
+    wait_for_workers(router, 2)
+    released = control(router, "release").json()
+    assert [r["success"] for r in released["results"]] == [True, False], released
+    states = {w["url"]: w["state"] for w in call(router.url, "GET", "/workers").json()["workers"]}
+    assert states == {a.url: "sleeping", b.url: "ready"}, states
 
     reply = refit(router, "v1")
     assert reply.status == 200, reply

@@ -83,7 +83,8 @@ def test_worker_syncing_when_a_release_is_refused_is_still_caught_up_before_traf
     url, late = h.fleet.add("late")
     late.on(b"POST", b"/release_memory_occupation", refuse_release)
     _, body = h.json("POST", "/workers", json={"url": url})
-    assert body["worker"]["state"] == "syncing"  # joins behind the fleet: version 1 pending
+    # Joins while a sleep runs: whether it joins asleep is decided under the lock (it is behind, too).
+    assert body["worker"]["state"] == "joining"
     answer(w0.held.pop(), {"success": True, "sleeping": True, "message": "released"})
     h.pump()
     assert success_result_of(first).code == success_result_of(second).code == 200
@@ -169,12 +170,14 @@ def test_managed_worker_restarted_while_asleep_is_known_to_be_awake() -> None:
     h.json("POST", "/release_memory_occupation", json={})
     router = h.parts.router
     router.worker_lost("http://w0:8000", "process exited with status 9")
+    before = count(w0, b"/release_memory_occupation")
     d = Deferred.fromCoroutine(router.worker_ready("http://w0:8000"))
     h.pump()
     success_result_of(d)
-    before = count(w0, b"/release_memory_occupation")
     _, body = h.json("POST", "/release_memory_occupation", json={})
+    # Put to sleep as it rejoins the sleeping fleet, so the second release rightly skips it.
     assert count(w0, b"/release_memory_occupation") == before + 1, body
+    assert h.pool.get("http://w0:8000").is_sleeping  # type: ignore[union-attr]
 
 
 def test_removing_the_only_busy_worker_answers_waiting_requests_at_once() -> None:
