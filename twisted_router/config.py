@@ -51,6 +51,7 @@ class RouterConfig:
     max_video_jobs: int = 10_000
     max_request_body: int = 256 * 1024 * 1024
     max_image_ids: int = 10_000
+    shutdown_grace: float = 180.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -95,6 +96,8 @@ class RouterConfig:
             raise ConfigError(f"--max-request-body must be at least 1 byte, got {self.max_request_body}")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:
             raise ConfigError("--max-video-jobs and --max-image-ids must be at least 1")
+        if not (math.isfinite(self.shutdown_grace) and self.shutdown_grace >= 0):
+            raise ConfigError(f"--shutdown-grace must be 0 or a positive number of seconds, got {self.shutdown_grace}")
 
     @property
     def endpoint_description(self) -> str:
@@ -126,6 +129,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not _positive_finite(value):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive finite number, got {text}")
     return value
 
 
@@ -229,6 +239,13 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         default=defaults.max_image_ids,
         help="image ids remembered for sticky GET /v1/images/{id}/content",
     )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=defaults.shutdown_grace,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long requests in flight may take to finish before the router stops",
+    )
     parser.add_argument("--verbose", action="store_true", help="log at debug level, including every request")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level, help="lowest level logged")
     return parser
@@ -256,4 +273,5 @@ def config_from_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser
         max_video_jobs=ns.max_video_jobs,
         max_request_body=ns.max_request_body,
         max_image_ids=ns.max_image_ids,
+        shutdown_grace=ns.shutdown_grace,
     )

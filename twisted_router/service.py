@@ -25,6 +25,7 @@ from twisted_router.app import Router
 from twisted_router.calls import WorkerCaller, make_http_client
 from twisted_router.config import RouterConfig
 from twisted_router.control import FleetController
+from twisted_router.drain import DrainingService
 from twisted_router.health import HealthChecker, refresh_capabilities
 from twisted_router.launcher import (
     FleetPlan,
@@ -174,7 +175,6 @@ def make_router_service(
             launcher.worker_quarantined(worker.url, reason)
 
     parts = build_router(config, reactor, on_quarantine=quarantined)  # type: ignore[arg-type]
-    top = MultiService()
     site = RouterSite(
         parts.router.app.resource(),
         access_log=config.verbose,
@@ -188,6 +188,15 @@ def make_router_service(
         site,
         name="sglang-d-router",
         on_failure=on_listen_failure,
+    )
+    # On stop, the HTTP side drains first (no new connections, requests in
+    # flight finish within the grace); only then do the services below stop.
+    top = DrainingService(
+        in_flight=site.in_flight,
+        set_draining=site.set_draining,
+        stop_accepting=listener.stopService,
+        grace=config.shutdown_grace,
+        clock=reactor,  # type: ignore[arg-type]
     )
     if parts.connection_pool is not None:
         _OnStop(parts.connection_pool.closeCachedConnections).setServiceParent(top)

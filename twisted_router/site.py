@@ -11,6 +11,10 @@ Every request-target is rewritten to its canonical origin form
 (L{twisted_router.targets}) before routing, so an absolute-form or oddly
 spelled path reaches the same route as its plain spelling; one that cannot be
 read is answered 400 here, before Klein (which would log a traceback).
+
+The site also counts the requests it is processing, so a stopping router can
+wait for them (L{twisted_router.drain}); while it drains, new requests are
+answered 503 here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
+from twisted_router.drain import InFlight
 from twisted_router.targets import BadTarget, normalize_target
 
 
@@ -74,22 +79,33 @@ class BoundedRequest(Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
+        site = getattr(self.channel, "site", None)
         if self._too_large:
             # The rest of the refused body may still be on its way: close.
             self._refuse(413, f"request body larger than {self._limit()} bytes (--max-request-body)", close=True)
         elif self._bad_target is not None:
             self._refuse(400, self._bad_target, close=False)
+        elif isinstance(site, RouterSite) and site.draining:
+            if self.path == b"/health":  # load balancers: stop sending here
+                self._answer(503, {"status": "draining", "in_flight": len(site.in_flight)}, close=True)
+            else:
+                self._refuse(503, "the router is shutting down; send the request to another router", close=True)
         else:
+            if isinstance(site, RouterSite):
+                site.in_flight.track(self)
             super().process()
 
     def _refuse(self, status: int, message: str, *, close: bool) -> None:
         """Answer with the router's JSON error without reaching a route."""
+        self._answer(status, {"error": message}, close=close)
+
+    def _answer(self, status: int, payload: dict[str, Any], *, close: bool) -> None:
         self.site = getattr(self.channel, "site", None)
         self.setResponseCode(status)
         self.setHeader(b"content-type", b"application/json")
         if close:
             self.setHeader(b"connection", b"close")
-        body = json.dumps({"error": message}).encode()
+        body = json.dumps(payload).encode()
         self.setHeader(b"content-length", str(len(body)).encode())
         channel = self.channel
         self.write(body)
@@ -128,6 +144,12 @@ class RouterSite(Site):
             self.timeOut = idle_timeout
         self.max_request_body = max_request_body
         self._access_log = access_log
+        self.in_flight = InFlight()
+        self.draining = False
+
+    def set_draining(self, draining: bool) -> None:
+        """While draining, new requests are answered 503 (C{/health}: C{draining}) and their connections closed."""
+        self.draining = draining
 
     def log(self, request: HTTPRequest) -> None:
         if self._access_log:
