@@ -61,6 +61,10 @@ SIMULATOR_OPTIONS: Mapping[str, str] = {
     "worker_id": "str",
     "output_path": "str",
     "disable_endpoint": "str_list",
+    "api_version": "str",
+    "rollout_format": "str",
+    "warmup_seconds": "float",
+    "weights_prefix": "str_list",
     "verbose": "bool",
 }
 

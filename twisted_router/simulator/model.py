@@ -192,19 +192,41 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+def lenient_size(size: str | None) -> tuple[int, int] | None:
+    """
+    C{size} as the real C{_parse_size} reads it: two integers around an
+    C{x} (spaces ignored), or C{None} for anything else.
+
+    The worker ignores a C{size} it cannot parse and renders at the model
+    default (200, not an error), so only L{parse_size}'s strict form is
+    for callers that must refuse it.
+    """
+    if not size:
+        return None
+    parts = size.lower().replace(" ", "").split("x")
+    if len(parts) != 2:
+        return None
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+
+
 def resolve_dimensions(
     width: int | None, height: int | None, size: str | None, profile: ModelProfile
 ) -> tuple[int, int]:
     """
     Apply the real precedence: C{width}/C{height}, then C{size}, then the model.
 
-    C{size} only fills the dimensions that are null (§4.1).
+    C{size} only fills the dimensions that are null (§4.1); a C{size} that
+    does not parse is ignored, as the real C{build_sampling_params} does.
 
-    @raise ValueError: on a bad C{size} or a non-positive dimension; the
-        image and native endpoints turn it into a plain 500.
+    @raise ValueError: on a non-positive dimension; the image and native
+        endpoints turn it into a plain 500.
     """
-    if size and (width is None or height is None):
-        sw, sh = parse_size(size)
+    parsed = lenient_size(size)
+    if parsed is not None and (width is None or height is None):
+        sw, sh = parsed
         width = sw if width is None else width
         height = sh if height is None else height
     width = profile.width if width is None else width
@@ -212,6 +234,43 @@ def resolve_dimensions(
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
     return width, height
+
+
+class RangeNotSatisfiable(ValueError):
+    """A C{Range} that starts past the end of the file (416)."""
+
+
+def parse_single_range(header: str, length: int) -> tuple[int, int] | None:
+    """
+    The C{[start, stop)} a C{Range: bytes=...} header asks of a C{length}-byte file.
+
+    Handles C{a-b}, C{a-} and the suffix C{-n}. C{None} for several ranges
+    (answered with the whole file; see docs/simulator.md) or another unit.
+
+    @raise RangeNotSatisfiable: when the range starts at or past the end.
+    @raise ValueError: when the header is malformed.
+    """
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes":
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 1:
+        return None
+    first, dash, last = parts[0].partition("-")
+    if not dash or not (first or last) or not (first + last).isdigit():
+        raise ValueError(f"malformed range {header!r}")
+    if not first:
+        suffix = int(last)
+        if suffix == 0:
+            raise RangeNotSatisfiable(header)
+        return max(0, length - suffix), length
+    start = int(first)
+    stop = length if not last else min(length, int(last) + 1)
+    if last and int(last) < start:
+        raise ValueError(f"malformed range {header!r}")
+    if start >= length:
+        raise RangeNotSatisfiable(header)
+    return start, stop
 
 
 def resolve_steps(requested: int | None, default: int) -> int:
@@ -242,10 +301,17 @@ def video_frames(num_frames: int | None, fps: int | None, seconds: int | None) -
     C{seconds} 4 by default.
 
     @return: C{(frames, fps)}.
+    @raise ValueError: for C{num_frames} or C{fps} that are not positive: the
+        real worker's sampling parameters refuse a video of no frames, and a
+        non-positive rate gives no frames (C{fps × seconds}).
     """
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if num_frames is not None and num_frames <= 0:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
     rate = fps if fps else DEFAULT_VIDEO_FPS
     if num_frames is not None:
-        return max(1, num_frames), rate
+        return num_frames, rate
     secs = DEFAULT_VIDEO_SECONDS if seconds is None else seconds
     return max(1, rate * secs), rate
 
@@ -303,12 +369,17 @@ class Field:
 
     @ivar kind: C{str}, C{int}, C{float}, C{bool}, C{list}, C{dict} or C{any}.
     @ivar required: a missing required field is a C{missing} error.
-    @ivar default: the value used when the field is absent or null.
+    @ivar default: the value used when the field is absent (or null, unless
+        C{keep_null}).
+    @ivar keep_null: an explicit null stays null instead of taking the
+        default, where the real handler gives null its own meaning (e.g.
+        C{response_format: null} is C{b64_json}, while absent is C{url}).
     """
 
     kind: str
     required: bool = False
     default: Any = None
+    keep_null: bool = False
 
 
 class ValidationFailed(Exception):
@@ -432,10 +503,13 @@ def validate(body: Any, fields: Mapping[str, Field], model: str = "Request") -> 
     out: dict[str, Any] = {}
     errors: list[dict[str, Any]] = []
     for name, spec in fields.items():
-        if name not in body or (body[name] is None and not spec.required):
+        if name not in body:
             if spec.required:
                 errors.append(_error("missing", name, "Field required", body))
             out[name] = spec.default
+            continue
+        if body[name] is None and not spec.required:
+            out[name] = None if spec.keep_null else spec.default
             continue
         value, error = _coerce(name, spec.kind, body[name])
         if error is not None:
@@ -498,7 +572,7 @@ IMAGE_GENERATION_FIELDS: Mapping[str, Field] = {
     "quality": Field("str", default="auto"),
     "style": Field("str", default="vivid"),
     "user": Field("str"),
-    "response_format": Field("str", default="url"),
+    "response_format": Field("str", default="url", keep_null=True),
     "size": Field("str", default="1024x1024"),
     "width": Field("int"),
     "height": Field("int"),
@@ -601,7 +675,10 @@ DIFFUSION_GENERATE_FIELDS: Mapping[str, Field] = {
 ROLLOUT_FIELDS: Mapping[str, Field] = {
     "prompt": Field("str", required=True),
     "negative_prompt": Field("str"),
-    "seed": Field("int", default=DEFAULT_SEED),
+    # No default upstream: RolloutRequest.seed is optional but
+    # RolloutResponse.seed is an int, so a request without one fails after
+    # the GPU work (see the rollout handler).
+    "seed": Field("int"),
     "width": Field("int"),
     "height": Field("int"),
     "num_inference_steps": Field("int"),
