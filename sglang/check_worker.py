@@ -3,7 +3,7 @@
 Conformance probe for an SGLang diffusion worker (real or simulated).
 
 Checks that a live worker answers every endpoint the twisted_router relies
-on, with the shapes documented in shared/sglang-worker-api.md, and prints
+on, with the shapes documented in docs/worker-api.md, and prints
 one PASS/FAIL/INFO line per check and a summary. Exit status 0 if and only
 if no check failed (2 for a usage error).
 
@@ -205,9 +205,20 @@ def parse_npy(blob: str) -> tuple[tuple[int, ...], str]:
 
 
 def parse_tensor(obj: Any) -> tuple[int, ...]:
-    """Check an upstream C{__tensor__} dict (base64 safetensors); return its shape."""
+    """
+    Check an upstream C{__tensor__} dict and return its shape: raw bytes in
+    C{data} (the msgpack transport) or base64 safetensors (the JSON one).
+    """
     if not isinstance(obj, dict) or obj.get("__tensor__") is not True:
         raise CheckFailed(f"not a __tensor__ object: {str(obj)[:120]}")
+    if isinstance(obj["data"], bytes):
+        shape = tuple(int(d) for d in obj.get("shape", []))
+        count = 1
+        for dim in shape:
+            count *= dim
+        if obj.get("dtype") == "torch.float32" and len(obj["data"]) != 4 * count:
+            raise CheckFailed(f"raw tensor of shape {list(shape)} has {len(obj['data'])} bytes")
+        return shape
     raw = base64.b64decode(obj["data"])
     (hlen,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + hlen])
@@ -581,8 +592,19 @@ class Probe:
             self.info("rollout.generate", "not available in this version (404); the pinned fork serves /v1/diffusion/generate instead")
             return None
         expect_code(a, 200)
-        items = a.json()
-        expect(isinstance(items, list) and len(items) == 1, f"expected a JSON list of 1 sample, got {str(items)[:200]}")
+        if a.content_type.startswith("application/msgpack"):
+            # Current upstream: msgpack with raw tensor bytes, and timing headers.
+            try:
+                import msgpack
+            except ImportError:
+                raise CheckFailed("the answer is msgpack: pip install msgpack to check it") from None
+            items = msgpack.unpackb(a.body)
+            for header in ("x-sgld-timing", "x-sgld-stages"):
+                if header not in a.headers:
+                    self.info("rollout.headers", f"no {header} header (added upstream after the msgpack transport)")
+        else:
+            items = a.json()
+        expect(isinstance(items, list) and len(items) == 1, f"expected a list of 1 sample, got {str(items)[:200]}")
         item = items[0]
         missing = [f for f in ROLLOUT_ITEM_FIELDS if f not in item]
         expect(not missing, f"sample lacks {missing}")
