@@ -279,15 +279,53 @@ def test_content_answers_a_range_with_206() -> None:
     path = f"/v1/images/{image_id}/content"
     for header, (start, stop) in [
         (b"bytes=0-99", (0, 100)), (b"bytes=70000-", (70000, 200_000)), (b"bytes=-10", (199_990, 200_000)),
-        (b"bytes=150000-999999", (150000, 200_000)),
+        (b"bytes=150000-999999", (150000, 200_000)), (b"bytes=0-9, 5-19", (0, 20)),
     ]:
         part = sim.get(path, headers={b"range": [header]})
         assert part.code == 206, header
         assert part.body == whole[start:stop]
         assert part.header("content-range") == f"bytes {start}-{stop - 1}/{len(whole)}"
-    past = sim.get(path, headers={b"range": [b"bytes=300000-"]})
-    assert (past.code, past.header("content-range")) == (416, f"bytes */{len(whole)}")
-    assert sim.get(path, headers={b"range": [b"bytes=x-y"]}).code == 400
+        assert part.length == stop - start
+
+
+@pytest.mark.parametrize(
+    ("header", "code", "body"),
+    [
+        (b"bytes=300000-", 416, b""),
+        (b"bytes=-300000", 416, b""),
+        (b"bytes=x-y", 400, b"Range header: range must be requested"),
+        (b"bytes=9-3", 400, b"Range header: start must be less than end"),
+        (b"items=0-9", 400, b"Only support bytes range"),
+        (b"0-9", 400, b"Malformed range header."),
+    ],
+)
+def test_content_refuses_ranges_as_starlette_does(header: bytes, code: int, body: bytes) -> None:
+    sim = InMemoryWorker(image_bytes=200_000)
+    image_id, _ = _stored_image(sim)
+    r = sim.get(f"/v1/images/{image_id}/content", headers={b"range": [header]})
+    assert (r.code, r.body, r.content_type) == (code, body, "text/plain; charset=utf-8")
+    if code == 416:
+        assert r.header("content-range") == "*/200000"
+
+
+def test_if_range_of_another_version_gives_the_whole_file() -> None:
+    sim = InMemoryWorker(image_bytes=5000)
+    image_id, whole = _stored_image(sim)
+    path = f"/v1/images/{image_id}/content"
+    etag = sim.get(path).header("etag") or ""
+    assert etag.startswith('"') and etag.endswith('"')
+    same = sim.get(path, headers={b"range": [b"bytes=0-9"], b"if-range": [etag.encode()]})
+    assert same.code == 206
+    other = sim.get(path, headers={b"range": [b"bytes=0-9"], b"if-range": [b'"stale"']})
+    assert (other.code, other.body) == (200, whole)
+
+
+def test_disjoint_ranges_are_answered_with_the_whole_file() -> None:
+    """Starlette answers multipart/byteranges; the simulator does not build them (documented)."""
+    sim = InMemoryWorker(image_bytes=5000)
+    image_id, whole = _stored_image(sim)
+    r = sim.get(f"/v1/images/{image_id}/content", headers={b"range": [b"bytes=0-9, 100-109"]})
+    assert (r.code, r.body) == (200, whole)
 
 
 def test_video_content_answers_a_range() -> None:
@@ -307,11 +345,19 @@ def test_form_encoded_video_request_is_a_400() -> None:
     assert "prompt" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("bad", [{"num_frames": 0}, {"fps": 0}, {"fps": -24}])
-def test_videos_without_frames_are_errors(bad: dict[str, int]) -> None:
+@pytest.mark.parametrize(
+    ("bad", "detail"),
+    [
+        ({"num_frames": 0}, "num_frames must be a positive int, got 0"),
+        ({"fps": 0}, "fps must be a positive int, got 0"),
+        ({"fps": -24, "num_frames": 0}, "fps must be a positive int, got -24"),
+    ],
+)
+def test_videos_without_frames_are_400s_before_a_job_exists(bad: dict[str, int], detail: str) -> None:
     sim = InMemoryWorker(task_type=TaskType.T2V)
     r = sim.post("/v1/videos", {"prompt": "x", **bad})
-    assert r.code == 400 and sim.get("/v1/videos").json()["data"] == []
+    assert (r.code, r.json()) == (400, {"detail": detail})
+    assert sim.get("/v1/videos").json()["data"] == []
 
 
 def test_native_trajectory_has_every_key() -> None:

@@ -53,6 +53,7 @@ from twisted_router.simulator.model import (
     SLEEPING_MESSAGE,
     VIDEO_FIELDS,
     Field,
+    MalformedRange,
     RangeNotSatisfiable,
     TaskType,
     ValidationFailed,
@@ -62,7 +63,7 @@ from twisted_router.simulator.model import (
     is_json_content_type,
     json_decode_error,
     latent_shape,
-    parse_single_range,
+    parse_ranges,
     resolve_dimensions,
     resolve_steps,
     service_seconds,
@@ -619,33 +620,41 @@ class SimulatedWorker:
         """
         Answer a C{/content} download as Starlette's C{FileResponse} does.
 
-        C{accept-ranges}, C{etag} and C{last-modified} on every answer; a
-        single C{Range} is a 206 with C{content-range}, one past the end a
-        416, a malformed one a plain 400. The file is streamed block by
-        block: the blocks are shared, nothing is joined.
+        C{accept-ranges}, C{etag} (quoted md5 of C{"mtime-size"}) and
+        C{last-modified} on every answer; a C{Range} (honoured only if an
+        C{If-Range} names this version) is a 206 with C{content-range}, one
+        that starts outside the file a 416 with C{content-range: */size}, a
+        malformed one a plain 400 with Starlette's words. The file is
+        streamed block by block: the blocks are shared, nothing is joined.
         """
+        etag = '"' + hashlib.md5(f"{modified}-{length}".encode()).hexdigest() + '"'
+        last_modified = datetimeToString(int(modified))
         headers = {
             b"content-disposition": f'attachment; filename="{filename}"'.encode(),
             b"accept-ranges": b"bytes",
-            b"etag": b'"' + hashlib.md5(f"{modified}-{length}-{filename}".encode()).hexdigest().encode() + b'"',
-            b"last-modified": datetimeToString(int(modified)),
+            b"etag": etag.encode(),
+            b"last-modified": last_modified,
         }
         raw_range = request.getHeader(b"range")
+        if_range = request.getHeader(b"if-range")
+        if raw_range is not None and if_range not in (None, etag.encode(), last_modified):
+            raw_range = None  # If-Range names another version: the whole file
         if raw_range is not None:
             try:
-                wanted = parse_single_range(raw_range.decode("latin-1"), length)
+                ranges = parse_ranges(raw_range.decode("latin-1"), length)
             except RangeNotSatisfiable:
-                headers[b"content-range"] = f"bytes */{length}".encode()
-                return self._send(request, [b"Range Not Satisfiable"], PLAIN, 416, headers)
-            except ValueError:
-                return self._send(request, [b"Malformed range header."], PLAIN, 400)
-            if wanted is not None:
-                start, stop = wanted
-                headers[b"content-range"] = f"bytes {start}-{stop - 1}/{length}".encode()
+                return self._send(request, [], PLAIN, 416, {b"content-range": f"*/{length}".encode()})
+            except MalformedRange as e:
+                return self._send(request, [str(e).encode()], PLAIN, 400)
+            if len(ranges) == 1:
+                ((begin, stop),) = ranges
+                headers[b"content-range"] = f"bytes {begin}-{stop - 1}/{length}".encode()
                 return self._send(
                     request, [], media, 206, headers,
-                    chunks=payloads.byte_range(chunks(), start, stop), length=stop - start,
+                    chunks=payloads.byte_range(chunks(), begin, stop), length=stop - begin,
                 )
+            # Several disjoint ranges: Starlette answers multipart/byteranges,
+            # which the simulator does not build (docs/simulator.md).
         return self._send(request, [], media, headers=headers, chunks=chunks(), length=length)
 
     # ------------------------------------------------------------------
@@ -873,7 +882,7 @@ class SimulatedWorker:
             steps = resolve_steps(params["num_inference_steps"], self.config.steps)
             batch = params["num_outputs_per_prompt"]
             if batch < 1:
-                raise ValueError(f"num_outputs_per_prompt must be positive, got {batch}")
+                raise ValueError(f"num_outputs_per_prompt must be a positive int, got {batch!r}")
             for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
                 finite_non_negative(name, params[name])
             if self._task.requires_image_input and not params["image_path"]:
@@ -938,7 +947,7 @@ class SimulatedWorker:
             steps = resolve_steps(params["num_inference_steps"], self.config.steps)
             batch = params["num_outputs_per_prompt"]
             if batch < 1:
-                raise ValueError(f"num_outputs_per_prompt must be positive, got {batch}")
+                raise ValueError(f"num_outputs_per_prompt must be a positive int, got {batch!r}")
             if params["rollout"] and params["rollout_sde_type"] not in ("sde", "cps"):
                 raise ValueError(f"Unknown rollout_sde_type {params['rollout_sde_type']!r}")
             finite_non_negative("guidance_scale", params["guidance_scale"])

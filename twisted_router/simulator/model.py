@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.message
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -237,40 +238,58 @@ def resolve_dimensions(
 
 
 class RangeNotSatisfiable(ValueError):
-    """A C{Range} that starts past the end of the file (416)."""
+    """A C{Range} that starts outside the file: Starlette's 416."""
 
 
-def parse_single_range(header: str, length: int) -> tuple[int, int] | None:
+class MalformedRange(ValueError):
+    """A C{Range} Starlette refuses with a plain 400; C{str()} is its body."""
+
+
+_RANGE_PATTERN = re.compile(r"(\d*)-(\d*)")
+
+
+def parse_ranges(header: str, length: int) -> list[tuple[int, int]]:
     """
-    The C{[start, stop)} a C{Range: bytes=...} header asks of a C{length}-byte file.
+    The C{[start, stop)} ranges a C{Range} header asks of a C{length}-byte
+    file, as Starlette's C{FileResponse._parse_range_header} reads them: a
+    suffix longer than the file or a start past its end is a 416, an end
+    past it is clipped, and overlapping ranges are merged.
 
-    Handles C{a-b}, C{a-} and the suffix C{-n}. C{None} for several ranges
-    (answered with the whole file; see docs/simulator.md) or another unit.
-
-    @raise RangeNotSatisfiable: when the range starts at or past the end.
-    @raise ValueError: when the header is malformed.
+    @raise RangeNotSatisfiable: a range starts outside the file.
+    @raise MalformedRange: another unit, no C{=}, no range, or start > end.
     """
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes":
-        return None
-    parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 1:
-        return None
-    first, dash, last = parts[0].partition("-")
-    if not dash or not (first or last) or not (first + last).isdigit():
-        raise ValueError(f"malformed range {header!r}")
-    if not first:
-        suffix = int(last)
-        if suffix == 0:
-            raise RangeNotSatisfiable(header)
-        return max(0, length - suffix), length
-    start = int(first)
-    stop = length if not last else min(length, int(last) + 1)
-    if last and int(last) < start:
-        raise ValueError(f"malformed range {header!r}")
-    if start >= length:
+    units, sep, spec = header.partition("=")
+    if not sep:
+        raise MalformedRange("Malformed range header.")
+    if units.strip().lower() != "bytes":
+        raise MalformedRange("Only support bytes range")
+    ranges = [
+        (
+            int(first) if first else length - int(last),
+            int(last) + 1 if first and last and int(last) < length else length,
+        )
+        for first, last in _RANGE_PATTERN.findall(spec)
+        if (first, last) != ("", "")
+    ]
+    if not ranges:
+        raise MalformedRange("Range header: range must be requested")
+    if any(not 0 <= begin < length for begin, _ in ranges):
         raise RangeNotSatisfiable(header)
-    return start, stop
+    if any(begin > stop for begin, stop in ranges):
+        raise MalformedRange("Range header: start must be less than end")
+    merged: list[tuple[int, int]] = []
+    for begin, stop in ranges:
+        for i, (m_begin, m_stop) in enumerate(merged):
+            if begin > m_stop:
+                continue
+            if stop < m_begin:
+                merged.insert(i, (begin, stop))
+            else:
+                merged[i] = (min(begin, m_begin), max(stop, m_stop))
+            break
+        else:
+            merged.append((begin, stop))
+    return merged
 
 
 def resolve_steps(requested: int | None, default: int) -> int:
@@ -305,10 +324,11 @@ def video_frames(num_frames: int | None, fps: int | None, seconds: int | None) -
         real worker's sampling parameters refuse a video of no frames, and a
         non-positive rate gives no frames (C{fps × seconds}).
     """
+    # SamplingParams' own checks, in its order and words (sampling_params.py).
     if fps is not None and fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise ValueError(f"fps must be a positive int, got {fps!r}")
     if num_frames is not None and num_frames <= 0:
-        raise ValueError(f"num_frames must be positive, got {num_frames}")
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     rate = fps if fps else DEFAULT_VIDEO_FPS
     if num_frames is not None:
         return num_frames, rate
