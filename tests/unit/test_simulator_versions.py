@@ -232,13 +232,17 @@ def test_update_of_no_modules_is_a_400() -> None:
 
 @pytest.mark.parametrize(
     ("version", "code", "content_type"),
-    [("pinned", 500, "text/plain; charset=utf-8"), ("upstream", 400, "application/json")],
+    [("pinned", 500, "text/plain; charset=utf-8"), ("upstream", 500, "application/json")],
 )
 def test_update_while_sleeping_follows_the_version(version: str, code: int, content_type: str) -> None:
     sim = InMemoryWorker(api_version=version, weights_prefixes=("/ckpt/",))
     sim.post("/release_memory_occupation", {})
     r = sim.post("/update_weights_from_disk", {"model_path": "/ckpt/1"})
     assert (r.code, r.content_type) == (code, content_type)
+    if version == "upstream":
+        assert r.json() == {"success": False, "message": (
+            "Cannot update weights while the server is sleeping. Call resume_memory_occupation first."
+        )}
 
 
 # --- smaller ones ------------------------------------------------------------------------

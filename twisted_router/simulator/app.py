@@ -1061,10 +1061,11 @@ class SimulatedWorker:
                     "Cannot update weights while the server is sleeping. "
                     "Call resume_memory_occupation first."
                 )
+                # The scheduler answers an error with no output. The pinned
+                # handler crashes reading it (a plain 500, §5.1); upstream's
+                # checks for it and answers a JSON 500 with the error.
                 if self.config.api_version == "upstream":
-                    # Upstream relays the scheduler's answer: a 400 body.
-                    raise Reply(400, {"success": False, "message": message})
-                # The pinned handler crashes on the scheduler's error reply (§5.1).
+                    raise Reply(500, {"success": False, "message": message})
                 raise Reply.plain500(message)
             unknown = self.state.unknown_modules(names or [])
             if unknown:
