@@ -370,3 +370,24 @@ def test_native_trajectory_has_every_key() -> None:
     }).json()["trajectory"]
     assert set(traj) == {"latents", "latents_shape", "latents_dtype", "timesteps", "log_probs", "log_probs_shape"}
     assert np.load(io.BytesIO(base64.b64decode(traj["log_probs"]))).shape == (1, 2)
+
+
+def test_requests_wait_for_the_warm_up_except_health_and_info() -> None:
+    """Upstream's warm-up middleware holds everything but a few probe paths."""
+    sim = _upstream(warmup_seconds=10, step_ms=0)
+    for path in ("/health", "/health_generate", "/model_info", "/server_info", "/liveness"):
+        r = sim.get(path)
+        assert r.finished == 0.0, path
+    held = sim.get("/v1/models")
+    assert (held.code, held.finished) == (200, 10.0)
+    assert sim.get("/health").code == 200
+
+
+def test_a_request_held_by_the_warm_up_can_be_abandoned() -> None:
+    sim = _upstream(warmup_seconds=10)
+    d = sim.send("GET", "/v1/models")
+    assert [c.getTime() for c in sim.clock.getDelayedCalls()] == [10.0]
+    d.addErrback(lambda _: None)  # the client's own failure: expected
+    d.cancel()
+    sim.flush()
+    assert [c for c in sim.clock.getDelayedCalls() if c.getTime() == 10.0] == []

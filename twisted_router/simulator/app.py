@@ -33,12 +33,12 @@ from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, MapAdapter, Rule
 
@@ -95,6 +95,11 @@ MISSING_BY_VERSION: Mapping[str, frozenset[str]] = {
 }
 
 MSGPACK = b"application/msgpack"
+
+#: Paths upstream's warm-up middleware (C{http_server.py},
+#: C{wait_for_server_warmup}) answers at once; every other request waits
+#: until the warm-up ends.
+WARMUP_BYPASS_PATHS = frozenset({"/health", "/health_generate", "/model_info", "/server_info", "/liveness"})
 
 #: The marks of upstream's C{x-sgld-timing} header, in order.
 TIMING_MARKS = ("srv_recv", "forward_start", "forward_end", "build_start", "build_end", "dump_end", "msgpack_end")
@@ -221,6 +226,11 @@ class SimulatedWorker:
     def warming_up(self) -> bool:
         """Whether C{/health} still answers 503 (upstream's warm-up)."""
         return self._clock.seconds() < self._ready_at
+
+    def after_warmup(self, action: Callable[[], object]) -> IDelayedCall:
+        """Run C{action} when the warm-up ends (now, if it has)."""
+        call: IDelayedCall = self._clock.callLater(max(0.0, self._ready_at - self._clock.seconds()), action)
+        return call
 
     def resource(self) -> Resource:
         """The root resource to serve: the Klein app behind the header wrapper."""
@@ -1287,6 +1297,24 @@ class _WorkerResource(Resource):
         path = (request.path or b"").decode("utf-8", "replace")
         if self._worker.config.verbose:
             self._log.info("{method} {path}", method=request.method, path=path)
+        if self._worker.warming_up and path not in WARMUP_BYPASS_PATHS:
+            self._hold(request)
+            return NOT_DONE_YET
+        return self._dispatch(request, path)
+
+    def _hold(self, request: Request) -> None:
+        """Answer C{request} once the warm-up ends; forget it if the client leaves first."""
+
+        def answer() -> None:
+            body = self._dispatch(request, (request.path or b"").decode("utf-8", "replace"))
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        call = self._worker.after_warmup(answer)
+        request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+
+    def _dispatch(self, request: Request, path: str) -> Any:
         if path in self._disabled:
             return _plain_json(request, 404, b'{"detail":"Not Found"}')
         try:
