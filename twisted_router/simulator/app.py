@@ -1032,7 +1032,8 @@ class SimulatedWorker:
                     item["rollout_debug_tensors"] = {
                         "rollout_variance_noises": tensor([steps, *latent], "latents"),
                         "rollout_prev_sample_means": tensor([steps, *latent], "latents"),
-                        "rollout_noise_std_devs": tensor([steps], "output"),
+                        # One std per step, kept as [T, 1] (scheduler_rl_debug_mixin).
+                        "rollout_noise_std_devs": tensor([steps, 1], "output"),
                         "rollout_model_outputs": tensor([steps, *latent], "latents"),
                     }
                 if params["rollout_return_denoising_env"]:
