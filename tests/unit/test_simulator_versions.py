@@ -16,6 +16,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from twisted_router.simulator.cli import parse_config
+from twisted_router.simulator.config import SimulatorConfig
 from twisted_router.simulator.model import TaskType
 from twisted_router.simulator.testing import InMemoryWorker
 
@@ -79,6 +81,7 @@ def test_msgpack_rollout_is_raw_bytes_with_timing_headers() -> None:
         "rollout_model_outputs",
     }
     assert _raw_shape(debug["rollout_variance_noises"]) == (5, 8, 64)
+    assert _raw_shape(debug["rollout_noise_std_devs"]) == (5, 1)
     assert items[0]["inference_time_s"] == pytest.approx(r.finished)
     timing = json.loads(r.header("x-sgld-timing") or "")
     assert timing["request_id"] == items[0]["request_id"] and "srv_recv" in timing
@@ -391,3 +394,34 @@ def test_a_request_held_by_the_warm_up_can_be_abandoned() -> None:
     d.cancel()
     sim.flush()
     assert [c for c in sim.clock.getDelayedCalls() if c.getTime() == 10.0] == []
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+def test_version_options_parse() -> None:
+    config = parse_config([
+        "--api-version", "upstream", "--rollout-format", "json", "--warmup-seconds", "2.5",
+        "--weights-prefix", "/a/", "--weights-prefix", "/b/",
+    ])
+    assert (config.api_version, config.rollout_format, config.warmup_seconds, config.weights_prefixes) == (
+        "upstream", "json", 2.5, ("/a/", "/b/"),
+    )
+    defaults = parse_config([])
+    assert (defaults.api_version, defaults.rollout_format, defaults.warmup_seconds) == ("pinned", "msgpack", 0.0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--api-version", "latest"], ["--rollout-format", "cbor"], ["--warmup-seconds", "-1"],
+     ["--warmup-seconds", "nan"], ["--weights-prefix", ""]],
+)
+def test_bad_version_options_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv)
+    assert exc.value.code == 2
+
+
+def test_config_refuses_unknown_versions() -> None:
+    with pytest.raises(ValueError, match="api-version"):
+        SimulatorConfig(api_version="1.0")
