@@ -38,7 +38,7 @@ def answer(request: Request, payload: dict[str, Any]) -> None:
 
 
 def refuse_release(request: Request) -> bytes:
-    # What a real worker answers when offloading fails (sglang-worker-api.md 5.3).
+    # What a real worker answers when offloading fails (docs/worker-api.md §5.3).
     return json_answer(
         request, 400, {"success": False, "sleeping": False, "message": "offload failed; rolled back to keep state"}
     )

@@ -2,7 +2,7 @@
 """
 The simulated worker's HTTP surface: a Klein app speaking the real API.
 
-Every route follows C{sglang-worker-api.md} (section numbers below refer to
+Every route follows C{docs/worker-api.md} (section numbers below refer to
 it): status codes, error bodies and field names are the real worker's, so
 the router is tested against the answers it will really get, including the
 awkward ones (text/plain 500s, 422 lists, the C{[SLEEPING]} 400, jobs that

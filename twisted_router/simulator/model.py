@@ -6,7 +6,7 @@ service-time model and request validation.
 Nothing here does I/O or looks at a clock, so every rule the simulator follows
 (how long a request takes, which field defaults apply, which inputs are
 rejected and with which body) can be tested as plain functions. The rules are
-read from C{sglang-worker-api.md}; section numbers below refer to it.
+read from C{docs/worker-api.md}; section numbers below refer to it.
 """
 
 from __future__ import annotations

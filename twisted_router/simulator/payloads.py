@@ -3,7 +3,7 @@
 Realistic answer bodies, built with the standard library and cached.
 
 The router is tested for memory and throughput with the sizes real workers
-send (§7 of C{sglang-worker-api.md}): JPEGs of a few hundred kB, PNGs of a
+send (§7 of C{docs/worker-api.md}): JPEGs of a few hundred kB, PNGs of a
 few MB, trajectories of tens of MB of base64, MP4s of hundreds of MB. So the
 simulator must send bodies of those sizes that are still I{valid} files (the
 router's tests decode them), without costing the simulator that much memory
