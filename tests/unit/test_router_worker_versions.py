@@ -97,6 +97,16 @@ class MissingEndpointTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
 
 
+class MissingNativeEndpointTests(SynchronousTestCase):
+    def test_the_other_versions_native_endpoint_is_a_relayed_404(self) -> None:
+        for version, missing in (("pinned", "/rollout/generate"), ("upstream", "/v1/diffusion/generate")):
+            harness, urls, _ = _fleet_of_simulators(1, api_version=version)
+            harness.register(urls[0])
+            response, body = _post_json(harness, missing, {"prompt": "x", "seed": 1})
+            self.assertEqual((response.code, json.loads(body)), (404, {"detail": "Not Found"}), version)
+            self.assertEqual([w.is_dead for w in harness.pool.workers()], [False], version)
+
+
 class RelayTests(SynchronousTestCase):
     def test_msgpack_rollout_is_relayed_untouched_with_its_headers(self) -> None:
         harness, (url,), sims = _fleet_of_simulators(1, api_version="upstream")
