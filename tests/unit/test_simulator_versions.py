@@ -84,7 +84,8 @@ def test_msgpack_rollout_is_raw_bytes_with_timing_headers() -> None:
     assert _raw_shape(debug["rollout_noise_std_devs"]) == (5, 1)
     assert items[0]["inference_time_s"] == pytest.approx(r.finished)
     timing = json.loads(r.header("x-sgld-timing") or "")
-    assert timing["request_id"] == items[0]["request_id"] and "srv_recv" in timing
+    assert timing["request_id"] == items[0]["request_id"] and timing["srv_recv"] == 0.0
+    assert timing["forward_end"] - timing["forward_start"] == pytest.approx(r.finished, abs=2e-6)  # 6 dp
     assert "DenoisingStage" in json.loads(r.header("x-sgld-stages") or "")
 
 

@@ -101,9 +101,6 @@ MSGPACK = b"application/msgpack"
 #: until the warm-up ends.
 WARMUP_BYPASS_PATHS = frozenset({"/health", "/health_generate", "/model_info", "/server_info", "/liveness"})
 
-#: The marks of upstream's C{x-sgld-timing} header, in order.
-TIMING_MARKS = ("srv_recv", "forward_start", "forward_end", "build_start", "build_end", "dump_end", "msgpack_end")
-
 
 class Reply(Exception):
     """
@@ -979,16 +976,19 @@ class SimulatedWorker:
             raise Reply.plain500("RolloutResponse.seed: Input should be a valid integer")
         items = self._rollout_items(params, steps, width, height, frames, batch, seconds)
         done = self._clock.seconds()
-        request_id = items[0]["request_id"] if items else ""
+        # Wall-clock marks as upstream sends them: received, the GPU work
+        # (it ended now and took `seconds`), then building the answer, which
+        # takes no simulated time.
+        marks = {
+            "srv_recv": received, "forward_start": done - seconds, "forward_end": done,
+            "build_start": done, "build_end": done, "dump_end": done, "msgpack_end": done,
+        }
+        timing = {name: round(value, 6) for name, value in marks.items()}
+        timing_header = {**timing, "request_id": items[0]["request_id"] if items else ""}
+        stages = {"DenoisingStage": round(seconds * 1000, 3)}
         headers = {
-            b"x-sgld-timing": json.dumps({
-                "request_id": request_id,
-                **{mark: round(received if i < 2 else done, 6) for i, mark in enumerate(TIMING_MARKS)},
-            }, separators=(",", ":")).encode(),
-            b"x-sgld-stages": json.dumps(
-                {"TextEncodingStage": 0.0, "DenoisingStage": round(seconds * 1000, 3), "DecodingStage": 0.0},
-                separators=(",", ":"),
-            ).encode(),
+            b"x-sgld-timing": json.dumps(timing_header, separators=(",", ":")).encode(),
+            b"x-sgld-stages": json.dumps(stages, separators=(",", ":")).encode(),
         }
         if self.config.rollout_format == "msgpack":
             return await _settle(self._send(request, payloads.msgpack_pieces(items), MSGPACK, headers=headers))
