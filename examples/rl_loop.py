@@ -9,8 +9,9 @@ generated with stale weights) is caught and reported.
 
     python examples/rl_loop.py --router http://127.0.0.1:30081 --iterations 3
 
-"Training" is a pause and a made-up checkpoint path: against simulated
-workers any path loads. Against real workers, pass --checkpoint-template with
+"Training" is a pause and a made-up checkpoint path: simulated workers load
+paths under their weights_prefix (examples/simulated_launcher.yaml sets
+/tmp/rl-loop/, this script's default). Against real workers, pass --checkpoint-template with
 a path each worker can read (e.g. a shared filesystem).
 """
 

@@ -3,7 +3,7 @@
 Conformance probe for an SGLang diffusion worker (real or simulated).
 
 Checks that a live worker answers every endpoint the twisted_router relies
-on, with the shapes documented in shared/sglang-worker-api.md, and prints
+on, with the shapes documented in docs/worker-api.md, and prints
 one PASS/FAIL/INFO line per check and a summary. Exit status 0 if and only
 if no check failed (2 for a usage error).
 
@@ -52,6 +52,9 @@ VIDEO_FIELDS = (
     "id", "object", "model", "status", "progress", "created_at", "size", "seconds",
     "quality", "url", "completed_at", "error",
 )
+#: Every key of /v1/diffusion/generate's trajectory (a pydantic model: nulls are sent).
+TRAJECTORY_FIELDS = ("latents", "latents_shape", "latents_dtype", "timesteps", "log_probs", "log_probs_shape")
+
 ROLLOUT_ITEM_FIELDS = (
     "request_id", "prompt", "seed", "generated_output", "rollout_log_probs",
     "inference_time_s", "peak_memory_mb",
@@ -124,6 +127,7 @@ class Worker:
         content_type: str | None = None,
         keep: int | None = None,
         timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Answer:
         """
         Send one request; non-2xx answers are returned, not raised.
@@ -133,7 +137,7 @@ class Worker:
             bytes (for large downloads); C{Answer.length} has the full size.
         """
         data = raw
-        headers = {}
+        headers = dict(headers or {})
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
@@ -205,9 +209,20 @@ def parse_npy(blob: str) -> tuple[tuple[int, ...], str]:
 
 
 def parse_tensor(obj: Any) -> tuple[int, ...]:
-    """Check an upstream C{__tensor__} dict (base64 safetensors); return its shape."""
+    """
+    Check an upstream C{__tensor__} dict and return its shape: raw bytes in
+    C{data} (the msgpack transport) or base64 safetensors (the JSON one).
+    """
     if not isinstance(obj, dict) or obj.get("__tensor__") is not True:
         raise CheckFailed(f"not a __tensor__ object: {str(obj)[:120]}")
+    if isinstance(obj["data"], bytes):
+        shape = tuple(int(d) for d in obj.get("shape", []))
+        count = 1
+        for dim in shape:
+            count *= dim
+        if obj.get("dtype") == "torch.float32" and len(obj["data"]) != 4 * count:
+            raise CheckFailed(f"raw tensor of shape {list(shape)} has {len(obj['data'])} bytes")
+        return shape
     raw = base64.b64decode(obj["data"])
     (hlen,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + hlen])
@@ -291,9 +306,10 @@ class Probe:
         self.vwidth, self.vheight = (int(v) for v in options.video_size.lower().split("x"))
         self.png = tiny_png()
         self.native_available = True
+        self.rollout_available = False
 
     def run(self, name: str, fn: Callable[[], str | None]) -> bool:
-        """Run one check; PASS with its detail, FAIL on CheckFailed or a crash."""
+        """Run one check; PASS with its detail (none if it returned None), FAIL on CheckFailed or a crash."""
         try:
             detail = fn()
         except (CheckFailed, Unreachable) as e:
@@ -306,7 +322,8 @@ class Probe:
             if self.opts.verbose:
                 traceback.print_exc()
             return False
-        self.report.add("PASS", name, detail or "")
+        if detail is not None:  # None: the check reported an INFO line instead
+            self.report.add("PASS", name, detail)
         return True
 
     def info(self, name: str, detail: str) -> None:
@@ -315,11 +332,39 @@ class Probe:
     # -- discovery ---------------------------------------------------------
 
     def health(self) -> str:
+        started = time.monotonic()
         a = self.w.request("GET", "/health")
+        warming = 0.0
+        while a.code == 503 and time.monotonic() - started < self.opts.timeout:
+            # Upstream answers 503 while it warms up, with its port open.
+            time.sleep(0.2)
+            warming = time.monotonic() - started
+            a = self.w.request("GET", "/health")
         expect_code(a, 200)
+        if warming:
+            self.info("health.warmup", f"/health answered 503 for {warming:.1f}s before 200 (warm-up)")
         expect(a.json() == {"status": "ok"} or a.json().get("status") == "ok",
                f"unexpected body {a.body[:200]!r}")
         return "200 {\"status\":\"ok\"}"
+
+    def liveness(self) -> str | None:
+        a = self.w.request("GET", "/liveness")
+        if a.code == 404:
+            self.info("liveness", "no /liveness (the pinned fork has none)")
+            return None
+        expect_code(a, 200)
+        return "200"
+
+    def server_info(self) -> str | None:
+        a = self.w.request("GET", "/server_info")
+        if a.code == 404:
+            self.info("server_info", "no /server_info (the pinned fork has none)")
+            return None
+        expect_code(a, 200)
+        j = a.json()
+        missing = [k for k in ("model_path", "version") if k not in j]
+        expect(not missing, f"/server_info lacks {missing}")
+        return f"version {j.get('version')!r}"
 
     def health_generate(self) -> str:
         a = self.w.request("GET", "/health_generate")
@@ -354,11 +399,11 @@ class Probe:
 
     # -- images ------------------------------------------------------------
 
-    def _image_request(self, fmt: str) -> Answer:
+    def _image_request(self, fmt: str | None) -> Answer:
         if self.task == "I2I":
             fields = [
                 ("prompt", "a grey square"),
-                ("response_format", fmt),
+                ("response_format", fmt or "b64_json"),
                 ("size", f"{self.width}x{self.height}"),
                 ("num_inference_steps", str(self.opts.steps)),
             ]
@@ -421,6 +466,60 @@ class Probe:
         expect_code(a, 422)
         expect(a.json().get("detail") == "Field 'image' or 'url' is required", f"detail {detail_text(a)}")
         return "422 Field 'image' or 'url' is required"
+
+    def images_format_spelling(self) -> str:
+        """C{response_format} is lower-cased, and null means b64_json."""
+        seen = []
+        for fmt in ("B64_JSON", None):
+            if self.task == "I2I" and fmt is None:
+                continue  # a form cannot send null
+            a = self._image_request(fmt)
+            expect_code(a, 200)
+            (item,) = self._check_image_response(a.json(), 1)
+            expect(bool(item.get("b64_json")), f"response_format={fmt!r} gave no b64_json")
+            seen.append(repr(fmt))
+        return f"{', '.join(seen)} answered b64_json"
+
+    def images_bad_size(self) -> str:
+        if self.task == "I2I":
+            body, ctype = multipart(
+                [("prompt", "a grey square"), ("size", "big"), ("num_inference_steps", "1"),
+                 ("response_format", "b64_json")],
+                [("image", "input.png", self.png, "image/png")],
+            )
+            a = self.w.request("POST", "/v1/images/edits", raw=body, content_type=ctype)
+        else:
+            a = self.w.request("POST", "/v1/images/generations", {
+                "prompt": "a grey square", "size": "big", "num_inference_steps": 1,
+                "response_format": "b64_json",
+            })
+        expect_code(a, 200)
+        return "size 'big' ignored: 200 at the model's default size"
+
+    def images_range(self) -> str | None:
+        a = self._image_request("url")
+        expect_code(a, 200)
+        (item,) = self._check_image_response(a.json(), 1)
+        url = item["url"]
+        if not url.startswith("/v1/images/"):
+            self.info("images.range", "url is not a /content path: not checked")
+            return None
+        return self._range_download(url)
+
+    def _range_download(self, url: str) -> str:
+        """A /content download answers Range with 206 and carries the file headers."""
+        whole = self.w.request("GET", url)
+        expect_code(whole, 200)
+        for name in ("accept-ranges", "etag", "last-modified"):
+            expect(name in whole.headers, f"no {name} header on the download")
+        size = len(whole.body)
+        expect(size > 16, f"download is only {size} bytes")
+        part = self.w.request("GET", url, headers={"Range": "bytes=4-11"})
+        expect_code(part, 206)
+        expect(part.body == whole.body[4:12], "206 body is not bytes 4-11 of the file")
+        expect(part.headers.get("content-range") == f"bytes 4-11/{size}",
+               f"content-range {part.headers.get('content-range')!r}")
+        return f"206 bytes 4-11/{size}, accept-ranges/etag/last-modified present"
 
     def image_404(self) -> str:
         a = self.w.request("GET", f"/v1/images/{uuid.uuid4()}/content")
@@ -498,6 +597,16 @@ class Probe:
 
         self.run("videos.list", listing)
 
+        def list_order() -> str:
+            for order in ("ASC", "sideways"):
+                a = self.w.request("GET", f"/v1/videos?order={order}")
+                expect_code(a, 200)
+                expect(any(v.get("id") == vid for v in a.json()["data"]), f"order={order}: job not listed")
+            return "order is case-insensitive, unknown values answer 200 (desc)"
+
+        self.run("videos.list_order", list_order)
+        self.run("videos.range", lambda: self._range_download(f"/v1/videos/{vid}/content"))
+
         def content() -> str:
             a = self.w.request("GET", f"/v1/videos/{vid}/content", keep=64)
             expect_code(a, 200)
@@ -553,6 +662,8 @@ class Probe:
             expect(image_kind(out) == "png", "output_format png but output_b64 is not a PNG")
         traj = j["trajectory"]
         expect(isinstance(traj, dict), "get_log_probs=true gave no trajectory")
+        missing = [k for k in TRAJECTORY_FIELDS if k not in traj]
+        expect(not missing, f"trajectory lacks {missing} (every key is sent, null when not computed)")
         steps = self.opts.steps
         shape, descr = parse_npy(traj["latents"])
         expect(list(shape) == list(traj.get("latents_shape", [])), f"latents .npy shape {shape} != latents_shape {traj.get('latents_shape')}")
@@ -565,8 +676,13 @@ class Probe:
         expect(list(lp_shape) == [1, steps] == list(traj.get("log_probs_shape", [])), f"log_probs shape {lp_shape}, log_probs_shape {traj.get('log_probs_shape')}")
         return f"{j['output_format']} output, latents {list(shape)}, log_probs {list(lp_shape)}, {len(a.body)} bytes"
 
-    def diffusion_422(self) -> str:
+    def diffusion_422(self) -> str | None:
         a = self.w.request("POST", "/v1/diffusion/generate", {"get_log_probs": True})
+        if a.code == 404:
+            # Upstream replaced it with /rollout/generate (docs/worker-api.md).
+            self.native_available = False
+            self.info("diffusion.generate", "not available in this version (404); upstream serves /rollout/generate instead")
+            return None
         expect_code(a, 422)
         return "422 without prompt"
 
@@ -576,13 +692,26 @@ class Probe:
         body["num_outputs_per_prompt"] = 1
         if self.task in REQUIRES_IMAGE:
             body["image_path"] = [data_url(self.png)]
+        body.setdefault("seed", 42)
         a = self.w.request("POST", "/rollout/generate", body)
         if a.code == 404:
             self.info("rollout.generate", "not available in this version (404); the pinned fork serves /v1/diffusion/generate instead")
             return None
+        self.rollout_available = True
         expect_code(a, 200)
-        items = a.json()
-        expect(isinstance(items, list) and len(items) == 1, f"expected a JSON list of 1 sample, got {str(items)[:200]}")
+        if a.content_type.startswith("application/msgpack"):
+            # Current upstream: msgpack with raw tensor bytes, and timing headers.
+            try:
+                import msgpack
+            except ImportError:
+                raise CheckFailed("the answer is msgpack: pip install msgpack to check it") from None
+            items = msgpack.unpackb(a.body)
+            for header in ("x-sgld-timing", "x-sgld-stages"):
+                if header not in a.headers:
+                    self.info("rollout.headers", f"no {header} header (added upstream after the msgpack transport)")
+        else:
+            items = a.json()
+        expect(isinstance(items, list) and len(items) == 1, f"expected a list of 1 sample, got {str(items)[:200]}")
         item = items[0]
         missing = [f for f in ROLLOUT_ITEM_FIELDS if f not in item]
         expect(not missing, f"sample lacks {missing}")
@@ -592,7 +721,28 @@ class Probe:
             detail += f", rollout_log_probs {list(parse_tensor(item['rollout_log_probs']))}"
         return detail
 
+    def rollout_no_seed(self) -> str:
+        """Without C{seed} the response model cannot be built: a plain 500 after the work."""
+        body = self._native_body()
+        body.pop("seed", None)
+        if self.task in REQUIRES_IMAGE:
+            body["image_path"] = [data_url(self.png)]
+        a = self.w.request("POST", "/rollout/generate", body)
+        expect_code(a, 500)
+        return "500 without seed"
+
     # -- control -------------------------------------------------------------
+
+    def update_refusals(self) -> str:
+        """Updates that cannot load are 400s that change nothing (no weights are touched)."""
+        missing = f"/nonexistent/check-worker-{uuid.uuid4().hex}"
+        a = self.w.request("POST", "/update_weights_from_disk", {"model_path": missing})
+        expect_code(a, 400)
+        expect(a.json().get("success") is False, f"body {a.body[:200]!r}")
+        b = self.w.request("POST", "/update_weights_from_disk", {"model_path": missing, "target_modules": []})
+        expect_code(b, 400)
+        expect(b.json().get("success") is False, f"body {b.body[:200]!r}")
+        return f"missing path 400 ({str(a.json().get('message'))[:60]}...), target_modules [] 400"
 
     def update_missing_path(self) -> str:
         a = self.w.request("POST", "/update_weights_from_disk", {})
@@ -705,6 +855,8 @@ class Probe:
     def all(self) -> None:
         if not self.run("health", self.health):
             return
+        self.run("liveness", self.liveness)
+        self.run("server_info", self.server_info)
         self.run("health_generate", self.health_generate)
         if not self.run("models", self.models):
             return
@@ -716,20 +868,29 @@ class Probe:
             self.run("images.b64_json", self.images_b64)
             self.run("images.url_and_content", self.images_url)
             self.run("images.content.404", self.image_404)
+            self.run("images.response_format_spelling", self.images_format_spelling)
+            self.run("images.bad_size", self.images_bad_size)
+            self.run("images.range", self.images_range)
         elif self.task in VIDEO_TASKS:
             self.videos()
             self.run("videos.unknown.404", self.video_404)
+            self.run("videos.bad_requests", self.video_bad_requests)
         else:
             self.info("videos", f"task type {self.task}: mesh models are not probed on /v1/videos")
 
         self.run("diffusion.generate.422", self.diffusion_422)
-        self.run("diffusion.generate", self.diffusion_generate)
+        if self.native_available:
+            self.run("diffusion.generate", self.diffusion_generate)
         self.run("rollout.generate", self.rollout_generate)
+        if self.rollout_available:
+            self.run("rollout.no_seed", self.rollout_no_seed)
+        self.info("version", self._version())
 
         if self.opts.skip_control:
             self.info("control", "skipped (--skip-control)")
             return
         self.run("update_weights.missing_model_path", self.update_missing_path)
+        self.run("update_weights.refused", self.update_refusals)
         sums: dict[str, dict[str, str]] = {}
 
         def checksum() -> str:
@@ -743,6 +904,29 @@ class Probe:
             self.run("update_weights", lambda: self.update_weights(path, sums.get("before")))
         else:
             self.info("update_weights", "not exercised (give --update-model-path to load new weights)")
+
+    def video_bad_requests(self) -> str:
+        """A form-encoded body and a video of no frames are 400s, and create no job."""
+        before = self.w.request("GET", "/v1/videos?limit=100")
+        expect_code(before, 200)
+        a = self.w.request("POST", "/v1/videos", raw=b"prompt=a+grey+square",
+                           content_type="application/x-www-form-urlencoded")
+        expect_code(a, 400)
+        z = self.w.request("POST", "/v1/videos", {"prompt": "a grey square", "num_frames": 0})
+        expect(400 <= z.code < 500, f"num_frames=0 answered {z.code}: {z.body[:200]!r}")
+        after = self.w.request("GET", "/v1/videos?limit=100")
+        expect(len(after.json()["data"]) == len(before.json()["data"]), "a refused request created a job")
+        return f"form-encoded 400, num_frames=0 {z.code}"
+
+    def _version(self) -> str:
+        """Which worker version the native endpoints say this is (see docs/worker-api.md)."""
+        if self.native_available and not self.rollout_available:
+            return "pinned fork (/v1/diffusion/generate, no /rollout/generate)"
+        if self.rollout_available and not self.native_available:
+            return "upstream (/rollout/generate, no /v1/diffusion/generate)"
+        if self.rollout_available:
+            return "both native endpoints served (not a released version)"
+        return "neither native endpoint served"
 
     def video_404(self) -> str:
         a = self.w.request("GET", f"/v1/videos/{uuid.uuid4()}")

@@ -532,9 +532,11 @@ class Router:
         Each worker lists only its own jobs, so the router asks them all and
         applies C{order}, C{after} and C{limit} to the merged list itself.
         """
-        order = query_arg(request, "order") or "desc"
+        # The workers' own rule: lower-cased, anything else is desc; the
+        # stable sort below keeps each worker's same-second order.
+        order = (query_arg(request, "order") or "desc").lower()
         if order not in ("asc", "desc"):
-            return json_error(request, 400, f"order must be 'asc' or 'desc', got {order!r}")
+            order = "desc"
         after = query_arg(request, "after")
         limit_text = query_arg(request, "limit")
         try:
@@ -677,7 +679,19 @@ class Router:
         capabilities, then admit it (caught up to the fleet's weights first
         when needed). A worker still loading stays C{starting}; the health
         checker calls this again when it first answers.
+
+        "Answers" means C{/health} is 200: an upstream worker opens its port
+        and serves C{/v1/models} while it warms up, but answers C{/health}
+        with 503 until it can take work.
         """
+        health = await self._caller.call(worker.url, "GET", "/health", timeout=self._config.timeout)
+        if health.status_code != 200:
+            self.log.info(
+                "worker {worker} is still starting (health: {health})",
+                worker=worker.display_id,
+                health=health.error or f"HTTP {health.status_code}",
+            )
+            return False
         if not await self._refresh(worker):
             return False
         if worker.activity == STARTING and worker in self._pool:

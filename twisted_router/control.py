@@ -328,6 +328,12 @@ class FleetController:
         behind = self._catch_up_stragglers()
         self.changed.notify()
         extra = {} if sleep else {"catching_up": [w.url for w in behind]}
+        if all(r.status_code == 404 for r in replies):
+            # A worker version without sleep/wake (e.g. the RL fork's later
+            # main): nothing changed anywhere, and nobody is at fault.
+            report = self._report(replies, **extra)
+            report["message"] = f"no worker supports {path}: every worker answered 404"
+            return BroadcastOutcome(501, report)
         return BroadcastOutcome(200, self._report(replies, **extra))
 
     # ------------------------------------------------------------------ catch-up

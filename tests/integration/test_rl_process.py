@@ -517,7 +517,8 @@ def test_all_workers_sleeping_answers_503_at_once(processes: Processes) -> None:
 
 
 def test_rl_loop_example_completes(processes: Processes) -> None:
-    workers = processes.workers(sim("a"), sim("b"))
+    # rl_loop.py writes its checkpoints under /tmp/rl-loop/ by default.
+    workers = processes.workers(sim("a", "--weights-prefix", "/tmp/rl-loop/"), sim("b", "--weights-prefix", "/tmp/rl-loop/"))
     router = processes.router(workers)
     wait_for_workers(router, 2)
 

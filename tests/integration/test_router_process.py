@@ -135,7 +135,8 @@ def proc_status_kb(pid: int) -> dict[str, int]:
 
 
 def sim(worker_id: str, *args: str) -> list[str]:
-    return ["--worker-id", worker_id, *args]
+    # Checkpoints in these tests are /ckpt/...: the simulator accepts them only when told.
+    return ["--worker-id", worker_id, "--weights-prefix", "/ckpt/", *args]
 
 
 # -- routing ----------------------------------------------------------------------------------

@@ -90,13 +90,37 @@ def test_startup_delay_refuses_connections_until_the_port_opens() -> None:
 
 @pytest.mark.parametrize("task", ["T2I", "I2I", "T2V"])
 def test_check_worker_passes_against_the_simulator(task: str) -> None:
-    with running(python_module(SIM, "--port", "0", "--task-type", task)) as proc:
+    argv = python_module(SIM, "--port", "0", "--task-type", task, "--weights-prefix", "/ckpt/")
+    with running(argv) as proc:
         result = _check_worker(proc.url, "--update-model-path", "/ckpt/probe", "--timeout", "30")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "RESULT: PASS" in result.stdout
     assert "\nFAIL" not in result.stdout
     assert "PASS  diffusion.generate" in result.stdout
     assert "PASS  sleep.generation_rejected" in result.stdout
+    assert "PASS  update_weights.refused" in result.stdout
+    assert "INFO  version: pinned fork" in result.stdout
+    if task == "T2V":
+        assert "PASS  videos.range" in result.stdout and "PASS  videos.list_order" in result.stdout
+    else:
+        assert "PASS  images.range" in result.stdout and "PASS  images.bad_size" in result.stdout
+
+
+@pytest.mark.parametrize("rollout_format", ["msgpack", "json"])
+def test_check_worker_passes_against_the_upstream_simulator_warming_up(rollout_format: str) -> None:
+    argv = python_module(
+        SIM, "--port", "0", "--api-version", "upstream", "--rollout-format", rollout_format,
+        "--warmup-seconds", "1", "--weights-prefix", "/ckpt/",
+    )
+    with running(argv) as proc:
+        result = _check_worker(proc.url, "--update-model-path", "/ckpt/probe", "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "\nFAIL" not in result.stdout
+    for line in (
+        "PASS  rollout.generate", "PASS  rollout.no_seed", "PASS  liveness", "PASS  server_info",
+        "INFO  diffusion.generate: not available", "INFO  version: upstream",
+    ):
+        assert line in result.stdout, line
 
 
 def test_check_worker_reports_a_missing_rollout_endpoint_as_info() -> None:

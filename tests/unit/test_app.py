@@ -9,9 +9,11 @@ import json
 from urllib.parse import quote
 
 import pytest
+from twisted.internet.defer import CancelledError
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.server import Request
 
-from tests.support.deferreds import assert_no_result, success_result_of
+from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
 from tests.support.fleet import json_answer
 from tests.support.fleet import make_router as make
 
@@ -263,6 +265,7 @@ def test_client_disconnect_releases_the_count() -> None:
     h.pump()
     assert h.pool.workers()[0].active_requests == 1
     d.cancel()  # the client goes away
+    failure_result_of(d, CancelledError, ResponseNeverReceived)
     h.pump()
     assert h.pool.workers()[0].active_requests == 0
 

@@ -13,7 +13,7 @@ from tests.support.fleet import Fleet, RouterHarness, json_answer
 
 
 def _real_update(request: Request) -> bytes:
-    """POST /update_weights_from_disk as a real worker answers it (sglang-worker-api.md 5.1)."""
+    """POST /update_weights_from_disk as a real worker answers it (docs/worker-api.md §5.1)."""
     raw = request.content.read() if request.content is not None else b""
     try:
         body = json.loads(raw)

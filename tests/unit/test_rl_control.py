@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.web._newclient import ResponseNeverReceived
 
-from tests.support.deferreds import assert_no_result, success_result_of
+from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
 from tests.support.fleet import FakeWorker, RouterHarness, json_answer
 from tests.support.fleet import make_router as make
 
@@ -161,6 +162,7 @@ def test_a_waiting_client_that_leaves_leaves_nothing_behind() -> None:
     assert len(h.parts.control.changed) == 1
     gen.cancel()
     h.pump()
+    failure_result_of(gen, CancelledError, ResponseNeverReceived)
     assert len(h.parts.control.changed) == 0
     assert h.pool.workers()[0].active_requests == 0
 

@@ -10,11 +10,12 @@ import json
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import StringTransport
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.server import Request
 
-from tests.support.deferreds import success_result_of
+from tests.support.deferreds import failure_result_of, success_result_of
 from tests.support.fleet import FakeWorker, RouterHarness, json_answer
 from tests.support.fleet import make_router as make
 from twisted_router.site import RouterSite
@@ -38,7 +39,7 @@ def answer(request: Request, payload: dict[str, Any]) -> None:
 
 
 def refuse_release(request: Request) -> bytes:
-    # What a real worker answers when offloading fails (sglang-worker-api.md 5.3).
+    # What a real worker answers when offloading fails (docs/worker-api.md §5.3).
     return json_answer(
         request, 400, {"success": False, "sleeping": False, "message": "offload failed; rolled back to keep state"}
     )
@@ -109,6 +110,7 @@ def test_controller_that_disconnects_mid_broadcast_does_not_get_the_fleet_quaran
     h.pump()
     assert [len(w.held) for w in workers] == [1, 1]
     d.cancel()  # e.g. the RL controller's HTTP timeout, or Ctrl-C
+    failure_result_of(d, CancelledError, ResponseNeverReceived)
     h.pump()
     for w in workers:
         for request in w.held:

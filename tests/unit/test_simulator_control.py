@@ -16,7 +16,7 @@ RESUMED = {"success": True, "sleeping": False,
 
 @pytest.fixture
 def sim() -> InMemoryWorker:
-    return InMemoryWorker(model_path="base/model")
+    return InMemoryWorker(model_path="base/model", weights_prefixes=("/ckpt/",))
 
 
 def test_release_and_resume_exact_bodies_and_idempotence(sim: InMemoryWorker) -> None:
@@ -92,7 +92,7 @@ def test_update_succeeds_and_changes_every_checksum(sim: InMemoryWorker) -> None
 
 
 def test_same_update_on_two_workers_gives_equal_checksums() -> None:
-    a, b = InMemoryWorker(model_path="m"), InMemoryWorker(model_path="m")
+    a, b = InMemoryWorker(model_path="m", weights_prefixes=("/ckpt/",)), InMemoryWorker(model_path="m", weights_prefixes=("/ckpt/",))
     for sim in (a, b):
         sim.post("/update_weights_from_disk", {"model_path": "/ckpt/1"})
     assert a.post("/get_weights_checksum", {}).json() == b.post("/get_weights_checksum", {}).json()
@@ -139,7 +139,7 @@ def test_update_with_a_body_that_is_not_json_is_a_plain_500(sim: InMemoryWorker)
 
 
 def test_fail_update_gives_the_rolled_back_400() -> None:
-    sim = InMemoryWorker(fail_update=True)
+    sim = InMemoryWorker(fail_update=True, weights_prefixes=("/ckpt/",))
     before = sim.post("/get_weights_checksum", {}).json()
     r = sim.post("/update_weights_from_disk", {"model_path": "/ckpt/4"})
     assert r.code == 400
@@ -151,7 +151,7 @@ def test_fail_update_gives_the_rolled_back_400() -> None:
 
 
 def test_update_waits_its_turn_and_takes_its_time() -> None:
-    sim = InMemoryWorker(update_ms=2000)
+    sim = InMemoryWorker(update_ms=2000, weights_prefixes=("/ckpt/",))
     gen = sim.send("POST", "/v1/images/generations", json={"prompt": "x"})
     update = sim.send("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/5"})
     after = sim.send("POST", "/v1/images/generations", json={"prompt": "y"})

@@ -34,8 +34,13 @@ NOT_A_DICT = "Input should be a valid dictionary or object to extract fields fro
 BODY_MODEL_ENDPOINTS = [
     ("/v1/images/generations", {"prompt": "x"}),
     ("/v1/diffusion/generate", {"prompt": "x"}),
-    ("/rollout/generate", {"prompt": "x"}),
+    ("/rollout/generate", {"prompt": "x", "seed": 1}),
 ]
+
+
+def _worker_for(path: str) -> InMemoryWorker:
+    """A worker of the version that serves C{path} (only upstream has /rollout/generate)."""
+    return InMemoryWorker(api_version="upstream" if path == "/rollout/generate" else "pinned")
 
 
 def _post_raw(sim: InMemoryWorker, path: str, body: bytes, ctype: bytes | None) -> Any:
@@ -67,7 +72,7 @@ def test_json_content_types_are_the_ones_fastapi_parses(value: str | None, expec
 def test_a_body_model_refuses_a_body_that_is_not_declared_json(
     path: str, body: dict[str, Any], ctype: bytes | None
 ) -> None:
-    sim = InMemoryWorker()
+    sim = _worker_for(path)
     raw = json.dumps(body).encode()
     answer = _post_raw(sim, path, raw, ctype)
     assert answer.code == 422
@@ -81,7 +86,7 @@ def test_a_body_model_refuses_a_body_that_is_not_declared_json(
 @pytest.mark.parametrize(("path", "body"), BODY_MODEL_ENDPOINTS)
 def test_a_body_model_refuses_a_form(path: str, body: dict[str, Any]) -> None:
     """A multipart form is not JSON either: the raw form text is the 422's input."""
-    sim = InMemoryWorker()
+    sim = _worker_for(path)
     raw, ctype = multipart(fields=[("prompt", "x")])
     answer = _post_raw(sim, path, raw, ctype)
     assert (answer.code, answer.json()) == (422, {"detail": [{
@@ -94,7 +99,7 @@ def test_a_body_model_refuses_a_form(path: str, body: dict[str, Any]) -> None:
     "ctype", [b"application/json", b"Application/JSON; charset=utf-8", b"application/vnd.api+json"]
 )
 def test_a_body_model_accepts_every_json_content_type(path: str, body: dict[str, Any], ctype: bytes) -> None:
-    sim = InMemoryWorker()
+    sim = _worker_for(path)
     assert _post_raw(sim, path, json.dumps(body).encode(), ctype).code == 200
 
 
@@ -140,7 +145,7 @@ def test_videos_parse_their_body_by_hand_whatever_the_content_type(ctype: bytes 
 @pytest.mark.parametrize("ctype", [None, b"application/x-www-form-urlencoded", b"text/plain"])
 def test_update_weights_reads_json_whatever_the_content_type(ctype: bytes | None) -> None:
     """§5.1: C{await request.json()} ignores the header; a body that is not JSON is a plain 500."""
-    sim = InMemoryWorker()
+    sim = InMemoryWorker(weights_prefixes=("/ckpt/",))
     ok = _post_raw(sim, "/update_weights_from_disk", b'{"model_path": "/ckpt/1"}', ctype)
     assert ok.code == 200 and ok.json()["success"] is True
     bad = _post_raw(sim, "/update_weights_from_disk", b"model_path=/ckpt/1", ctype)

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.web._newclient import ResponseNeverReceived
 
-from tests.support.deferreds import assert_no_result, success_result_of
+from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
 from tests.support.fleet import FakeWorker, Fleet, RouterHarness
 
 TIMEOUT = 30.0
@@ -120,6 +121,7 @@ def test_client_going_away_releases_the_lease(route: Route) -> None:
     assert_no_result(d)
     assert in_flight(h) == 1
     d.cancel()
+    failure_result_of(d, CancelledError, ResponseNeverReceived)
     h.pump()
     assert in_flight(h) == 0
     assert not h.pool.workers()[0].is_dead

@@ -61,6 +61,10 @@ SIMULATOR_OPTIONS: Mapping[str, str] = {
     "worker_id": "str",
     "output_path": "str",
     "disable_endpoint": "str_list",
+    "api_version": "str",
+    "rollout_format": "str",
+    "warmup_seconds": "float",
+    "weights_prefix": "str_list",
     "verbose": "bool",
 }
 
@@ -347,11 +351,13 @@ def _check_simulator_ranges(options: Mapping[str, Any], where: str) -> None:
     from twisted_router.simulator.config import SimulatorConfig
     from twisted_router.simulator.model import TaskType
 
-    kwargs = {name: value for name, value in options.items() if name not in ("task_type", "disable_endpoint")}
+    kwargs = {name: value for name, value in options.items() if name not in ("task_type", "disable_endpoint", "weights_prefix")}
     if "task_type" in options:
         kwargs["task_type"] = TaskType[options["task_type"]]
     if "disable_endpoint" in options:
         kwargs["disabled_endpoints"] = tuple(options["disable_endpoint"])
+    if "weights_prefix" in options:
+        kwargs["weights_prefixes"] = tuple(options["weights_prefix"])
     try:
         SimulatorConfig(**kwargs)
     except ValueError as exc:

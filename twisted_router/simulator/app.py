@@ -2,7 +2,7 @@
 """
 The simulated worker's HTTP surface: a Klein app speaking the real API.
 
-Every route follows C{sglang-worker-api.md} (section numbers below refer to
+Every route follows C{docs/worker-api.md} (section numbers below refer to
 it): status codes, error bodies and field names are the real worker's, so
 the router is tested against the answers it will really get, including the
 awkward ones (text/plain 500s, 422 lists, the C{[SLEEPING]} 400, jobs that
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -31,11 +33,12 @@ from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, MapAdapter, Rule
 
@@ -50,6 +53,8 @@ from twisted_router.simulator.model import (
     SLEEPING_MESSAGE,
     VIDEO_FIELDS,
     Field,
+    MalformedRange,
+    RangeNotSatisfiable,
     TaskType,
     ValidationFailed,
     clamp_n,
@@ -58,7 +63,7 @@ from twisted_router.simulator.model import (
     is_json_content_type,
     json_decode_error,
     latent_shape,
-    parse_size,
+    parse_ranges,
     resolve_dimensions,
     resolve_steps,
     service_seconds,
@@ -79,6 +84,22 @@ PLAIN = b"text/plain; charset=utf-8"
 #: The message every injected generation failure carries (§1: the real
 #: C{process_generation_batch} raises C{RuntimeError} with this prefix).
 INJECTED_FAILURE = "Model generation returned no output. Error from scheduler: simulated failure"
+
+#: What C{/server_info} reports as C{version} under C{--api-version upstream}.
+UPSTREAM_VERSION = "0.5.10-sim"
+
+#: Paths each imitated version does not serve (404 {"detail":"Not Found"}).
+MISSING_BY_VERSION: Mapping[str, frozenset[str]] = {
+    "pinned": frozenset({"/rollout/generate", "/server_info", "/model_info", "/liveness"}),
+    "upstream": frozenset({"/v1/diffusion/generate"}),
+}
+
+MSGPACK = b"application/msgpack"
+
+#: Paths upstream's warm-up middleware (C{http_server.py},
+#: C{wait_for_server_warmup}) answers at once; every other request waits
+#: until the warm-up ends.
+WARMUP_BYPASS_PATHS = frozenset({"/health", "/health_generate", "/model_info", "/server_info", "/liveness"})
 
 
 class Reply(Exception):
@@ -114,6 +135,7 @@ class StoredImage:
 
     ext: str
     size: int
+    created: float
 
 
 @dataclass
@@ -143,6 +165,16 @@ def _tensor(shape: list[int], kind: str) -> dict[str, Any]:
     return {
         "__tensor__": True,
         "data": payloads.Blob(payloads.safetensors_b64(tuple(shape), kind)),
+        "shape": list(shape),
+        "dtype": "torch.float32",
+    }
+
+
+def _raw_tensor(shape: list[int], kind: str) -> dict[str, Any]:
+    """The same tensor for the msgpack transport: raw little-endian bytes, no base64."""
+    return {
+        "__tensor__": True,
+        "data": payloads.RawTensor(tuple(shape), kind),
         "shape": list(shape),
         "dtype": "torch.float32",
     }
@@ -181,6 +213,21 @@ class SimulatedWorker:
         self._videos: dict[str, VideoJob] = {}
         self._video_seq = 0
         self._task: TaskType = config.task_type
+        self._ready_at = self._clock.seconds() + config.warmup_seconds
+
+    def port_opened(self) -> None:
+        """The port is open: the warm-up (C{--warmup-seconds}) starts now."""
+        self._ready_at = self._clock.seconds() + self.config.warmup_seconds
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether C{/health} still answers 503 (upstream's warm-up)."""
+        return self._clock.seconds() < self._ready_at
+
+    def after_warmup(self, action: Callable[[], object]) -> IDelayedCall:
+        """Run C{action} when the warm-up ends (now, if it has)."""
+        call: IDelayedCall = self._clock.callLater(max(0.0, self._ready_at - self._clock.seconds()), action)
+        return call
 
     def resource(self) -> Resource:
         """The root resource to serve: the Klein app behind the header wrapper."""
@@ -358,7 +405,40 @@ class SimulatedWorker:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: Request) -> bytes | Deferred[None]:
+        if self.warming_up:
+            # Upstream answers 503 from the moment the port opens until its
+            # warm-up ends; a router must not send work before a 200.
+            return self._json(request, {"status": "warming up"}, 503)
         return self._json(request, {"status": "ok"})
+
+    @app.route("/liveness", methods=["GET"])
+    def liveness(self, request: Request) -> bytes | Deferred[None]:
+        # Upstream only: the process is up, whether or not it is warm.
+        return self._json(request, {"status": "ok"})
+
+    @app.route("/server_info", methods=["GET"])
+    def server_info(self, request: Request) -> bytes | Deferred[None]:
+        cfg = self.config
+        return self._json(request, {
+            "model_path": cfg.served_model,
+            "served_model_name": cfg.served_model,
+            "tp_size": 1,
+            "dp_size": 1,
+            "version": UPSTREAM_VERSION,
+        })
+
+    @app.route("/model_info", methods=["GET"])
+    def upstream_model_info(self, request: Request) -> bytes | Deferred[None]:
+        return self._json(request, {
+            "model_path": self.config.served_model,
+            "is_generation": True,
+            "model_type": "diffusion",
+            "architectures": [self.config.profile.pipeline_name],
+            "has_image_understanding": self._task.accepts_image_input,
+            "has_audio_understanding": False,
+            "task_type": self._task.name,
+            "is_image_gen": self._task.data_type == "image",
+        })
 
     @app.route("/health_generate", methods=["GET"])
     def health_generate(self, request: Request) -> bytes | Deferred[None]:
@@ -425,9 +505,9 @@ class SimulatedWorker:
         """The C{ImageResponse} of a finished image job, after storing it for C{/content}."""
         if response_format not in ("url", "b64_json"):
             # Checked after the GPU work, as the real handler does.
-            raise Reply(400, {"detail": f"response_format={response_format!r} is not supported."})
+            raise Reply(400, {"detail": f"response_format={response_format} is not supported"})
         size = self.config.image_bytes
-        self._images[request_id] = StoredImage(ext, size)
+        self._images[request_id] = StoredImage(ext, size, self._clock.seconds())
         paths = [self._file_path(request_id, ext, i if n > 1 else None) for i in range(n)]
         data: list[dict[str, Any]]
         if response_format == "url":
@@ -470,8 +550,10 @@ class SimulatedWorker:
             fail = True  # a ValueError inside the pipeline: plain 500 after the work
         request_id = str(uuid.uuid4())
         await self._generation("images/generations", seconds, fail)
+        # Case-insensitive, and null means b64_json (image_api: ``(format or
+        # "b64_json").lower()``); the field's default is "url".
         body = self._image_response(
-            request_id, params["prompt"], n, ext, params["response_format"], seconds
+            request_id, params["prompt"], n, ext, (params["response_format"] or "b64_json").lower(), seconds
         )
         return await _settle(self._json(request, body))
 
@@ -505,10 +587,7 @@ class SimulatedWorker:
         try:
             if not self._task.accepts_image_input:
                 raise ValueError(f"input_reference is not supported for {self._task.name} models.")
-            size = params["size"]
-            width, height = parse_size(size) if size else (
-                self.config.profile.width, self.config.profile.height
-            )
+            width, height = resolve_dimensions(None, None, params["size"], self.config.profile)
             steps = resolve_steps(params["num_inference_steps"], self.config.steps)
             finite_non_negative("guidance_scale", params["guidance_scale"])
             finite_non_negative("true_cfg_scale", params["true_cfg_scale"])
@@ -521,7 +600,7 @@ class SimulatedWorker:
         request_id = str(uuid.uuid4())
         await self._generation("images/edits", seconds, fail)
         body = self._image_response(
-            request_id, params["prompt"], n, ext, params["response_format"] or "b64_json", seconds
+            request_id, params["prompt"], n, ext, (params["response_format"] or "b64_json").lower(), seconds
         )
         return await _settle(self._json(request, body))
 
@@ -531,16 +610,59 @@ class SimulatedWorker:
         if stored is None:
             raise Reply(404, {"detail": "Image not found"})
         image = payloads.image_payload(stored.ext, stored.size)
-        headers = {
-            b"content-disposition": f'attachment; filename="{image_id}.{stored.ext}"'.encode(),
-        }
-        media = MEDIA_TYPES[stored.ext].encode()
-        if image.length <= INLINE_LIMIT:
-            return await _settle(self._send(request, list(image.chunks()), media, headers=headers))
-        # Streamed block by block: the blocks are shared, nothing is joined.
-        return await _settle(self._send(
-            request, [], media, headers=headers, chunks=image.chunks(), length=image.length
+        return await _settle(self._download(
+            request, f"{image_id}.{stored.ext}", MEDIA_TYPES[stored.ext].encode(),
+            image.chunks, image.length, stored.created,
         ))
+
+    def _download(
+        self,
+        request: Request,
+        filename: str,
+        media: bytes,
+        chunks: Callable[[], Iterator[bytes]],
+        length: int,
+        modified: float,
+    ) -> bytes | Deferred[None]:
+        """
+        Answer a C{/content} download as Starlette's C{FileResponse} does.
+
+        C{accept-ranges}, C{etag} (quoted md5 of C{"mtime-size"}) and
+        C{last-modified} on every answer; a C{Range} (honoured only if an
+        C{If-Range} names this version) is a 206 with C{content-range}, one
+        that starts outside the file a 416 with C{content-range: */size}, a
+        malformed one a plain 400 with Starlette's words. The file is
+        streamed block by block: the blocks are shared, nothing is joined.
+        """
+        etag = '"' + hashlib.md5(f"{modified}-{length}".encode()).hexdigest() + '"'
+        last_modified = datetimeToString(int(modified))
+        headers = {
+            b"content-disposition": f'attachment; filename="{filename}"'.encode(),
+            b"accept-ranges": b"bytes",
+            b"etag": etag.encode(),
+            b"last-modified": last_modified,
+        }
+        raw_range = request.getHeader(b"range")
+        if_range = request.getHeader(b"if-range")
+        if raw_range is not None and if_range not in (None, etag.encode(), last_modified):
+            raw_range = None  # If-Range names another version: the whole file
+        if raw_range is not None:
+            try:
+                ranges = parse_ranges(raw_range.decode("latin-1"), length)
+            except RangeNotSatisfiable:
+                return self._send(request, [], PLAIN, 416, {b"content-range": f"*/{length}".encode()})
+            except MalformedRange as e:
+                return self._send(request, [str(e).encode()], PLAIN, 400)
+            if len(ranges) == 1:
+                ((begin, stop),) = ranges
+                headers[b"content-range"] = f"bytes {begin}-{stop - 1}/{length}".encode()
+                return self._send(
+                    request, [], media, 206, headers,
+                    chunks=payloads.byte_range(chunks(), begin, stop), length=stop - begin,
+                )
+            # Several disjoint ranges: Starlette answers multipart/byteranges,
+            # which the simulator does not build (docs/simulator.md).
+        return self._send(request, [], media, headers=headers, chunks=chunks(), length=length)
 
     # ------------------------------------------------------------------
     # Videos (§4.4, §4.5): asynchronous jobs
@@ -579,8 +701,11 @@ class SimulatedWorker:
         raw = request.content.read() if request.content is not None else b""
         try:
             body = json.loads(raw)
-        except ValueError as e:
-            raise Reply(400, {"detail": f"Invalid request body: {e}"}) from None
+        except ValueError:
+            # The real handler falls back to an empty body (``except
+            # Exception: body = {}``), so a form-encoded or broken body is
+            # the 400 of a request without a prompt.
+            body = {}
         if isinstance(body, dict):
             for key in ("extra_body", "extra_json"):
                 extra = body.pop(key, None)
@@ -600,14 +725,12 @@ class SimulatedWorker:
         params = self._parse_video_request(request)
         profile = self.config.profile
         try:
-            width, height = parse_size(params["size"]) if params["size"] else (
-                profile.width, profile.height
-            )
+            width, height = resolve_dimensions(None, None, params["size"], profile)
             steps = resolve_steps(params["num_inference_steps"], self.config.steps)
             finite_non_negative("guidance_scale", params["guidance_scale"])
+            frames, fps = video_frames(params["num_frames"], params["fps"], params["seconds"])
         except ValueError as e:
             raise Reply(400, {"detail": str(e)}) from None
-        frames, fps = video_frames(params["num_frames"], params["fps"], params["seconds"])
         seconds = self._seconds(steps, width, height, frames, 1)
         fail = self.state.draw_failure()
         video_id = str(uuid.uuid4())
@@ -703,18 +826,19 @@ class SimulatedWorker:
                         "msg": "Input should be less than or equal to 100",
                         "input": raw_limit, "ctx": {"le": 100},
                     })
-        order = query("order") or "desc"
+        # Lower-cased, anything else is desc; then a stable sort on whole
+        # seconds, so jobs of the same second stay in insertion order in
+        # either direction (video_api.list_videos).
+        order = (query("order") or "desc").lower()
         if order not in ("asc", "desc"):
-            errors.append({
-                "type": "literal_error", "loc": ["query", "order"],
-                "msg": "Input should be 'asc' or 'desc'", "input": order,
-                "ctx": {"expected": "'asc' or 'desc'"},
-            })
+            order = "desc"
         if errors:
             raise Reply(422, {"detail": errors})
-        jobs = sorted(self._videos.values(), key=lambda j: (j.fields["created_at"], j.seq))
-        if order == "desc":
-            jobs.reverse()
+        jobs = sorted(
+            sorted(self._videos.values(), key=lambda j: j.seq),
+            key=lambda j: j.fields["created_at"],
+            reverse=order == "desc",
+        )
         after = query("after")
         if after is not None:
             ids = [job.id for job in jobs]
@@ -741,9 +865,10 @@ class SimulatedWorker:
         if job.status != "completed":
             raise Reply(404, {"detail": "Generation is still in-progress"})
         mp4 = payloads.mp4_payload(self.config.video_bytes)
-        headers = {b"content-disposition": f'attachment; filename="{video_id}.mp4"'.encode()}
-        return await _settle(self._send(
-            request, [], b"video/mp4", headers=headers, chunks=mp4.chunks(), length=mp4.length
+        completed = job.fields.get("completed_at")
+        return await _settle(self._download(
+            request, f"{video_id}.mp4", b"video/mp4", mp4.chunks, mp4.length,
+            float(completed) if isinstance(completed, (int, float)) else self._clock.seconds(),
         ))
 
     # ------------------------------------------------------------------
@@ -764,7 +889,7 @@ class SimulatedWorker:
             steps = resolve_steps(params["num_inference_steps"], self.config.steps)
             batch = params["num_outputs_per_prompt"]
             if batch < 1:
-                raise ValueError(f"num_outputs_per_prompt must be positive, got {batch}")
+                raise ValueError(f"num_outputs_per_prompt must be a positive int, got {batch!r}")
             for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
                 finite_non_negative(name, params[name])
             if self._task.requires_image_input and not params["image_path"]:
@@ -790,6 +915,9 @@ class SimulatedWorker:
         trajectory: dict[str, Any] | None = None
         if params["get_latents"] or params["get_log_probs"]:
             shape = latent_shape(self._task, batch, steps, width, height, frames)
+            # A TrajectoryData model: every key is sent, null when not asked
+            # for. Latents come with either flag (return_trajectory_latents =
+            # get_latents or get_log_probs in the pinned diffusion_api).
             trajectory = {
                 "latents": payloads.Blob(payloads.npy_b64(tuple(shape))),
                 "latents_shape": shape,
@@ -797,6 +925,8 @@ class SimulatedWorker:
                 "timesteps": [
                     payloads.Blob(payloads.scalar_npy_b64(t)) for t in timestep_values(steps)
                 ],
+                "log_probs": None,
+                "log_probs_shape": None,
             }
             if params["get_log_probs"]:
                 trajectory["log_probs"] = payloads.Blob(payloads.npy_b64((batch, steps), "log_probs"))
@@ -824,7 +954,7 @@ class SimulatedWorker:
             steps = resolve_steps(params["num_inference_steps"], self.config.steps)
             batch = params["num_outputs_per_prompt"]
             if batch < 1:
-                raise ValueError(f"num_outputs_per_prompt must be positive, got {batch}")
+                raise ValueError(f"num_outputs_per_prompt must be a positive int, got {batch!r}")
             if params["rollout"] and params["rollout_sde_type"] not in ("sde", "cps"):
                 raise ValueError(f"Unknown rollout_sde_type {params['rollout_sde_type']!r}")
             finite_non_negative("guidance_scale", params["guidance_scale"])
@@ -833,34 +963,94 @@ class SimulatedWorker:
         frames = self._output_frames(params["num_frames"])
         seconds = self._seconds(steps, width, height, frames, batch)
         fail = self.state.draw_failure()
+        received = self._clock.seconds()
         await self._generation(
             "rollout/generate", seconds, fail,
             on_failure=Reply(500, {"detail": "Generation failed: simulated failure"}),
         )
+        seed = params["seed"]
+        if seed is None:
+            # RolloutResponse.seed is an int: building the answer raises a
+            # ValidationError after the GPU work, which FastAPI turns into
+            # its plain 500.
+            raise Reply.plain500("RolloutResponse.seed: Input should be a valid integer")
+        items = self._rollout_items(params, steps, width, height, frames, batch, seconds)
+        done = self._clock.seconds()
+        # Wall-clock marks as upstream sends them: received, the GPU work
+        # (it ended now and took `seconds`), then building the answer, which
+        # takes no simulated time.
+        marks = {
+            "srv_recv": received, "forward_start": done - seconds, "forward_end": done,
+            "build_start": done, "build_end": done, "dump_end": done, "msgpack_end": done,
+        }
+        timing = {name: round(value, 6) for name, value in marks.items()}
+        timing_header = {**timing, "request_id": items[0]["request_id"] if items else ""}
+        stages = {"DenoisingStage": round(seconds * 1000, 3)}
+        headers = {
+            b"x-sgld-timing": json.dumps(timing_header, separators=(",", ":")).encode(),
+            b"x-sgld-stages": json.dumps(stages, separators=(",", ":")).encode(),
+        }
+        if self.config.rollout_format == "msgpack":
+            return await _settle(self._send(request, payloads.msgpack_pieces(items), MSGPACK, headers=headers))
+        return await _settle(self._send(request, payloads.json_pieces(items), headers=headers))
+
+    def _rollout_items(
+        self, params: Mapping[str, Any], steps: int, width: int, height: int, frames: int,
+        batch: int, seconds: float,
+    ) -> list[dict[str, Any]]:
+        """
+        The C{RolloutResponse} list: one item per sample, sharing one
+        C{request_id} and one C{seed} (upstream's C{_build_response}).
+
+        Tensors are raw bytes in msgpack and base64 safetensors in JSON.
+        Without C{rollout}, only C{generated_output} is set.
+        """
+        tensor = _raw_tensor if self.config.rollout_format == "msgpack" else _tensor
         if self._task.data_type == "video":
             output_shape = [3, frames, height, width]
         else:
             output_shape = [3, height, width]
-        trajectory_shape = latent_shape(self._task, 1, steps, width, height, frames)[1:]
-        seed = params["seed"]
+        latent = latent_shape(self._task, 1, steps, width, height, frames)[2:]
+        request_id = str(uuid.uuid4())
         items = []
-        for i in range(batch):
-            items.append({
-                "request_id": str(uuid.uuid4()),
+        for _ in range(batch):
+            item: dict[str, Any] = {
+                "request_id": request_id,
                 "prompt": params["prompt"],
-                "seed": seed + i if isinstance(seed, int) else seed,
-                "generated_output": _tensor(output_shape, "output"),
-                "rollout_log_probs": _tensor([steps], "log_probs") if params["rollout"] else None,
+                "seed": params["seed"],
+                "generated_output": tensor(output_shape, "output"),
+                "rollout_log_probs": None,
                 "rollout_debug_tensors": None,
                 "denoising_env": None,
-                "dit_trajectory": (
-                    _tensor(trajectory_shape, "latents")
-                    if params["rollout_return_dit_trajectory"] else None
-                ),
-                "inference_time_s": seconds,
-                "peak_memory_mb": profile.peak_memory_mb,
-            })
-        return await _settle(self._json(request, items))
+                "dit_trajectory": None,
+                "inference_time_s": seconds if seconds > 0 else None,
+                "peak_memory_mb": self.config.profile.peak_memory_mb,
+            }
+            if params["rollout"]:
+                item["rollout_log_probs"] = tensor([steps], "log_probs")
+                if params["rollout_debug_mode"]:
+                    item["rollout_debug_tensors"] = {
+                        "rollout_variance_noises": tensor([steps, *latent], "latents"),
+                        "rollout_prev_sample_means": tensor([steps, *latent], "latents"),
+                        # One std per step, kept as [T, 1] (scheduler_rl_debug_mixin).
+                        "rollout_noise_std_devs": tensor([steps, 1], "output"),
+                        "rollout_model_outputs": tensor([steps, *latent], "latents"),
+                    }
+                if params["rollout_return_denoising_env"]:
+                    item["denoising_env"] = {
+                        "image_kwargs": None,
+                        "pos_cond_kwargs": None,
+                        "neg_cond_kwargs": None,
+                        "guidance": tensor([1], "output"),
+                    }
+                if params["rollout_return_dit_trajectory"]:
+                    item["dit_trajectory"] = {
+                        "latents": tensor([steps + 1, *latent], "latents"),
+                        "timesteps": tensor([steps], "output"),
+                        "sigmas": tensor([steps + 1], "output"),
+                    }
+            items.append(item)
+        return items
 
     # ------------------------------------------------------------------
     # RL control (§5): through the same FIFO queue as generations.
@@ -878,16 +1068,32 @@ class SimulatedWorker:
 
         def start() -> Work[dict[str, Any]]:
             if self.state.sleeping:
-                # The real handler crashes on the scheduler's error reply (§5.1).
-                raise Reply.plain500(
+                message = (
                     "Cannot update weights while the server is sleeping. "
                     "Call resume_memory_occupation first."
                 )
+                # The scheduler answers an error with no output. The pinned
+                # handler crashes reading it (a plain 500, §5.1); upstream's
+                # checks for it and answers a JSON 500 with the error.
+                if self.config.api_version == "upstream":
+                    raise Reply(500, {"success": False, "message": message})
+                raise Reply.plain500(message)
             unknown = self.state.unknown_modules(names or [])
             if unknown:
                 raise Reply(400, {"success": False, "message": (
                     f"Module(s) requested for update not found in pipeline: {unknown}. "
                     f"Available Module(s): {list(self.state.modules)}"
+                )})
+            if names == []:
+                # weights_updater: an empty selection matches no module.
+                raise Reply(400, {"success": False, "message": (
+                    "No matching modules found for update. Requested: []. "
+                    f"Available nn.Module(s): {list(self.state.modules)}"
+                )})
+            if not self._weights_found(str(model_path)):
+                raise Reply(400, {"success": False, "message": (
+                    f"Failed to download model: {model_path} is neither a local directory "
+                    "nor a model that can be downloaded"
                 )})
 
             def finish() -> dict[str, Any]:
@@ -910,6 +1116,16 @@ class SimulatedWorker:
 
         result = await self.queue.submit(start, "update_weights_from_disk")
         return await _settle(self._json(request, result))
+
+    def _weights_found(self, path: str) -> bool:
+        """
+        Whether a weight update can load C{path}: it exists on disk, is the
+        served model, or starts with a C{--weights-prefix}. The real worker
+        downloads or reads the path and fails with a 400 when it cannot.
+        """
+        if path == self.config.served_model or os.path.exists(path):
+            return True
+        return any(path.startswith(prefix) for prefix in self.config.weights_prefixes)
 
     @app.route("/get_weights_checksum", methods=["POST"])
     async def weights_checksum(self, request: Request) -> bytes | None:
@@ -1038,7 +1254,8 @@ class _WorkerResource(Resource):
         super().__init__()
         self._worker = worker
         self._inner = inner
-        self._disabled = frozenset(worker.config.disabled_endpoints)
+        config = worker.config
+        self._disabled = frozenset(config.disabled_endpoints) | MISSING_BY_VERSION[config.api_version]
         url_map = worker.app.url_map
         self._map = url_map.bind("sim")
         # One single-rule matcher per route, in registration order, with the
@@ -1081,6 +1298,24 @@ class _WorkerResource(Resource):
         path = (request.path or b"").decode("utf-8", "replace")
         if self._worker.config.verbose:
             self._log.info("{method} {path}", method=request.method, path=path)
+        if self._worker.warming_up and path not in WARMUP_BYPASS_PATHS:
+            self._hold(request)
+            return NOT_DONE_YET
+        return self._dispatch(request, path)
+
+    def _hold(self, request: Request) -> None:
+        """Answer C{request} once the warm-up ends; forget it if the client leaves first."""
+
+        def answer() -> None:
+            body = self._dispatch(request, (request.path or b"").decode("utf-8", "replace"))
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        call = self._worker.after_warmup(answer)
+        request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+
+    def _dispatch(self, request: Request, path: str) -> Any:
         if path in self._disabled:
             return _plain_json(request, 404, b'{"detail":"Not Found"}')
         try:

@@ -35,7 +35,7 @@ from twisted.web.http import Request
 from twisted.web.server import Site
 
 from twisted_router.simulator.app import SimulatedWorker
-from twisted_router.simulator.config import SimulatorConfig
+from twisted_router.simulator.config import API_VERSIONS, ROLLOUT_FORMATS, SimulatorConfig
 from twisted_router.simulator.model import PROFILES, TaskType
 
 PROG = "sglang-d-sim-worker"
@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
         help="seconds before an idle keep-alive connection is closed, like uvicorn's "
         "--timeout-keep-alive (default: %(default)s)")
+    add("--api-version", default=d.api_version, choices=API_VERSIONS,
+        help="worker version to imitate: 'pinned' (the RL fork: /v1/diffusion/generate) or "
+        "'upstream' (/rollout/generate, /server_info, /model_info) (default: %(default)s)")
+    add("--rollout-format", default=d.rollout_format, choices=ROLLOUT_FORMATS,
+        help="body of /rollout/generate: msgpack with raw tensor bytes (upstream now) or "
+        "JSON with base64 tensors (earlier upstream) (default: %(default)s)")
+    add("--warmup-seconds", type=float, default=d.warmup_seconds,
+        help="after the port opens, /health answers 503 for this long, like upstream's "
+        "warm-up (default: %(default)s)")
+    add("--weights-prefix", action="append", default=[], metavar="PREFIX",
+        help="accept weight updates from model paths starting with PREFIX (repeatable); "
+        "paths that exist on disk and the served model are always accepted, others are "
+        "the real 400")
     add("--verbose", action="store_true", help="log every request and debug events")
     return parser
 
@@ -161,6 +174,10 @@ def parse_config(argv: Sequence[str] | None = None) -> SimulatorConfig:
             output_path=args.output_path,
             disabled_endpoints=tuple(args.disable_endpoint),
             keep_alive_timeout=args.keep_alive_timeout,
+            api_version=args.api_version,
+            rollout_format=args.rollout_format,
+            warmup_seconds=args.warmup_seconds,
+            weights_prefixes=tuple(args.weights_prefix),
             verbose=args.verbose,
         )
     except ValueError as e:
@@ -195,6 +212,7 @@ async def serve(reactor: _Reactor, config: SimulatorConfig) -> tuple[SimulatedWo
     port = await endpoint.listen(site)
     bound = port.getHost().port
     host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 literal, as in a URL
+    worker.port_opened()
     if not worker.worker_id:
         worker.worker_id = f"{host}:{bound}"
     _log.info("listening on http://{host}:{port}", host=host, port=bound)

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 
 from twisted_router.simulator.model import PROFILES, ModelProfile, TaskType
 
+#: The worker versions the simulator can imitate (see docs/worker-api.md).
+API_VERSIONS = ("pinned", "upstream")
+
+#: Bodies of C{/rollout/generate}: upstream's current msgpack, or its earlier JSON.
+ROLLOUT_FORMATS = ("msgpack", "json")
+
 
 @dataclass(frozen=True)
 class SimulatorConfig:
@@ -50,6 +56,21 @@ class SimulatorConfig:
     @ivar keep_alive_timeout: seconds an idle keep-alive connection is kept
         before the worker closes it (uvicorn's C{--timeout-keep-alive},
         default 5 s).
+    @ivar api_version: which worker version's endpoints to serve:
+        C{"pinned"} (the RL fork pinned in C{sglang/requirements.txt}:
+        C{/v1/diffusion/generate}, no C{/rollout/generate}) or C{"upstream"}
+        (current sglang: C{/rollout/generate}, C{/server_info},
+        C{/model_info}, no C{/v1/diffusion/generate}). It also picks the
+        answer to a weight update while sleeping (see docs/worker-api.md).
+    @ivar rollout_format: body of C{/rollout/generate}: C{"msgpack"} (raw
+        tensor bytes, what upstream sends now) or C{"json"} (base64
+        safetensors, upstream before the msgpack transport).
+    @ivar warmup_seconds: after the port opens, C{/health} answers 503 for
+        this long (upstream's warm-up); C{/liveness} answers 200 at once.
+    @ivar weights_prefixes: C{/update_weights_from_disk} accepts a
+        C{model_path} that exists on disk, the served model, or one starting
+        with one of these prefixes; anything else is the real 400 ("Failed
+        to download model").
     @ivar verbose: log every request.
     """
 
@@ -74,6 +95,10 @@ class SimulatorConfig:
     output_path: str = "/tmp/sglang-sim/outputs"
     disabled_endpoints: tuple[str, ...] = field(default_factory=tuple)
     keep_alive_timeout: float = 5.0
+    api_version: str = "pinned"
+    rollout_format: str = "msgpack"
+    warmup_seconds: float = 0.0
+    weights_prefixes: tuple[str, ...] = field(default_factory=tuple)
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -86,7 +111,7 @@ class SimulatorConfig:
         # refuse both, naming the command-line flag.
         for name in (
             "step_ms", "base_ms", "speed", "startup_delay", "update_ms", "sleep_ms",
-            "keep_alive_timeout",
+            "keep_alive_timeout", "warmup_seconds",
         ):
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -105,6 +130,14 @@ class SimulatorConfig:
             problems.append(f"num-gpus must be positive, got {self.num_gpus}")
         if self.model_path == "":
             problems.append("model-path must not be empty")
+        if self.api_version not in API_VERSIONS:
+            problems.append(f"api-version must be one of {', '.join(API_VERSIONS)}, got {self.api_version!r}")
+        if self.rollout_format not in ROLLOUT_FORMATS:
+            problems.append(
+                f"rollout-format must be one of {', '.join(ROLLOUT_FORMATS)}, got {self.rollout_format!r}"
+            )
+        if any(not prefix for prefix in self.weights_prefixes):
+            problems.append("weights-prefix must not be empty")
         if problems:
             raise ValueError("; ".join(problems))
 

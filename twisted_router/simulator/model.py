@@ -6,13 +6,14 @@ service-time model and request validation.
 Nothing here does I/O or looks at a clock, so every rule the simulator follows
 (how long a request takes, which field defaults apply, which inputs are
 rejected and with which body) can be tested as plain functions. The rules are
-read from C{sglang-worker-api.md}; section numbers below refer to it.
+read from C{docs/worker-api.md}; section numbers below refer to it.
 """
 
 from __future__ import annotations
 
 import email.message
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -192,19 +193,41 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+def lenient_size(size: str | None) -> tuple[int, int] | None:
+    """
+    C{size} as the real C{_parse_size} reads it: two integers around an
+    C{x} (spaces ignored), or C{None} for anything else.
+
+    The worker ignores a C{size} it cannot parse and renders at the model
+    default (200, not an error), so only L{parse_size}'s strict form is
+    for callers that must refuse it.
+    """
+    if not size:
+        return None
+    parts = size.lower().replace(" ", "").split("x")
+    if len(parts) != 2:
+        return None
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+
+
 def resolve_dimensions(
     width: int | None, height: int | None, size: str | None, profile: ModelProfile
 ) -> tuple[int, int]:
     """
     Apply the real precedence: C{width}/C{height}, then C{size}, then the model.
 
-    C{size} only fills the dimensions that are null (§4.1).
+    C{size} only fills the dimensions that are null (§4.1); a C{size} that
+    does not parse is ignored, as the real C{build_sampling_params} does.
 
-    @raise ValueError: on a bad C{size} or a non-positive dimension; the
-        image and native endpoints turn it into a plain 500.
+    @raise ValueError: on a non-positive dimension; the image and native
+        endpoints turn it into a plain 500.
     """
-    if size and (width is None or height is None):
-        sw, sh = parse_size(size)
+    parsed = lenient_size(size)
+    if parsed is not None and (width is None or height is None):
+        sw, sh = parsed
         width = sw if width is None else width
         height = sh if height is None else height
     width = profile.width if width is None else width
@@ -212,6 +235,61 @@ def resolve_dimensions(
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
     return width, height
+
+
+class RangeNotSatisfiable(ValueError):
+    """A C{Range} that starts outside the file: Starlette's 416."""
+
+
+class MalformedRange(ValueError):
+    """A C{Range} Starlette refuses with a plain 400; C{str()} is its body."""
+
+
+_RANGE_PATTERN = re.compile(r"(\d*)-(\d*)")
+
+
+def parse_ranges(header: str, length: int) -> list[tuple[int, int]]:
+    """
+    The C{[start, stop)} ranges a C{Range} header asks of a C{length}-byte
+    file, as Starlette's C{FileResponse._parse_range_header} reads them: a
+    suffix longer than the file or a start past its end is a 416, an end
+    past it is clipped, and overlapping ranges are merged.
+
+    @raise RangeNotSatisfiable: a range starts outside the file.
+    @raise MalformedRange: another unit, no C{=}, no range, or start > end.
+    """
+    units, sep, spec = header.partition("=")
+    if not sep:
+        raise MalformedRange("Malformed range header.")
+    if units.strip().lower() != "bytes":
+        raise MalformedRange("Only support bytes range")
+    ranges = [
+        (
+            int(first) if first else length - int(last),
+            int(last) + 1 if first and last and int(last) < length else length,
+        )
+        for first, last in _RANGE_PATTERN.findall(spec)
+        if (first, last) != ("", "")
+    ]
+    if not ranges:
+        raise MalformedRange("Range header: range must be requested")
+    if any(not 0 <= begin < length for begin, _ in ranges):
+        raise RangeNotSatisfiable(header)
+    if any(begin > stop for begin, stop in ranges):
+        raise MalformedRange("Range header: start must be less than end")
+    merged: list[tuple[int, int]] = []
+    for begin, stop in ranges:
+        for i, (m_begin, m_stop) in enumerate(merged):
+            if begin > m_stop:
+                continue
+            if stop < m_begin:
+                merged.insert(i, (begin, stop))
+            else:
+                merged[i] = (min(begin, m_begin), max(stop, m_stop))
+            break
+        else:
+            merged.append((begin, stop))
+    return merged
 
 
 def resolve_steps(requested: int | None, default: int) -> int:
@@ -242,10 +320,18 @@ def video_frames(num_frames: int | None, fps: int | None, seconds: int | None) -
     C{seconds} 4 by default.
 
     @return: C{(frames, fps)}.
+    @raise ValueError: for C{num_frames} or C{fps} that are not positive: the
+        real worker's sampling parameters refuse a video of no frames, and a
+        non-positive rate gives no frames (C{fps × seconds}).
     """
+    # SamplingParams' own checks, in its order and words (sampling_params.py).
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be a positive int, got {fps!r}")
+    if num_frames is not None and num_frames <= 0:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     rate = fps if fps else DEFAULT_VIDEO_FPS
     if num_frames is not None:
-        return max(1, num_frames), rate
+        return num_frames, rate
     secs = DEFAULT_VIDEO_SECONDS if seconds is None else seconds
     return max(1, rate * secs), rate
 
@@ -303,12 +389,17 @@ class Field:
 
     @ivar kind: C{str}, C{int}, C{float}, C{bool}, C{list}, C{dict} or C{any}.
     @ivar required: a missing required field is a C{missing} error.
-    @ivar default: the value used when the field is absent or null.
+    @ivar default: the value used when the field is absent (or null, unless
+        C{keep_null}).
+    @ivar keep_null: an explicit null stays null instead of taking the
+        default, where the real handler gives null its own meaning (e.g.
+        C{response_format: null} is C{b64_json}, while absent is C{url}).
     """
 
     kind: str
     required: bool = False
     default: Any = None
+    keep_null: bool = False
 
 
 class ValidationFailed(Exception):
@@ -432,10 +523,13 @@ def validate(body: Any, fields: Mapping[str, Field], model: str = "Request") -> 
     out: dict[str, Any] = {}
     errors: list[dict[str, Any]] = []
     for name, spec in fields.items():
-        if name not in body or (body[name] is None and not spec.required):
+        if name not in body:
             if spec.required:
                 errors.append(_error("missing", name, "Field required", body))
             out[name] = spec.default
+            continue
+        if body[name] is None and not spec.required:
+            out[name] = None if spec.keep_null else spec.default
             continue
         value, error = _coerce(name, spec.kind, body[name])
         if error is not None:
@@ -498,7 +592,7 @@ IMAGE_GENERATION_FIELDS: Mapping[str, Field] = {
     "quality": Field("str", default="auto"),
     "style": Field("str", default="vivid"),
     "user": Field("str"),
-    "response_format": Field("str", default="url"),
+    "response_format": Field("str", default="url", keep_null=True),
     "size": Field("str", default="1024x1024"),
     "width": Field("int"),
     "height": Field("int"),
@@ -601,7 +695,10 @@ DIFFUSION_GENERATE_FIELDS: Mapping[str, Field] = {
 ROLLOUT_FIELDS: Mapping[str, Field] = {
     "prompt": Field("str", required=True),
     "negative_prompt": Field("str"),
-    "seed": Field("int", default=DEFAULT_SEED),
+    # No default upstream: RolloutRequest.seed is optional but
+    # RolloutResponse.seed is an int, so a request without one fails after
+    # the GPU work (see the rollout handler).
+    "seed": Field("int"),
     "width": Field("int"),
     "height": Field("int"),
     "num_inference_steps": Field("int"),

@@ -3,7 +3,7 @@
 Realistic answer bodies, built with the standard library and cached.
 
 The router is tested for memory and throughput with the sizes real workers
-send (§7 of C{sglang-worker-api.md}): JPEGs of a few hundred kB, PNGs of a
+send (§7 of C{docs/worker-api.md}): JPEGs of a few hundred kB, PNGs of a
 few MB, trajectories of tens of MB of base64, MP4s of hundreds of MB. So the
 simulator must send bodies of those sizes that are still I{valid} files (the
 router's tests decode them), without costing the simulator that much memory
@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+import msgpack
 
 #: Size of the slices written to a response at a time; the same as Twisted's
 #: transport buffer, so a push producer pauses after about one chunk.
@@ -648,3 +650,95 @@ def slices(pieces: Iterable[bytes], size: int = CHUNK_SIZE) -> Iterator[bytes]:
                 held, held_len = [part], len(part)
     if held:
         yield b"".join(held)
+
+
+# ---------------------------------------------------------------------------
+# msgpack bodies made of pieces (upstream's /rollout/generate)
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """
+    The raw little-endian float32 data of a tensor, for a msgpack C{bin}.
+
+    L{msgpack_pieces} writes its bytes as references to the shared 4 KiB
+    pattern block, so a 1 GB trajectory costs a list of references.
+    """
+
+    shape: tuple[int, ...]
+    kind: str = "latents"
+
+    @property
+    def nbytes(self) -> int:
+        return _count(self.shape) * 4
+
+    def pieces(self) -> Iterator[bytes]:
+        block = _pattern(self.kind)
+        whole, rest = divmod(self.nbytes, len(block))
+        for _ in range(whole):
+            yield block
+        if rest:
+            yield block[:rest]
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack C{bin 8/16/32} header of C{n} bytes of data (spec: "bin format family")."""
+    if n < 1 << 8:
+        return b"\xc4" + struct.pack(">B", n)
+    if n < 1 << 16:
+        return b"\xc5" + struct.pack(">H", n)
+    return b"\xc6" + struct.pack(">I", n)
+
+
+def msgpack_pieces(value: Any) -> list[bytes]:
+    """
+    Encode C{value} as msgpack, as a list of byte pieces.
+
+    Equivalent to C{msgpack.packb(value)} (what upstream's
+    C{msgspec.msgpack.encode} sends: maps keep their order, floats are
+    float64, bytes are C{bin}) where every L{RawTensor} is a C{bin} of its
+    data; the data is never joined. The C{msgpack} library writes every
+    header and scalar but the C{bin} header (its C{Packer} has no
+    C{pack_bin_header}), so only the walk and that header are ours.
+    """
+    packer = msgpack.Packer(autoreset=True, use_bin_type=True)
+    pieces: list[bytes] = []
+    held: list[bytes] = []
+
+    def flush() -> None:
+        if held:
+            pieces.append(b"".join(held))
+            held.clear()
+
+    def emit(item: Any) -> None:
+        if isinstance(item, RawTensor):
+            held.append(_bin_header(item.nbytes))
+            flush()
+            pieces.extend(item.pieces())
+        elif isinstance(item, dict):
+            held.append(packer.pack_map_header(len(item)))
+            for key, sub in item.items():
+                held.append(packer.pack(str(key)))
+                emit(sub)
+        elif isinstance(item, (list, tuple)):
+            held.append(packer.pack_array_header(len(item)))
+            for sub in item:
+                emit(sub)
+        else:
+            held.append(packer.pack(item))
+
+    emit(value)
+    flush()
+    return pieces
+
+
+def byte_range(chunks: Iterable[bytes], start: int, stop: int) -> Iterator[bytes]:
+    """The bytes C{[start, stop)} of the stream C{chunks}, cut from its chunks (a Range download)."""
+    offset = 0
+    for chunk in chunks:
+        end = offset + len(chunk)
+        if end > start and offset < stop:
+            yield chunk[max(0, start - offset) : min(len(chunk), stop - offset)]
+        offset = end
+        if offset >= stop:
+            return

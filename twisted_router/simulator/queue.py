@@ -3,7 +3,7 @@
 The simulated GPU: one FIFO queue that runs one job at a time.
 
 The real worker's scheduler keeps one C{deque} and pops one item per loop
-(§1 of C{sglang-worker-api.md}): generations, weight updates, checksums and
+(§1 of C{docs/worker-api.md}): generations, weight updates, checksums and
 sleep/wake all wait their turn, in arrival order, with no batching. That is
 what makes a worker's latency grow with its queue depth and makes a sleep
 wait for every generation queued before it, so the router's load balancing
