@@ -211,11 +211,12 @@ class Router:
 
     def _unavailable(self, request: Request, *, video: bool, image_only: bool = False) -> bytes:
         """The right error when no worker can take a request, most specific first."""
-        if len(self._pool) == 0:
-            return json_error(request, 503, "No workers registered in the pool")
         live = [w for w in self._pool.workers() if not w.is_dead]
         if video and not any(w.video_support for w in live):
+            # The earlier router's answer, empty pool included: scripts match on it.
             return json_error(request, 400, "No video-capable workers available in current worker pool.")
+        if len(self._pool) == 0:
+            return json_error(request, 503, "No workers registered in the pool")
         eligible = [w for w in live if (not video or w.video_support) and (not image_only or w.image_model)]
         if eligible and all(w.is_sleeping for w in eligible):
             return json_error(

@@ -164,13 +164,15 @@ class FleetController:
                 worker.activity = None
 
     def _no_target(self, what: str) -> BroadcastOutcome:
+        # Every such answer starts with the earlier router's words, which scripts match on.
+        prefix = "No healthy workers available in the pool"
         if len(self._pool) == 0:
-            return BroadcastOutcome(503, {"error": "No workers registered in the pool"})
+            return BroadcastOutcome(503, {"error": f"{prefix} for {what}: no workers registered"})
         counts = self._pool.counts()
         return BroadcastOutcome(
             503,
             {
-                "error": f"No eligible workers for {what}: {counts['total_workers']} registered, "
+                "error": f"{prefix} for {what}: {counts['total_workers']} registered, "
                 f"{counts['dead_workers']} dead, {counts['sleeping_workers']} sleeping"
             },
         )
