@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_router.calls import WorkerCaller, WorkerReply
+from twisted_router.labels import WeightLabels
 from twisted_router.pool import Worker, WorkerPool
 
 UPDATING = "updating weights"
@@ -129,6 +130,8 @@ class FleetController:
         self._seq = 0
         self._sync_pending = False
         self._sync_runs: set[Deferred[None]] = set()
+        #: The checkpoint each label the fleet was refitted to names.
+        self._labels = WeightLabels()
 
     # ------------------------------------------------------------------ helpers
 
@@ -245,11 +248,17 @@ class FleetController:
         return await self._locked(lambda: self._update(body, parsed))  # type: ignore[no-any-return]
 
     async def _update(self, body: bytes, parsed: dict[str, Any]) -> BroadcastOutcome:
+        model_path = str(parsed["model_path"])  # validated by update_weights
+        if parsed.get("weight_version") in (None, ""):
+            version = self._labels.next_free(self._seq + 1, model_path)
+        else:
+            version = weight_version_of(parsed, self._seq + 1)
+            conflict = self._labels.conflict(version, model_path)
+            if conflict is not None:  # checked under the lock: two refits cannot both claim a label
+                return BroadcastOutcome(409, {"error": conflict})
         targets = [w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping]
         if not targets:
             return self._no_target("a weight update")
-        version = weight_version_of(parsed, self._seq + 1)
-        model_path = parsed.get("model_path") if isinstance(parsed.get("model_path"), str) else None
         admissions = self._admissions(targets)
         replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body)
         applied = [w for w, r in zip(targets, replies, strict=True) if r.success]
@@ -276,6 +285,7 @@ class FleetController:
         if applied:
             self._seq += 1
             self.version, self.model_path, self._update_body = version, model_path, body
+            self._labels.record(version, model_path)
             for worker in applied:
                 self._make_current(worker)
             self.log.info(
