@@ -188,6 +188,11 @@ class FleetController:
     def _report(self, replies: list[WorkerReply], **extra: Any) -> dict[str, Any]:
         return {"success": all(r.success for r in replies), **extra, "results": [r.payload() for r in replies]}
 
+    @property
+    def refitted(self) -> bool:
+        """Whether the fleet was refitted: a worker whose weights are unknown must then be caught up first."""
+        return self._update_body is not None
+
     def status(self) -> dict[str, Any]:
         """The fleet's weights, for C{/health}."""
         return {"weight_version": self.version, "model_path": self.model_path}
