@@ -7,6 +7,7 @@ traceback; twistd finds the plugin without PYTHONPATH.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,13 +15,18 @@ import textwrap
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.processes import python_module
 
+if TYPE_CHECKING:
+    from tests.integration.conftest import Processes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+STAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}")
 
 
 @pytest.fixture
@@ -154,3 +160,18 @@ def test_a_regular_install_ships_the_plugin_where_twistd_looks(tmp_path: Path) -
     usage = run([sys.executable, "-c", script], cwd=tmp_path, env=env_without_pythonpath())
     assert usage.returncode == 0, usage.stdout + usage.stderr
     assert "--worker-urls" in usage.stdout
+
+
+# -- point 11 ----------------------------------------------------------------------------
+
+
+def test_relayed_worker_lines_carry_one_timestamp_and_no_factory_noise(processes: Processes, tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("launcher:\n  backend: simulated\n  num_workers: 1\n  worker_host: 127.0.0.1\n")
+    router = processes.start(
+        python_module("twisted_router", "--host", "127.0.0.1", "--port", "0", "--launcher-config", str(fleet))
+    )
+    line = router.wait_for_line(r"\[worker 0\] .*listening on http://", timeout=60).string
+    assert len(STAMP.findall(line)) == 1, line
+    router.wait_for_line(r"managed worker .* registered", timeout=60)
+    assert "Starting factory" not in router.output()

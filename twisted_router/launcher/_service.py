@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from twisted_router.calls import describe_failure, make_http_client, read_body, with_deadline
+from twisted_router.launcher._lines import strip_timestamp
 from twisted_router.launcher._plan import FleetPlan, WorkerSpec, process_group_argv
 from twisted_router.launcher._supervisor import WorkerMonitor, describe_exit
 from twisted_router.urls import WorkerURLError, normalize_worker_url
@@ -307,7 +308,8 @@ class LauncherService(Service):
     def process_output(self, name: str, stream: str, line: str) -> None:
         m = self._workers[name]
         m.tail.append(line)
-        self.log.info("[worker {index}] {line}", index=m.index, line=line, stream=stream)
+        # One timestamp per line: the router's log adds its own.
+        self.log.info("[worker {index}] {line}", index=m.index, line=strip_timestamp(line), stream=stream)
         if m.failed_loading and not m.port_in_use and not self._stopping and _ADDRESS_IN_USE.search(line):
             # Its last words arrived after the exit was reported; the restart
             # is scheduled only once its pipes are closed, so this is in time.
