@@ -11,10 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 from twisted.logger import Logger
@@ -139,46 +138,6 @@ class _StartupWorkers(Service):
             d.cancel()
 
 
-class _RouterService(MultiService):
-    """
-    The router's top service: the services given to L{start_after_listening}
-    (the launcher) start only once the router's own port is bound.
-
-    A launcher started first would spawn a whole fleet (minutes of model
-    loading on GPUs) for a router that then finds its port taken and exits.
-    Stopping keeps L{MultiService}'s reverse order, skipping what never started.
-    """
-
-    def __init__(self, listener: ListenerService) -> None:
-        super().__init__()
-        self._listener = listener
-        self._after_listening: list[IService] = []
-
-    def start_after_listening(self, service: IService) -> None:
-        self._after_listening.append(service)
-        service.setServiceParent(self)
-
-    def startService(self) -> None:
-        Service.startService(self)
-        for service in self:
-            if service not in self._after_listening:
-                service.startService()
-        # A port that cannot be bound is reported by the listener itself (on_failure).
-        self._listener.when_listening().addCallbacks(self._listening, lambda _: None)
-
-    def _listening(self, _: object) -> None:
-        if not self.running:
-            return
-        for service in self._after_listening:
-            if not service.running:
-                service.startService()
-
-    def stopService(self) -> Deferred[Any]:
-        Service.stopService(self)
-        stops = [maybeDeferred(service.stopService) for service in reversed(list(self)) if service.running]
-        return DeferredList(stops)
-
-
 class _OnStop(Service):
     """Runs a clean-up action when the router stops, so no connection, timer or call outlives it."""
 
@@ -203,10 +162,10 @@ def make_router_service(
     The whole router as one service, plus its parts and its listener.
 
     With C{--launcher-config}, a service named C{launcher} runs the managed
-    workers (C{launch_plan}, or planned here from the file); it starts only
-    once the router's port is bound (a busy port starts no worker), and it is
-    stopped after the listener, so the router stops accepting before its
-    workers go.
+    workers (C{launch_plan}, or planned here from the file); it spawns them
+    only once the router's port is bound (a busy port starts no worker), and
+    it is stopped after the listener, so the router stops accepting before
+    its workers go.
     A managed worker the health checker quarantines (hung, say) is handed to
     the launcher, which restarts it.
     """
@@ -217,6 +176,7 @@ def make_router_service(
             launcher.worker_quarantined(worker.url, reason)
 
     parts = build_router(config, reactor, on_quarantine=quarantined)  # type: ignore[arg-type]
+    top = MultiService()
     site = RouterSite(
         parts.router.app.resource(),
         access_log=config.verbose,
@@ -231,7 +191,6 @@ def make_router_service(
         name="sglang-d-router",
         on_failure=on_listen_failure,
     )
-    top = _RouterService(listener)
     if parts.connection_pool is not None:
         _OnStop(parts.connection_pool.closeCachedConnections).setServiceParent(top)
     _OnStop(parts.control.stop).setServiceParent(top)
@@ -241,8 +200,14 @@ def make_router_service(
         plan = launch_plan or plan_fleet(
             load_launcher_config(config.launcher_config), reserved_ports=router_listen_ports(config)
         )
-        launcher = make_launcher_service(plan, parts.router, reactor, on_failure=on_launch_failure)  # type: ignore[arg-type]
-        top.start_after_listening(launcher)
+        launcher = make_launcher_service(
+            plan,
+            parts.router,
+            reactor,  # type: ignore[arg-type]
+            on_failure=on_launch_failure,
+            start_after=listener.when_listening,
+        )
+        launcher.setServiceParent(top)
     listener.setServiceParent(top)
     return top, parts, listener
 
