@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,10 +132,16 @@ def test_a_regular_install_ships_the_plugin_where_twistd_looks(tmp_path: Path) -
     of its own, and ask twistd for the plugin with the repository kept off
     sys.path, so only the installed copy can be found.
     """
-    built = run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO_ROOT)],
-        timeout=300,
-    )
+    build_dir = REPO_ROOT / "build"  # setuptools builds in the source tree
+    had_build_dir = build_dir.exists()
+    try:
+        built = run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO_ROOT)],
+            timeout=300,
+        )
+    finally:
+        if not had_build_dir:
+            shutil.rmtree(build_dir, ignore_errors=True)
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp_path / "dist").glob("twisted_router-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
