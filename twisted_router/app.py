@@ -211,11 +211,12 @@ class Router:
 
     def _unavailable(self, request: Request, *, video: bool, image_only: bool = False) -> bytes:
         """The right error when no worker can take a request, most specific first."""
-        if len(self._pool) == 0:
-            return json_error(request, 503, "No workers registered in the pool")
         live = [w for w in self._pool.workers() if not w.is_dead]
         if video and not any(w.video_support for w in live):
+            # The earlier router's answer, empty pool included: scripts match on it.
             return json_error(request, 400, "No video-capable workers available in current worker pool.")
+        if len(self._pool) == 0:
+            return json_error(request, 503, "No workers registered in the pool")
         eligible = [w for w in live if (not video or w.video_support) and (not image_only or w.image_model)]
         if eligible and all(w.is_sleeping for w in eligible):
             return json_error(
@@ -224,6 +225,17 @@ class Router:
                 "all workers are sleeping (call /resume_memory_occupation to wake them)",
             )
         return json_error(request, 503, "No healthy workers available in the pool")
+
+    def _never_answered(self, tried: set[str]) -> list[Worker]:
+        """Registered workers still C{starting} that this request has not tried yet."""
+        return [w for w in self._pool.workers() if _still_starting(w) and w.url not in tried]
+
+    def _first_contact(self, worker: Worker) -> bool:
+        """
+        A worker that never answered may take a generation only while the
+        fleet runs its start-up weights, which a fresh worker holds too.
+        """
+        return _still_starting(worker) and not self._control.refitted
 
     async def _dispatch(
         self,
@@ -276,17 +288,35 @@ class Router:
                         f"({', '.join(sorted({w.activity or '' for w in busy}))}) after "
                         f"{self._config.timeout:g}s",
                     )
-                return self._unavailable(request, video=video, image_only=image_only)
+                starting = [] if video or image_only else self._never_answered(tried)
+                if not starting:
+                    return self._unavailable(request, video=video, image_only=image_only)
+                if self._control.refitted:
+                    return json_error(
+                        request,
+                        503,
+                        f"No healthy workers available in the pool: {len(starting)} worker(s) still starting "
+                        f"(never answered); the fleet is at weight version {self._control.version}, so a "
+                        "worker must answer and be caught up before it gets traffic",
+                    )
+                # As the earlier router did: try one, so a wrong address or a
+                # worker still loading answers 502 with the cause, not a bare 503.
+                candidates = starting
             worker = chooser.choose(candidates)
             sent_version: list[str | None] = [worker.weight_version]
 
             def ready(worker: Worker = worker, sent_version: list[str | None] = sent_version) -> bool:
                 # The request may have queued for a connection slot while a
                 # refit or sleep started on this worker: re-check at send time.
-                if worker not in self._pool or not worker.routable:
+                if worker not in self._pool:
                     return False
-                sent_version[0] = worker.weight_version
-                return True
+                if worker.routable:
+                    sent_version[0] = worker.weight_version
+                    return True
+                if self._first_contact(worker):
+                    sent_version[0] = self._control.version  # never refitted: start-up weights
+                    return True
+                return False
 
             def version_header(_: object, sent_version: list[str | None] = sent_version) -> dict[bytes, bytes]:
                 version = sent_version[0]
@@ -308,6 +338,14 @@ class Router:
                     tried.add(worker.url)
                     last_failure = f"{worker.display_id}: {exc}"
                     self._pool.record_request_failure(worker, str(exc))
+                    if worker.activity == STARTING:
+                        # It may still be loading: refusing connections is expected, not a fault.
+                        self.log.info(
+                            "worker {worker} is still starting (not quarantined): {reason}",
+                            worker=worker.display_id,
+                            reason=str(exc),
+                        )
+                        continue
                     if self._pool.quarantine(worker, f"unreachable: {exc}"):
                         self.log.warn(
                             "worker {worker} quarantined: unreachable ({reason}); retrying elsewhere",
@@ -857,6 +895,11 @@ class Router:
         self.log.failure("unexpected error handling {method} {uri}", failure,
                          method=request.method, uri=request.uri)
         return json_error(request, 500, f"internal router error: {failure.getErrorMessage()}")
+
+
+def _still_starting(worker: Worker) -> bool:
+    """Registered, awake, not quarantined, and has never answered."""
+    return worker.activity == STARTING and not worker.is_dead and not worker.is_sleeping
 
 
 def _created_at(job: dict[str, Any]) -> float:

@@ -42,7 +42,12 @@ async def _run(reactor: object, config: RouterConfig, launch_plan: FleetPlan | N
     service, _, listener = make_router_service(config, reactor, launch_plan=launch_plan)  # type: ignore[arg-type]
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
-    await listener.when_listening()  # a port that cannot be bound ends the process with status 1
+    try:
+        await listener.when_listening()
+    except Exception:  # noqa: BLE001 - any bind failure: status 1, no traceback
+        # The listener has logged the one line saying where and why; no
+        # managed worker was started (the launcher waits for the port).
+        raise SystemExit(1) from None
     launcher = service.namedServices.get("launcher")
     if isinstance(launcher, LauncherService):
         try:

@@ -14,8 +14,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from twisted_router.urls import WorkerURLError, normalize_worker_url
+
 PROGRAM_NAME = "sglang-d-router"
-LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+#: The earlier router's --log-level names (uvicorn's), most severe first.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: Other spellings accepted for a level (Twisted names "warning" "warn").
+LOG_LEVEL_ALIASES = {"warn": "warning"}
+#: The Twisted level each name logs at: Twisted has no level below debug.
+_TWISTED_LEVELS = {"warning": "warn", "trace": "debug"}
 ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two")
 
 
@@ -84,10 +91,18 @@ class RouterConfig:
                 f"--routing-algorithm must be one of {', '.join(ROUTING_ALGORITHMS)}, "
                 f"got {self.routing_algorithm!r}"
             )
-        if self.log_level not in LOG_LEVELS:
+        level = canonical_log_level(self.log_level)
+        if level not in LOG_LEVELS:
             raise ConfigError(
                 f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
             )
+        object.__setattr__(self, "log_level", level)  # one spelling per level, whatever was typed
+        for url in self.worker_urls:
+            # A typo here must stop the start, not leave a router running without that worker.
+            try:
+                normalize_worker_url(url)
+            except WorkerURLError as exc:
+                raise ConfigError(f"--worker-urls: {exc}") from None
         if self.launcher_config is not None and not self.launcher_config.strip():
             # The file itself is read and validated by twisted_router.launcher
             # before anything starts (cli.main, tap.Options.parseOptions).
@@ -109,8 +124,19 @@ class RouterConfig:
 
     @property
     def effective_log_level(self) -> str:
-        """C{--verbose} is shorthand for C{--log-level debug}."""
-        return "debug" if self.verbose else self.log_level
+        """
+        The name of the Twisted L{LogLevel} to log at. C{--verbose} is shorthand
+        for C{--log-level debug}; C{trace} logs what C{debug} logs, since
+        Twisted has nothing finer.
+        """
+        level = "debug" if self.verbose else self.log_level
+        return _TWISTED_LEVELS.get(level, level)
+
+
+def canonical_log_level(text: str) -> str:
+    """C{--log-level} is case-insensitive and takes C{warn} for C{warning}, as the earlier router did."""
+    level = text.strip().lower()
+    return LOG_LEVEL_ALIASES.get(level, level)
 
 
 def _positive_finite(value: float) -> bool:
@@ -247,7 +273,13 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         help="on SIGTERM/SIGINT, how long requests in flight may take to finish before the router stops",
     )
     parser.add_argument("--verbose", action="store_true", help="log at debug level, including every request")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level, help="lowest level logged")
+    parser.add_argument(
+        "--log-level",
+        type=canonical_log_level,
+        choices=LOG_LEVELS,
+        default=defaults.log_level,
+        help="lowest level logged (case-insensitive; warn = warning, trace = debug)",
+    )
     return parser
 
 

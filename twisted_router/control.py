@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_router.calls import WorkerCaller, WorkerReply
+from twisted_router.labels import WeightLabels
 from twisted_router.pool import STARTING, Worker, WorkerPool
 
 UPDATING = "updating weights"
@@ -133,6 +134,8 @@ class FleetController:
         self._seq = 0
         self._sync_pending = False
         self._sync_runs: set[Deferred[None]] = set()
+        #: The checkpoint each label the fleet was refitted to names.
+        self._labels = WeightLabels()
 
     # ------------------------------------------------------------------ helpers
 
@@ -168,13 +171,15 @@ class FleetController:
                 worker.activity = None
 
     def _no_target(self, what: str) -> BroadcastOutcome:
+        # Every such answer starts with the earlier router's words, which scripts match on.
+        prefix = "No healthy workers available in the pool"
         if len(self._pool) == 0:
-            return BroadcastOutcome(503, {"error": "No workers registered in the pool"})
+            return BroadcastOutcome(503, {"error": f"{prefix} for {what}: no workers registered"})
         counts = self._pool.counts()
         return BroadcastOutcome(
             503,
             {
-                "error": f"No eligible workers for {what}: {counts['total_workers']} registered, "
+                "error": f"{prefix} for {what}: {counts['total_workers']} registered, "
                 f"{counts['dead_workers']} dead, {counts['sleeping_workers']} sleeping"
             },
         )
@@ -186,6 +191,11 @@ class FleetController:
 
     def _report(self, replies: list[WorkerReply], **extra: Any) -> dict[str, Any]:
         return {"success": all(r.success for r in replies), **extra, "results": [r.payload() for r in replies]}
+
+    @property
+    def refitted(self) -> bool:
+        """Whether the fleet was refitted: a worker whose weights are unknown must then be caught up first."""
+        return self._update_body is not None
 
     def status(self) -> dict[str, Any]:
         """The fleet's weights, for C{/health}."""
@@ -247,11 +257,17 @@ class FleetController:
         return await self._locked(lambda: self._update(body, parsed))  # type: ignore[no-any-return]
 
     async def _update(self, body: bytes, parsed: dict[str, Any]) -> BroadcastOutcome:
+        model_path = str(parsed["model_path"])  # validated by update_weights
+        if parsed.get("weight_version") in (None, ""):
+            version = self._labels.next_free(self._seq + 1, model_path)
+        else:
+            version = weight_version_of(parsed, self._seq + 1)
+            conflict = self._labels.conflict(version, model_path)
+            if conflict is not None:  # checked under the lock: two refits cannot both claim a label
+                return BroadcastOutcome(409, {"error": conflict})
         targets = [w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping]
         if not targets:
             return self._no_target("a weight update")
-        version = weight_version_of(parsed, self._seq + 1)
-        model_path = parsed.get("model_path") if isinstance(parsed.get("model_path"), str) else None
         admissions = self._admissions(targets)
         replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body)
         applied = [w for w, r in zip(targets, replies, strict=True) if r.success]
@@ -278,6 +294,7 @@ class FleetController:
         if applied:
             self._seq += 1
             self.version, self.model_path, self._update_body = version, model_path, body
+            self._labels.record(version, model_path)
             for worker in applied:
                 self._make_current(worker)
             self.log.info(

@@ -327,6 +327,9 @@ class HealthChecker(Service):
 
     def _failed(self, worker: Worker, reason: str) -> None:
         became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
+        if worker.activity == STARTING:
+            self._still_starting(worker, reason)
+            return
         if not became_dead:
             self.log.warn(
                 "worker {worker} failed health check ({failures}/{threshold}): {reason}",
@@ -347,6 +350,25 @@ class HealthChecker(Service):
                 self._on_quarantine(worker, reason)
             except Exception:
                 self.log.failure("quarantine hook failed for worker {worker}", worker=worker.url)
+
+    def _still_starting(self, worker: Worker, reason: str) -> None:
+        """
+        A worker that never answered is loading (or has a wrong address), not
+        failing: say so, never as "failed health check (4/3)", and less and
+        less often (after probe 1, 2, 4, 8, ...) so a model that loads for
+        ten minutes does not flood the log.
+        """
+        probes = worker.consecutive_failures
+        if probes & (probes - 1):
+            return
+        self.log.warn(
+            "worker {worker} has not answered yet ({probes} probe(s) in {waited:.0f}s): still starting, "
+            "not quarantined; last: {reason}",
+            worker=worker.url,
+            probes=probes,
+            waited=max(0.0, self._clock.seconds() - worker.registered_at),
+            reason=reason,
+        )
 
     def _probe_crashed(self, failure: Failure, worker: Worker) -> None:
         # A bug in our own bookkeeping; the loop must survive it anyway.

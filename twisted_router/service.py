@@ -163,8 +163,10 @@ def make_router_service(
     The whole router as one service, plus its parts and its listener.
 
     With C{--launcher-config}, a service named C{launcher} runs the managed
-    workers (C{launch_plan}, or planned here from the file); it is stopped
-    after the listener, so the router stops accepting before its workers go.
+    workers (C{launch_plan}, or planned here from the file); it spawns them
+    only once the router's port is bound (a busy port starts no worker), and
+    it is stopped after the listener, so the router stops accepting before
+    its workers go.
     A managed worker the health checker quarantines (hung, say) is handed to
     the launcher, which restarts it.
     """
@@ -207,7 +209,13 @@ def make_router_service(
         plan = launch_plan or plan_fleet(
             load_launcher_config(config.launcher_config), reserved_ports=router_listen_ports(config)
         )
-        launcher = make_launcher_service(plan, parts.router, reactor, on_failure=on_launch_failure)  # type: ignore[arg-type]
+        launcher = make_launcher_service(
+            plan,
+            parts.router,
+            reactor,  # type: ignore[arg-type]
+            on_failure=on_launch_failure,
+            start_after=listener.when_listening,
+        )
         launcher.setServiceParent(top)
     listener.setServiceParent(top)
     return top, parts, listener

@@ -71,7 +71,8 @@ def makeService(options: Options) -> IService:
     service, _, _ = make_router_service(
         options.config,
         reactor,
-        on_listen_failure=stop_reactor_on_failure(reactor),
+        # twistd exits 0 after a plain reactor stop; a router without its port failed.
+        on_listen_failure=_exit_after_shutdown(stop_reactor_on_failure(reactor), status=1),
         launch_plan=options.launch_plan,
         on_launch_failure=_exit_after_shutdown(stop_reactor_on_failure(reactor), status=1),
     )

@@ -15,6 +15,10 @@ Two modes:
     N MB; download it through the router and straight from the worker and
     report MB/s and the router's peak-RSS (VmHWM) growth.
 
+The router is started as C{python -m twisted_router}, or with C{--router-launcher demo} as
+C{examples/diffusion_router/demo.py} (the demo router's script, same flags). C{--output-file}
+writes the request-mode figures as JSON for C{bench_routing_algorithms.py}.
+
 Stdlib only (plus this package, which provides the router and the simulator).
 Every process is started in its own process group on an ephemeral port and is
 always stopped, whatever happens (try/finally, SIGTERM then SIGKILL).
@@ -40,6 +44,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +53,7 @@ LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 MB = 1_000_000
 MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEMO = Path(__file__).resolve().with_name("demo.py")
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -123,9 +129,9 @@ class Fleet:
                 "--worker-id", name, *args]
         return self.start(name, argv)
 
-    def router(self, workers: Sequence[Server], *args: str) -> Server:
-        argv = [sys.executable, "-m", "twisted_router", "--host", HOST, "--port", "0",
-                *args, "--worker-urls", *(w.url for w in workers)]
+    def router(self, workers: Sequence[Server], *args: str, launcher: str = "module") -> Server:
+        program = [sys.executable, str(DEMO)] if launcher == "demo" else [sys.executable, "-m", "twisted_router"]
+        argv = [*program, "--host", HOST, "--port", "0", *args, "--worker-urls", *(w.url for w in workers)]
         router = self.start("router", argv)
         wait_for_workers(router.url, len(workers))
         return router
@@ -236,6 +242,10 @@ class LoadResult:
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
+    @property
+    def mean(self) -> float:
+        return sum(self.latencies) / len(self.latencies) if self.latencies else float("nan")
+
     def percentile(self, p: float) -> float:
         if not self.latencies:
             return float("nan")
@@ -323,18 +333,24 @@ def request_mode(args: argparse.Namespace) -> int:
         "response_format": "b64_json",
     }
     worker_args = ["--step-ms", str(args.step_ms), "--image-bytes", str(args.image_bytes)]
+    speeds = args.worker_speeds or [1.0] * args.workers
     print(f"machine: {machine()}")
     print(
         f"load: {args.concurrency} connections, up to {args.requests} requests or {args.duration}s, "
-        f"{args.workers} workers (--step-ms {args.step_ms}, {args.size}, --image-bytes "
-        f"{args.image_bytes}), routing {args.routing_algorithm}"
+        f"{len(speeds)} workers (speeds {', '.join(f'{v:g}' for v in speeds)}; --step-ms {args.step_ms}, "
+        f"{args.size}, --image-bytes {args.image_bytes}), routing {args.routing_algorithm}, "
+        f"router started {'by demo.py' if args.router_launcher == 'demo' else 'as python -m twisted_router'}"
     )
-    warmup = max(args.concurrency * 4, 50)
+    warmup = args.warmup if args.warmup is not None else max(args.concurrency * 4, 50)
+    direct: LoadResult | None = None
     with fleet() as procs:
-        workers = [procs.worker(f"w{i}", *worker_args) for i in range(args.workers)]
-        router = procs.router(workers, "--routing-algorithm", args.routing_algorithm)
+        workers = [procs.worker(f"w{i}", *worker_args, "--speed", str(v)) for i, v in enumerate(speeds)]
+        router = procs.router(
+            workers, "--routing-algorithm", args.routing_algorithm, launcher=args.router_launcher
+        )
 
         drive("warm-up", router.url, payload, args.concurrency, warmup, args.duration)
+        served0 = served_per_worker(router.url)
         cpu0 = cpu_seconds(router.pid)
         worker_cpu0 = sum(cpu_seconds(w.pid) for w in workers)
         via_router = drive("through the router", router.url, payload, args.concurrency,
@@ -342,32 +358,67 @@ def request_mode(args: argparse.Namespace) -> int:
         router_cpu = cpu_seconds(router.pid) - cpu0
         worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - worker_cpu0
         mem = memory_kb(router.pid)
+        served = {url: n - served0.get(url, 0) for url, n in served_per_worker(router.url).items()}
 
-        drive("warm-up", workers[0].url, payload, args.concurrency, warmup, args.duration)
-        direct_cpu0 = cpu_seconds(workers[0].pid)
-        direct = drive("direct to one worker", workers[0].url, payload, args.concurrency,
-                       args.requests, args.duration)
-        direct_cpu = cpu_seconds(workers[0].pid) - direct_cpu0
+        if not args.no_direct:
+            drive("warm-up", workers[0].url, payload, args.concurrency, warmup, args.duration)
+            direct_cpu0 = cpu_seconds(workers[0].pid)
+            direct = drive("direct to one worker", workers[0].url, payload, args.concurrency,
+                           args.requests, args.duration)
+            direct_cpu = cpu_seconds(workers[0].pid) - direct_cpu0
 
     done = max(1, via_router.requests)
     print("results:")
     report_load(via_router)
-    report_load(direct)
+    if direct is not None:
+        report_load(direct)
     print(
         f"  router CPU: {router_cpu:.2f}s for {via_router.requests} requests = "
         f"{router_cpu / done * 1e3:.3f} ms/request "
         f"({router_cpu / via_router.seconds * 100:.0f}% of one core)"
     )
-    print(
-        f"  worker CPU: {worker_cpu / done * 1e3:.3f} ms/request behind the router, "
-        f"{direct_cpu / max(1, direct.requests) * 1e3:.3f} ms/request direct"
-    )
+    print(f"  worker CPU: {worker_cpu / done * 1e3:.3f} ms/request behind the router"
+          + (f", {direct_cpu / max(1, direct.requests) * 1e3:.3f} ms/request direct" if direct is not None else ""))
     print(f"  router memory after the run: VmRSS {mem['VmRSS'] / 1024:.1f} MiB, "
           f"VmHWM {mem['VmHWM'] / 1024:.1f} MiB")
-    if direct.rate:
+    print("  requests per worker: " + ", ".join(
+        f"{w.name} (speed {v:g}) {served.get(w.url, 0)}" for w, v in zip(workers, speeds, strict=True)
+    ))
+    if direct is not None and direct.rate:
         print(f"  router/direct throughput: {via_router.rate / direct.rate:.2f}x; "
               f"added p50 latency {1000 * (via_router.percentile(50) - direct.percentile(50)):+.1f} ms")
-    return 1 if via_router.errors or direct.errors else 0
+    if args.output_file:
+        summary = {
+            "routing_algorithm": args.routing_algorithm,
+            "router_launcher": args.router_launcher,
+            "concurrency": args.concurrency,
+            "requests": via_router.requests,
+            "completed_requests": via_router.requests - via_router.errors,
+            "failed_requests": via_router.errors,
+            "duration_s": via_router.seconds,
+            "throughput_rps": via_router.rate,
+            "latency_mean_s": via_router.mean,
+            "latency_p50_s": via_router.percentile(50),
+            "latency_p95_s": via_router.percentile(95),
+            "latency_p99_s": via_router.percentile(99),
+            "router_cpu_ms_per_request": router_cpu / done * 1e3,
+            "workers": [
+                {"name": w.name, "speed": v, "requests": served.get(w.url, 0)}
+                for w, v in zip(workers, speeds, strict=True)
+            ],
+            "error_samples": via_router.error_samples,
+        }
+        Path(args.output_file).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"  figures written to {args.output_file}")
+    return 1 if via_router.errors or (direct is not None and direct.errors) else 0
+
+
+def served_per_worker(router_url: str) -> dict[str, int]:
+    """The router's C{total_requests} of each worker (by URL)."""
+    status, body = call(router_url, "GET", "/workers", timeout=10.0)
+    if status != 200:
+        raise RuntimeError(f"GET /workers -> {status} {body[:200]!r}")
+    return {w["url"]: int(w["total_requests"]) for w in json.loads(body)["workers"]}
 
 
 # -- streaming ---------------------------------------------------------------------------------
@@ -397,7 +448,7 @@ def stream_mode(args: argparse.Namespace) -> int:
     with fleet() as procs:
         worker = procs.worker("video", "--task-type", "T2V", "--step-ms", "0.01",
                               "--video-bytes", str(size))
-        router = procs.router([worker])
+        router = procs.router([worker], launcher=args.router_launcher)
         status, body = call(router.url, "POST", "/v1/videos", {"prompt": "waves", "seconds": 1})
         if status != 200:
             raise RuntimeError(f"POST /v1/videos -> {status} {body[:300]!r}")
@@ -458,13 +509,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", default="256x256", help="requested image size")
     parser.add_argument("--step-ms", type=float, default=0.1,
                         help="simulated ms per step of a 1024x1024 image (small = fast workers)")
+    parser.add_argument("--worker-speeds", type=_speeds, default=None, metavar="S,S,...",
+                        help="one simulated worker per value, with that --speed (1 = normal, 0.5 = half "
+                        "as fast); overrides --workers")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="warm-up requests before each measured run (default: 4 x concurrency, at least 50)")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="skip the run straight at one worker (request mode)")
+    parser.add_argument("--router-launcher", choices=["module", "demo"], default="module",
+                        help="start the router as python -m twisted_router, or with examples/diffusion_router/demo.py")
+    parser.add_argument("--output-file", default=None, metavar="PATH",
+                        help="write the request-mode figures as JSON here")
     parser.add_argument("--stream-mb", type=float, default=None,
                         help="stream mode: download an N MB (10^6 bytes) video instead")
     parser.add_argument("--stream-repeats", type=int, default=3, help="downloads each way in stream mode")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         parser.error("--workers, --concurrency, --requests and --duration must be positive")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must not be negative")
     return args
+
+
+def _speeds(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every speed must be a positive number, got {text!r}")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:

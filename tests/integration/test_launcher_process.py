@@ -119,7 +119,8 @@ def terminate(proc: ServerProcess, sig: int = signal.SIGTERM, timeout: float = 2
 
 
 def twistd_env() -> dict[str, str]:
-    # An editable install does not put twisted/plugins on sys.path; name the repository.
+    # Not needed with a current install (see test_first_run_process.py); kept for a venv
+    # editable-installed before the install put the repository on sys.path.
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 

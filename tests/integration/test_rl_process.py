@@ -270,7 +270,7 @@ def test_worker_that_slept_through_a_refit_is_caught_up_on_wake(processes: Proce
     assert sim_state(a)["sleeping"] and sim_state(b)["sleeping"]
     nobody = refit(router, "v1")
     assert nobody.status == 503, nobody
-    assert "No eligible workers" in nobody.json()["error"], nobody
+    assert nobody.json()["error"].startswith("No healthy workers available in the pool"), nobody
 
     set_worker(router, b, is_dead=True)
     woke = control(router, "resume")

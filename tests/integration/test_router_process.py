@@ -297,9 +297,9 @@ def _terminate(proc: ServerProcess, timeout: float = 15.0) -> int:
 
 def test_twistd_plugin_serves_and_stops_on_sigterm(processes: Processes) -> None:
     (worker,) = processes.workers(sim("w"))
-    # twistd finds plugins through the twisted/plugins directories on sys.path. An editable
-    # install (pip install -e) does not put the repository on sys.path, so name it here; a
-    # regular install ships the plugin into site-packages and needs nothing.
+    # twistd finds plugins through the twisted/plugins directories on sys.path. Both installs
+    # provide one now (test_first_run_process.py checks it without PYTHONPATH); naming the
+    # repository keeps this test working in a venv editable-installed before that was so.
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     router = processes.start(
         [

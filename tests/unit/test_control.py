@@ -165,7 +165,9 @@ def test_update_does_not_change_sleep_state() -> None:
 def test_update_with_an_empty_pool_is_503_no_workers_registered() -> None:
     fleet = make_fleet()
     outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
-    assert outcome == BroadcastOutcome(503, {"error": "No workers registered in the pool"})
+    assert outcome == BroadcastOutcome(
+        503, {"error": "No healthy workers available in the pool for a weight update: no workers registered"}
+    )
     assert fleet.caller.calls == []
 
 
@@ -173,7 +175,7 @@ def test_update_with_only_dead_workers_is_503_no_eligible_workers() -> None:
     fleet = make_fleet(A, B, dead=(A, B))
     outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
     assert outcome.status == 503
-    assert outcome.body["error"].startswith("No eligible workers")
+    assert outcome.body["error"].startswith("No healthy workers available in the pool")
     assert "2 registered, 2 dead, 0 sleeping" in outcome.body["error"]
     assert fleet.caller.calls == []
 
@@ -182,7 +184,7 @@ def test_update_with_only_sleeping_workers_is_503() -> None:
     fleet = make_fleet(A, B, sleeping=(A, B))
     outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
     assert outcome.status == 503
-    assert outcome.body["error"].startswith("No eligible workers for a weight update")
+    assert outcome.body["error"].startswith("No healthy workers available in the pool for a weight update")
     assert "2 sleeping" in outcome.body["error"]
     assert fleet.caller.calls == []
 
@@ -243,14 +245,17 @@ def test_release_when_all_live_workers_are_sleeping() -> None:
 def test_release_with_an_empty_pool() -> None:
     fleet = make_fleet()
     outcome = success_result_of(fleet.run(fleet.control.release_memory(b"{}")))
-    assert outcome == BroadcastOutcome(503, {"error": "No workers registered in the pool"})
+    assert outcome == BroadcastOutcome(
+        503,
+        {"error": "No healthy workers available in the pool for release_memory_occupation: no workers registered"},
+    )
 
 
 def test_release_with_only_dead_workers() -> None:
     fleet = make_fleet(A, dead=(A,))
     outcome = success_result_of(fleet.run(fleet.control.release_memory(b"{}")))
     assert outcome.status == 503
-    assert outcome.body["error"].startswith("No eligible workers for release_memory_occupation")
+    assert outcome.body["error"].startswith("No healthy workers available in the pool for release_memory_occupation")
     assert fleet.caller.calls == []
 
 
@@ -306,14 +311,17 @@ def test_resume_when_all_live_workers_are_awake() -> None:
 def test_resume_with_an_empty_pool() -> None:
     fleet = make_fleet()
     outcome = success_result_of(fleet.run(fleet.control.resume_memory(b"{}")))
-    assert outcome == BroadcastOutcome(503, {"error": "No workers registered in the pool"})
+    assert outcome == BroadcastOutcome(
+        503,
+        {"error": "No healthy workers available in the pool for resume_memory_occupation: no workers registered"},
+    )
 
 
 def test_resume_does_not_wake_dead_sleeping_workers() -> None:
     fleet = make_fleet(A, dead=(A,), sleeping=(A,))
     outcome = success_result_of(fleet.run(fleet.control.resume_memory(b"{}")))
     assert outcome.status == 503
-    assert outcome.body["error"].startswith("No eligible workers for resume_memory_occupation")
+    assert outcome.body["error"].startswith("No healthy workers available in the pool for resume_memory_occupation")
     assert "1 registered, 1 dead, 1 sleeping" in outcome.body["error"]
     assert fleet.sleeping() == [A]
 

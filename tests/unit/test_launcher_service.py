@@ -19,6 +19,7 @@ import pytest
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import (
+    CannotListenError,
     ConnectionRefusedError,
     ProcessDone,
     ProcessExitedAlready,
@@ -922,8 +923,46 @@ def test_router_service_runs_the_launcher_and_stops_it_after_the_listener() -> N
     assert children.index(launcher) < children.index(listener)  # stopped after the listener
     assert isinstance(listener, ListenerService)
     launcher.startService()
+    assert reactor.spawned == []  # it waits for the router's port
+    listener.startService()
     assert len(reactor.spawned) == 2
     assert launcher._hooks is parts.router  # type: ignore[attr-defined]
+
+
+class _BusyPortReactor(_MemoryProcessReactor):
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "Address already in use"))
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_router_service_starts_no_worker_before_its_own_port_is_bound(busy: bool) -> None:
+    """Issue 8 point 7: a router whose port is taken must not have started a fleet first."""
+    from twisted_router.service import make_router_service
+
+    config = LauncherConfig(
+        backend="simulated", num_workers=2, simulated=(SimulatedWorker(), SimulatedWorker())
+    )
+    plan = plan_fleet(config, is_port_free=lambda host, port: True)
+    reactor = _BusyPortReactor() if busy else _MemoryProcessReactor()
+    failures: list[Failure] = []
+    router_config = RouterConfig(host="127.0.0.1", port=30080, launcher_config="fleet.yaml")
+    top, _, listener = make_router_service(
+        router_config, reactor, launch_plan=plan, on_listen_failure=failures.append
+    )
+    with capturedLogs():
+        top.startService()
+    assert isinstance(top.getServiceNamed("launcher"), LauncherService)
+    if busy:
+        assert reactor.spawned == []
+        assert [f.type for f in failures] == [CannotListenError]
+        failure_result_of(listener.when_listening(), CannotListenError)
+        with capturedLogs() as events:
+            success_result_of(top.stopService())  # nothing was spawned: nothing to wait for
+        assert not [e for e in events if "launcher: stopping" in formatEvent(e)]
+        assert reactor.spawned == []
+    else:
+        assert len(reactor.spawned) == 2 and failures == []
+        top.stopService()  # (the fake workers never exit, so this does not finish)
 
 
 def test_router_service_hands_health_check_quarantines_to_the_launcher() -> None:

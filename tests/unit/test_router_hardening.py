@@ -148,7 +148,10 @@ def test_worker_that_slept_through_a_refit_is_caught_up_even_if_version_labels_c
     """
     Freshness is judged by comparing version labels (control.py _sleep_or_wake,
     _update's "joined"), but labels come from the client and the counter can
-    produce one already used: an explicit "2", then an unlabelled refit, is "2" again.
+    produce one already used: an explicit "2", then an unlabelled refit, was "2" again.
+    (Since issue 8 the counter skips a label that names another checkpoint, and
+    a label may repeat only for the same checkpoint; freshness still never
+    compares labels.)
     """
     h, (w0, w1) = make(2)
     h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/A", "weight_version": "2"})
@@ -156,7 +159,7 @@ def test_worker_that_slept_through_a_refit_is_caught_up_even_if_version_labels_c
     h.json("POST", "/release_memory_occupation", json={})  # only w1 goes to sleep
     assert [w.is_sleeping for w in h.pool.workers()] == [False, True]
     code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/B"})
-    assert code == 200 and body["weight_version"] == "2"  # counter 2 collides with the label "2"
+    assert code == 200 and body["weight_version"] == "3"  # counter 2 would collide with the label "2"
     h.json("POST", "/resume_memory_occupation", json={})
     h.pump()
     assert json.loads(update_bodies(w1)[-1])["model_path"] == "/ckpt/B", "w1 still holds /ckpt/A"

@@ -19,7 +19,7 @@ from twisted.web.server import Site
 import twisted.plugins
 from tests.support.deferreds import success_result_of
 from twisted_router import tap
-from twisted_router.config import RouterConfig, config_from_args
+from twisted_router.config import ConfigError, RouterConfig, config_from_args
 from twisted_router.service import make_router_service, stop_reactor_on_failure
 
 # -- Options ---------------------------------------------------------------------
@@ -159,13 +159,12 @@ def test_start_registers_worker_urls_in_the_pool() -> None:
     assert all(w.state == "starting" and not w.routable for w in parts.pool.workers())
 
 
-def test_start_skips_invalid_worker_urls_and_keeps_going() -> None:
-    reactor = RecordingReactor()
-    config = RouterConfig(worker_urls=("not a url", "http://10.0.0.1:30000"))
-    service, parts, _ = make_router_service(config, reactor)
-    service.startService()
-    assert [w.url for w in parts.pool.workers()] == ["http://10.0.0.1:30000"]
-    assert service.running
+def test_invalid_worker_urls_never_reach_the_service() -> None:
+    """A malformed --worker-urls entry stops the start (issue 8 point 7) instead of being skipped."""
+    with pytest.raises(ConfigError, match="--worker-urls: invalid worker URL 'not a url'"):
+        RouterConfig(worker_urls=("not a url", "http://10.0.0.1:30000"))
+    with pytest.raises(usage.UsageError, match="--worker-urls: .*blocked"):
+        tap.Options().parseOptions(["--worker-urls", "http://169.254.169.254:80"])
 
 
 def test_start_runs_the_health_loop_on_the_reactor_clock() -> None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from twisted_router.calls import describe_failure, make_http_client, read_body, with_deadline
+from twisted_router.launcher._lines import strip_timestamp
 from twisted_router.launcher._plan import FleetPlan, WorkerSpec, process_group_argv
 from twisted_router.launcher._supervisor import WorkerMonitor, describe_exit
 from twisted_router.urls import WorkerURLError, normalize_worker_url
@@ -125,6 +126,10 @@ class LauncherService(Service):
     @param parent_pid: the pid the worker wrapper checks its parent against
         (default: this process's pid when the service starts, which is after
         twistd daemonised).
+    @param start_after: returns a Deferred (the router's port being bound)
+        that must succeed before any worker is spawned; if it fails, none is.
+        A fleet takes minutes of GPU loading to start: not for a router that
+        then exits because its port is taken.
     """
 
     log = Logger()
@@ -143,8 +148,11 @@ class LauncherService(Service):
         python: str = sys.executable,
         parent_pid: int | None = None,
         killpg: Callable[[int, int], None] = os.killpg,
+        start_after: Callable[[], Deferred[Any]] | None = None,
     ) -> None:
         self._plan = plan
+        self._start_after = start_after
+        self._launched = False
         self._config = plan.config
         self._hooks = hooks
         # The reactor provides IReactorTime too; Any because mypy misreads zope interfaces.
@@ -231,6 +239,17 @@ class LauncherService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._start_after is None:
+            self._launch()
+            return
+        self._start_after().addCallbacks(self._gate_open, lambda _: None)
+
+    def _gate_open(self, _: object) -> None:
+        if self.running and not self._stopping:
+            self._launch()
+
+    def _launch(self) -> None:
+        self._launched = True
         self._began = self._clock.seconds()
         parent_pid = self._parent_pid if self._parent_pid is not None else os.getpid()
         config = self._config
@@ -263,6 +282,8 @@ class LauncherService(Service):
         """Stop every worker: SIGTERM to each process group, SIGKILL after the grace period."""
         super().stopService()
         self._stopping = True
+        if not self._launched:
+            return succeed(None)  # nothing was spawned (the router's port was never bound)
         if self._progress.running:
             self._progress.stop()
         for m in self._workers.values():
@@ -307,7 +328,8 @@ class LauncherService(Service):
     def process_output(self, name: str, stream: str, line: str) -> None:
         m = self._workers[name]
         m.tail.append(line)
-        self.log.info("[worker {index}] {line}", index=m.index, line=line, stream=stream)
+        # One timestamp per line: the router's log adds its own.
+        self.log.info("[worker {index}] {line}", index=m.index, line=strip_timestamp(line), stream=stream)
         if m.failed_loading and not m.port_in_use and not self._stopping and _ADDRESS_IN_USE.search(line):
             # Its last words arrived after the exit was reported; the restart
             # is scheduled only once its pipes are closed, so this is in time.
@@ -601,6 +623,7 @@ def make_launcher_service(
     reactor: IReactorProcess,
     *,
     on_failure: Callable[[Failure], None] | None = None,
+    start_after: Callable[[], Deferred[Any]] | None = None,
 ) -> LauncherService:
     """
     The launcher service on a real reactor, with its own HTTP client for
@@ -614,7 +637,9 @@ def make_launcher_service(
     pool = HTTPConnectionPool(clock, persistent=False)
     pool._factory = _QuietClientFactory
     agent = Agent(clock, connectTimeout=2, pool=pool)
-    service = LauncherService(plan, hooks, reactor, make_http_client(agent), on_failure=on_failure)
+    service = LauncherService(
+        plan, hooks, reactor, make_http_client(agent), on_failure=on_failure, start_after=start_after
+    )
     service.setName("launcher")
     return service
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTCP, IReactorTime
 from twisted.internet.task import deferLater, react
 from twisted.logger import (
@@ -44,7 +45,12 @@ _log = Logger(namespace="twisted_router.simulator")
 
 
 class _QuietSite(Site):
-    """A Site without the per-request access log (C{--verbose} logs requests instead)."""
+    """
+    A Site without the per-request access log (C{--verbose} logs requests
+    instead), nor the C{Starting factory <... object at 0x...>} line.
+    """
+
+    noisy = False
 
     def log(self, request: Request) -> None:
         pass
@@ -228,7 +234,12 @@ async def _run(reactor: _Reactor, config: SimulatorConfig) -> None:
         predicates.insert(0, _not_idle_timeout_noise)
     observer = FilteringLogObserver(cast(Any, textFileLogObserver(sys.stdout)), predicates)
     globalLogBeginner.beginLoggingTo([cast(Any, observer)])
-    await serve(reactor, config)
+    try:
+        await serve(reactor, config)
+    except CannotListenError as exc:  # one line and status 1, not a traceback
+        stderr = sys.__stderr__ or sys.stderr  # sys.stderr is redirected into the log by now
+        stderr.write(f"{PROG}: error: {exc}\n")
+        raise SystemExit(1) from None
     # Serve until the reactor stops (SIGINT/SIGTERM); react then exits 0.
     await Deferred()
 
