@@ -29,7 +29,10 @@ def _ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1) to listen on")
 def test_worker_on_ipv6_loopback(processes: Processes) -> None:
     worker = processes.start(
-        python_module("twisted_router.simulator", "--host", "::1", "--port", "0"), wait_url=False
+        python_module(
+            "twisted_router.simulator", "--host", "::1", "--port", "0", "--weights-prefix", "/ckpt/"
+        ),
+        wait_url=False,
     )
     worker_url = worker.wait_for_line(r"listening on (http://\[::1\]:\d+)", timeout=30).group(1)
     router = processes.router([], "--worker-urls", worker_url)

@@ -45,7 +45,7 @@ def raw_request(base_url: str, method: str, target: str, payload: Any = None) ->
 
 
 def test_absolute_form_and_odd_spellings_reach_the_fleet_wide_routes(processes: Processes) -> None:
-    workers = processes.workers([], [])
+    workers = processes.workers(["--weights-prefix", "/ckpt/"], ["--weights-prefix", "/ckpt/"])
     router = processes.router(workers)
     wait_for_workers(router, 2)
 
