@@ -68,6 +68,7 @@ __all__ = [
     "ForwardResult",
     "StreamingProxy",
     "UpstreamBodyFailed",
+    "WorkerAbandoned",
     "WorkerNotReady",
     "WorkerTimedOut",
     "WorkerUnreachable",
@@ -163,6 +164,13 @@ class WorkerUnreachable(Exception):
 
     The caller should quarantine the worker and retry on another one.
     C{str(e)} is a short human-readable reason.
+    """
+
+
+class WorkerAbandoned(WorkerUnreachable):
+    """
+    The caller gave up waiting for response headers (C{give_up}) because the
+    worker was found hung; nothing was written, so the request may be retried.
     """
 
 
@@ -849,6 +857,7 @@ class _Exchange:
         self.request = request
         self.current: Deferred[Any] | None = None
         self.timed_out = False
+        self.abandoned: str | None = None
         self.gone = _client_gone(request)
         self.relay: _Relay | None = None
         if not self.gone:
@@ -868,6 +877,14 @@ class _Exchange:
         self.timed_out = True
         if self.current is not None:
             self.current.cancel()
+
+    def give_up(self, reason: str) -> str:
+        """Stop waiting for response headers (the worker was found hung); ignored once they are in."""
+        if self.relay is None and self.abandoned is None:
+            self.abandoned = reason
+            if self.current is not None:
+                self.current.cancel()
+        return reason
 
     async def wait(self, d: Deferred[Any]) -> Any:
         self.current = d
@@ -955,6 +972,7 @@ class StreamingProxy:
         capture_limit: int = 0,
         timeout: float | None = None,
         ready: Callable[[], bool] | None = None,
+        give_up: Deferred[str] | None = None,
     ) -> ForwardResult:
         """
         Forward C{request} to C{worker_url} and relay the answer.
@@ -977,6 +995,10 @@ class StreamingProxy:
         @param ready: Asked once a connection slot is held, just before the
             request is sent: the worker's state may have changed while the
             request queued for a slot. C{False} raises L{WorkerNotReady}.
+        @param give_up: Fires with a reason when the caller has found the
+            worker hung: if no response headers have arrived by then, the
+            forward stops waiting and raises L{WorkerUnreachable} (so the
+            caller may retry elsewhere); afterwards it is ignored.
 
         @raise WorkerUnreachable: The worker could not be reached or dropped
             the connection before answering; nothing was written.
@@ -998,6 +1020,8 @@ class StreamingProxy:
             raise CancelledError("client already disconnected")
 
         timer = self._reactor.callLater(limit, exchange.time_out)
+        if give_up is not None:
+            give_up.addCallback(exchange.give_up)
         sem = self._semaphore(worker_url)
         acquired = False
         producer: BytesProducer | _FileBodyProducer | None = None
@@ -1054,6 +1078,11 @@ class StreamingProxy:
         surface as C{ResponseNeverReceived([CancelledError])}, which would
         otherwise look like an unreachable worker.
         """
+        if exchange.abandoned is not None:
+            self._log.warn(
+                "gave up waiting for {worker}: {reason}", worker=worker_url, reason=exchange.abandoned
+            )
+            return WorkerAbandoned(f"no response headers, and {exchange.abandoned}")
         if exchange.timed_out:
             reason = (
                 f"no free connection slot within {limit:g}s"
