@@ -277,6 +277,8 @@ class Router:
         retried_after_hang = False
         deadline = self._clock.seconds() + self._config.timeout
         while True:
+            if getattr(request, "channel", None) is None and tried:
+                raise CancelledError("client gone; not retried")
             candidates = [
                 w
                 for w in self._pool.routable(video=video)
@@ -330,6 +332,7 @@ class Router:
                         extra_response_headers=version_header,
                         ready=ready,
                         give_up=give_up,
+                        keep_load_if_abandoned=True,
                     )
                 except WorkerNotReady:
                     continue  # pick again (or wait) with the pool as it is now

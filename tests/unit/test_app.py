@@ -256,13 +256,18 @@ def test_timeout_gives_504_and_releases_the_count() -> None:
     assert not h.pool.workers()[0].is_dead  # slow is not dead
 
 
-def test_client_disconnect_releases_the_count() -> None:
+def test_client_disconnect_keeps_the_count_until_the_worker_finishes() -> None:
     h, (w0,) = make(1)
     w0.hold(b"POST", b"/v1/images/generations")
     d = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
     h.pump()
     assert h.pool.workers()[0].active_requests == 1
-    d.cancel()  # the client goes away
+    d.cancel()  # the client goes away; the worker still computes the generation
+    h.pump()
+    assert h.pool.workers()[0].active_requests == 1
+    [held] = w0.held
+    held.write(b'{"data": []}')
+    held.finish()
     h.pump()
     assert h.pool.workers()[0].active_requests == 0
 
