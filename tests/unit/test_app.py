@@ -193,8 +193,9 @@ def test_request_body_and_raw_query_reach_the_worker() -> None:
 def test_round_robin_alternates_exactly() -> None:
     h, _ = make(3, routing_algorithm="round-robin")
     served = [served_by(h.call("POST", "/v1/images/generations", json={"prompt": "x"})[2]) for _ in range(9)]
-    assert sorted(served) == sorted(["w0", "w1", "w2"] * 3)
-    assert served[:3] != served[3:4] * 3
+    # Exactly alternating: every window of three is a permutation, repeated in the same order.
+    assert sorted(served[:3]) == ["w0", "w1", "w2"]
+    assert served == served[:3] * 3
 
 
 def test_least_request_avoids_the_busy_worker() -> None:
@@ -278,6 +279,15 @@ def test_catch_all_goes_to_least_loaded_worker() -> None:
     assert code == 200 and body["path"] == "/get_weights_checksum"
     code, body = h.json("GET", "/some/unknown/path?q=1")
     assert code == 200 and body["path"] == "/some/unknown/path"
+    # Load one worker: every catch-all request then goes to the other one.
+    for worker in (w0, w1):
+        worker.hold(b"POST", b"/v1/images/generations")
+    h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
+    h.pump()
+    idle = "w1" if w0.held else "w0"
+    for _ in range(3):
+        code, body = h.json("GET", "/some/unknown/path")
+        assert code == 200 and body["worker"] == idle
 
 
 def test_catch_all_without_workers_is_503() -> None:
