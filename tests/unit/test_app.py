@@ -411,14 +411,16 @@ def test_models_without_workers_is_503() -> None:
 
 
 def test_update_weights_broadcasts_to_awake_live_workers() -> None:
-    h, (w0, w1, w2) = make(3)
+    h, (w0, w1, w2, w3) = make(4)
     h.pool.workers()[2].is_dead = True
+    h.pool.workers()[3].is_sleeping = True
     code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})
     assert code == 200 and body["success"] is True
     assert [r["worker_url"] for r in body["results"]] == [w.url for w in h.pool.workers()[:2]]
     assert all(r["status_code"] == 200 for r in body["results"])
     assert json.loads(w0.seen[-1].body) == {"model_path": "/ckpt/1"}
-    assert not any(s.request.path == b"/update_weights_from_disk" for s in w2.seen)
+    for skipped in (w2, w3):  # neither the dead nor the sleeping worker is sent the refit
+        assert not any(s.request.path == b"/update_weights_from_disk" for s in skipped.seen)
 
 
 def test_failed_update_is_reported_as_502() -> None:
