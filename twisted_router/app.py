@@ -299,7 +299,7 @@ class Router:
                         request,
                         503,
                         f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
-                        f"({', '.join(sorted({w.activity or '' for w in busy}))}) after "
+                        f"({', '.join(sorted({w.activity or w.state for w in busy}))}) after "
                         f"{self._config.timeout:g}s",
                     )
                 return self._unavailable(request, video=video, image_only=image_only)
