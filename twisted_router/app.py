@@ -221,7 +221,7 @@ class Router:
                 count=len(waiting),
                 worker=worker.display_id,
             )
-        for give_up in waiting:
+        for give_up in list(waiting):  # each callback may end its forward, which leaves the set
             give_up.callback(f"the worker was quarantined: {reason}")
 
     def worker_lost(self, url: str, reason: str) -> None:

@@ -148,3 +148,36 @@ def test_a_request_is_retried_after_a_hang_only_once() -> None:
     body = json.loads(success_result_of(router.client.content(response)))
     assert body["error"].startswith("Worker request failed")
     assert all(w.active_requests == 0 for w in router.pool.workers())
+
+
+def test_health_checks_quarantining_a_hung_worker_retry_all_its_unanswered_requests() -> None:
+    router, (w0, w1) = make_router(
+        2,
+        routing_algorithm="round-robin",
+        timeout=120,
+        health_check_interval=10,
+        health_check_timeout=1,
+        health_check_failure_threshold=2,
+    )
+    w0.hold(b"POST", b"/v1/images/generations")
+    hung = router.pool.workers()[0]
+    health = router.parts.health
+    health.startService()
+    try:
+        answers = []
+        for _ in range(6):  # round-robin: three of them to w0, which never answers
+            answers.append(router.client.post("http://router/v1/images/generations", data=SMALL))
+            router.pump()
+        assert len(w0.held) == 3
+        w0.hold(b"GET", b"/health")  # now it hangs entirely
+        for _ in range(14):  # the round at 10 s times out at 11 (suspect); the suspect probe at 12 s, at 13
+            router.clock.advance(1)
+            router.pump()
+        assert hung.is_dead and "2 consecutive health checks" in (hung.dead_reason or "")
+        # All three were retried on w1 at once, long before their own 120 s timeout.
+        assert [success_result_of(d).code for d in answers] == [200] * 6
+        served = [s for s in w1.seen if s.request.path == b"/v1/images/generations"]
+        assert len(served) == 6
+        assert hung.active_requests == 0
+    finally:
+        health.stopService()
