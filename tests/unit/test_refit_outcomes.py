@@ -6,16 +6,20 @@ and caught up when it first answers (issue 9, defects 2 and 3).
 
 from __future__ import annotations
 
+import json
+
 from tests.support.deferreds import assert_no_result, success_result_of
-from tests.unit.test_control import A, B, C, make_fleet
+from tests.support.fleet import make_router
+from tests.unit.test_control import A, B, C, Fleet, make_fleet
 from twisted_router.control import RESUMING
 from twisted_router.pool import STARTING
 
 OK = (200, {"success": True})
 
 
-def _admitted(*urls: str, **kw: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    fleet = make_fleet(*urls, **kw)
+def _admitted(*urls: str, sleeping: tuple[str, ...] = ()) -> Fleet:
+    """A fleet whose workers hold the start-up weights (version 0), as after registration."""
+    fleet = make_fleet(*urls, sleeping=sleeping)
     for worker in fleet.pool.workers():
         fleet.control.admit(worker)
     return fleet
@@ -177,3 +181,26 @@ def test_a_fleet_of_only_starting_workers_has_no_refit_target() -> None:
     assert outcome.status == 503
     assert fleet.caller.calls == []
     assert not fleet.worker(A).is_dead
+
+
+def test_through_the_router_generations_go_to_the_updated_worker_while_a_hung_one_holds_the_refit() -> None:
+    h, (w0, w1) = make_router(2, weight_update_timeout=600)
+    w1.hold(b"POST", b"/update_weights_from_disk")  # hung in its reload
+    refit = h.client.post("http://router/update_weights_from_disk", json={"model_path": "/m", "weight_version": "v1"})
+    h.pump()
+    assert_no_result(refit)
+    for _ in range(3):
+        code, _, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
+        assert code == 200
+        assert response.headers.getRawHeaders(b"x-worker-id") == [b"w0"]
+        assert response.headers.getRawHeaders(b"x-weight-version") == [b"v1"]
+    _, health = h.json("GET", "/health")
+    assert health["weight_version"] == "v1"
+    h.clock.advance(600)
+    h.pump()
+    response = success_result_of(refit)
+    assert response.code == 502
+    body = json.loads(success_result_of(h.client.content(response)))
+    assert [(r["success"], r.get("error")) for r in body["results"]] == [(True, None), (False, "timed out after 600s")]
+    hung = h.pool.workers()[1]
+    assert hung.is_dead and hung.weight_version is None
