@@ -19,9 +19,11 @@ OK = (200, {"success": True})
 
 def _admitted(*urls: str, sleeping: tuple[str, ...] = ()) -> Fleet:
     """A fleet whose workers hold the start-up weights (version 0), as after registration."""
-    fleet = make_fleet(*urls, sleeping=sleeping)
+    fleet = make_fleet(*urls)
     for worker in fleet.pool.workers():
         fleet.control.admit(worker)
+    for url in sleeping:  # put to sleep after joining (a worker joining a sleeping fleet joins asleep)
+        fleet.pool.set_sleeping(fleet.worker(url), True)
     return fleet
 
 
