@@ -1076,8 +1076,9 @@ class StreamingProxy:
             request queued for a slot. C{False} raises L{WorkerNotReady}.
         @param give_up: Fires with a reason when the caller has found the
             worker hung: if no response headers have arrived by then, the
-            forward stops waiting and raises L{WorkerUnreachable} (so the
-            caller may retry elsewhere); afterwards it is ignored.
+            forward stops waiting and raises L{WorkerAbandoned} (a
+            L{WorkerUnreachable}: the caller may retry elsewhere); afterwards
+            it is ignored.
         @param keep_load_if_abandoned: once the request is sent, a client
             that goes away does not end the forward: the answer is awaited
             (up to the timeout) and read to the end and discarded (up to the
