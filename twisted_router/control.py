@@ -129,6 +129,9 @@ class FleetController:
         self._seq = 0
         self._sync_pending = False
         self._sync_runs: set[Deferred[None]] = set()
+        #: Told about a worker quarantined because it did not answer a
+        #: control call (hung), so requests waiting on it can go elsewhere.
+        self.on_unresponsive: Callable[[Worker, str], None] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -214,10 +217,16 @@ class FleetController:
             },
         )
 
-    def _quarantine(self, worker: Worker, reason: str) -> None:
+    def _quarantine(self, worker: Worker, reason: str, reply: WorkerReply | None = None) -> None:
+        """
+        Take C{worker} out of rotation with unknown weights; if C{reply} shows
+        it did not answer at all, it is hung, and C{on_unresponsive} is told.
+        """
         worker.weights_seq, worker.weight_version, worker.model_path = None, None, None  # it may hold anything now
         if self._pool.quarantine(worker, reason):
             self.log.warn("worker {worker} quarantined: {reason}", worker=worker.display_id, reason=reason)
+            if reply is not None and reply.status_code is None and self.on_unresponsive is not None:
+                self.on_unresponsive(worker, reason)
 
     def _report(self, replies: list[WorkerReply], **extra: Any) -> dict[str, Any]:
         return {"success": all(r.success for r in replies), **extra, "results": [r.payload() for r in replies]}
@@ -320,7 +329,7 @@ class FleetController:
             elif _rejected(reply) and not moved:
                 refused.append((worker, worker.admissions, reply))
             else:
-                self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}")
+                self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}", reply)
 
         replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body, apply)
         self._catch_up_stragglers()
@@ -383,7 +392,7 @@ class FleetController:
                     self._schedule_sync()
             elif reply.status_code is None:
                 # No answer: the worker may be asleep, awake or half-way; nobody can tell.
-                self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}")
+                self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}", reply)
 
         replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body, apply)
         behind += self._catch_up_stragglers()

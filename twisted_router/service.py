@@ -113,6 +113,7 @@ def build_router(
         on_change=control.changed.notify,
     )
     router.probe_unanswered = health.probe_now
+    control.on_unresponsive = router.abandon_unanswered
     return RouterParts(config, pool, router, control, health, connection_pool)
 
 

@@ -206,3 +206,22 @@ def test_through_the_router_generations_go_to_the_updated_worker_while_a_hung_on
     assert [(r["success"], r.get("error")) for r in body["results"]] == [(True, None), (False, "timed out after 600s")]
     hung = h.pool.workers()[1]
     assert hung.is_dead and hung.weight_version is None
+
+
+def test_a_worker_hung_in_a_refit_hands_its_unanswered_generations_to_another_worker() -> None:
+    h, (w0, w1) = make_router(2, routing_algorithm="round-robin", weight_update_timeout=60, timeout=600)
+    w0.hold(b"POST", b"/v1/images/generations")
+    stuck = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})  # to w0, which hangs
+    h.pump()
+    assert len(w0.held) == 1
+    w0.hold(b"POST", b"/update_weights_from_disk")
+    refit = h.client.post("http://router/update_weights_from_disk", json={"model_path": "/m"})
+    h.pump()
+    h.clock.advance(60)  # w0 never answers the refit: quarantined, as not answering
+    h.pump()
+    assert h.pool.workers()[0].is_dead
+    assert success_result_of(refit).code == 502
+    # The generation it held without answering was retried on w1 at once, not after its 600 s.
+    response = success_result_of(stuck)
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"x-worker-id") == [b"w1"]
