@@ -33,7 +33,7 @@ def test_refit_skips_a_starting_worker_which_is_caught_up_when_it_comes_up(proce
     late = processes.start(
         python_module(
             "twisted_router.simulator", "--host", "127.0.0.1", "--port", str(port),
-            "--worker-id", "late", "--startup-delay", "4",
+            *sim("late", "--startup-delay", "4"),  # sim(): the same worker options as every other test's
         ),
         wait_url=False,
     )
