@@ -36,6 +36,7 @@ from twisted_router.proxy import (
     ForwardResult,
     StreamingProxy,
     UpstreamBodyFailed,
+    WorkerAbandoned,
     WorkerNotReady,
     WorkerTimedOut,
     WorkerUnreachable,
@@ -178,6 +179,12 @@ class Router:
         self._refresh = refresh_capabilities
         self._clock = clock
         self.metrics = RouterMetrics(pool)
+        #: Probes a worker at once and quarantines it if the probe fails;
+        #: fires with whether it is still in rotation (set by build_router).
+        self.probe_unanswered: Callable[[Worker], Deferred[bool]] | None = None
+        #: Per worker, the forwards still waiting for response headers, so a
+        #: worker found hung can hand them to another worker at once.
+        self._unanswered: dict[Worker, set[Deferred[str]]] = {}
         self.videos = OwnerMap(config.max_video_jobs)
         self.images = OwnerMap(config.max_image_ids)
 
@@ -200,6 +207,22 @@ class Router:
         )
         await self._refresh(worker)
         return worker
+
+    def abandon_unanswered(self, worker: Worker, reason: str) -> None:
+        """
+        C{worker} was quarantined for not answering: the requests on it that
+        have no response headers yet are retried on another worker (once
+        each) instead of each waiting out its own timeout.
+        """
+        waiting = self._unanswered.pop(worker, set())
+        if waiting:
+            self.log.warn(
+                "retrying {count} unanswered request(s) from {worker} elsewhere",
+                count=len(waiting),
+                worker=worker.display_id,
+            )
+        for give_up in list(waiting):  # each callback may end its forward, which leaves the set
+            give_up.callback(f"the worker was quarantined: {reason}")
 
     def worker_lost(self, url: str, reason: str) -> None:
         """A managed worker's process is gone: take it out of rotation at once."""
@@ -263,8 +286,11 @@ class Router:
         image_only = image and any(w.image_model for w in self._pool.workers() if not w.is_dead)
         tried: set[str] = set()
         last_failure: str | None = None
+        retried_after_hang = False
         deadline = self._clock.seconds() + self._config.timeout
         while True:
+            if getattr(request, "channel", None) is None and tried:
+                raise CancelledError("client gone; not retried")
             candidates = [
                 w
                 for w in self._pool.routable(video=video)
@@ -285,7 +311,7 @@ class Router:
                         request,
                         503,
                         f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
-                        f"({', '.join(sorted({w.activity or '' for w in busy}))}) after "
+                        f"({', '.join(sorted({w.activity or w.state for w in busy}))}) after "
                         f"{self._config.timeout:g}s",
                     )
                 starting = [] if video or image_only else self._never_answered(tried)
@@ -322,6 +348,10 @@ class Router:
                 version = sent_version[0]
                 return {b"x-weight-version": version.encode()} if version else {}
 
+            give_up: Deferred[str] = Deferred()
+            unanswered = self._unanswered.setdefault(worker, set())
+            unanswered.add(give_up)
+            timed_out: WorkerTimedOut | None = None
             with self._pool.lease(worker):
                 try:
                     result = await self._proxy.forward(
@@ -331,9 +361,19 @@ class Router:
                         capture_limit=capture,
                         extra_response_headers=version_header,
                         ready=ready,
+                        give_up=give_up,
+                        keep_load_if_abandoned=True,
                     )
                 except WorkerNotReady:
                     continue  # pick again (or wait) with the pool as it is now
+                except WorkerAbandoned as exc:
+                    self._pool.record_request_failure(worker, str(exc))
+                    if retried_after_hang:
+                        return json_error(request, 502, f"Worker request failed: {worker.display_id}: {exc}")
+                    retried_after_hang = True
+                    tried.add(worker.url)
+                    last_failure = f"{worker.display_id}: {exc}"
+                    continue
                 except WorkerUnreachable as exc:
                     tried.add(worker.url)
                     last_failure = f"{worker.display_id}: {exc}"
@@ -355,9 +395,7 @@ class Router:
                     continue
                 except WorkerTimedOut as exc:
                     self._pool.record_request_failure(worker, str(exc))
-                    return json_error(
-                        request, 504, f"Worker request failed: {worker.display_id}: {exc}"
-                    )
+                    timed_out = exc
                 except UpstreamBodyFailed as exc:
                     self._pool.record_request_failure(worker, str(exc))
                     self.log.warn(
@@ -366,6 +404,21 @@ class Router:
                         reason=str(exc),
                     )
                     return b""
+                finally:
+                    unanswered.discard(give_up)
+                    if not unanswered and self._unanswered.get(worker) is unanswered:
+                        del self._unanswered[worker]
+            if timed_out is not None:
+                # Slow or hung? Ask at once rather than at the next health
+                # round: a hung worker is quarantined, and this request (which
+                # got nothing from it) is retried elsewhere, once.
+                if self.probe_unanswered is not None and not retried_after_hang:
+                    if not await self.probe_unanswered(worker):
+                        retried_after_hang = True
+                        tried.add(worker.url)
+                        last_failure = f"{worker.display_id}: {timed_out}"
+                        continue
+                return json_error(request, 504, f"Worker request failed: {worker.display_id}: {timed_out}")
             return Dispatched(worker, result)
 
     async def _forward_to(

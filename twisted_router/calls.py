@@ -318,11 +318,30 @@ class WorkerCaller:
         body: bytes | None = None,
         timeout: float,
         keep_body: bool = True,
+        on_reply: Callable[[int, WorkerReply], object] | None = None,
     ) -> list[WorkerReply]:
-        """Call every worker concurrently; one reply per worker, in the given order."""
+        """
+        Call every worker concurrently; one reply per worker, in the given order.
+
+        @param on_reply: called with each worker's index and reply as soon as
+            that reply is in, so a caller can act on the quick workers without
+            waiting for a hung one. An exception it raises is logged, never
+            propagated: the other replies still count.
+        """
+
+        def early(reply: WorkerReply, index: int) -> WorkerReply:
+            if on_reply is not None:
+                try:
+                    on_reply(index, reply)
+                except Exception:
+                    self.log.failure("handling the reply of {worker} failed", worker=reply.worker_url)
+            return reply
+
         calls = [
-            Deferred.fromCoroutine(self.call(url, method, path, body=body, timeout=timeout, keep_body=keep_body))
-            for url in worker_urls
+            Deferred.fromCoroutine(
+                self.call(url, method, path, body=body, timeout=timeout, keep_body=keep_body)
+            ).addCallback(early, i)
+            for i, url in enumerate(worker_urls)
         ]
         outcomes = await DeferredList(calls, consumeErrors=True)
         replies: list[WorkerReply] = []

@@ -136,6 +136,9 @@ class FleetController:
         self._sync_runs: set[Deferred[None]] = set()
         #: The checkpoint each label the fleet was refitted to names.
         self._labels = WeightLabels()
+        #: Told about a worker quarantined because it did not answer a
+        #: control call (hung), so requests waiting on it can go elsewhere.
+        self.on_unresponsive: Callable[[Worker, str], None] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -152,23 +155,62 @@ class FleetController:
         if activity is None:
             self.changed.notify()
 
-    async def _broadcast(self, targets: list[Worker], path: str, body: bytes) -> list[WorkerReply]:
+    async def _broadcast(
+        self, targets: list[Worker], path: str, body: bytes, apply: Callable[[Worker, WorkerReply], None]
+    ) -> list[WorkerReply]:
+        """
+        Call every target concurrently and C{apply} each worker's outcome as
+        soon as it arrives, so one hung worker holds up nobody but itself: the
+        others are back in rotation (or out of it) at once, and requests
+        waiting for them are woken. The result, one reply per target in order,
+        is for the caller's report.
+
+        An outcome that concerns a previous registration of the worker (it
+        was restarted or re-admitted meanwhile) is not applied: that worker
+        has its own catch-up.
+        """
         self.log.info("sending {path} to {count} worker(s)", path=path, count=len(targets))
+        admissions = self._admissions(targets)
+
+        def settle(index: int, reply: WorkerReply) -> None:
+            worker = targets[index]
+            try:
+                if worker.admissions == admissions[index]:
+                    apply(worker, reply)
+            finally:
+                self.changed.notify()
+
         return await self._caller.fan_out(
-            [w.url for w in targets], "POST", path, body=body, timeout=self._timeout
+            [w.url for w in targets], "POST", path, body=body, timeout=self._timeout, on_reply=settle
         )
 
     async def _busy_broadcast(
-        self, targets: list[Worker], activity: str, path: str, body: bytes
+        self,
+        targets: list[Worker],
+        activity: str,
+        path: str,
+        body: bytes,
+        apply: Callable[[Worker, WorkerReply], None],
     ) -> list[WorkerReply]:
-        """Broadcast while the targets are marked busy, so no new request reaches them meanwhile."""
+        """
+        Broadcast while the targets are marked busy, so no new request reaches
+        them meanwhile; each one stops being busy when its own outcome is
+        applied.
+        """
         for worker in targets:
             worker.activity = activity
-        try:
-            return await self._broadcast(targets, path, body)
-        finally:
-            for worker in targets:
+
+        def done(worker: Worker, reply: WorkerReply) -> None:
+            if worker.activity == activity:
                 worker.activity = None
+            apply(worker, reply)
+
+        try:
+            return await self._broadcast(targets, path, body, done)
+        finally:
+            for worker in targets:  # only left busy if we were cancelled
+                if worker.activity == activity:
+                    worker.activity = None
 
     def _no_target(self, what: str) -> BroadcastOutcome:
         # Every such answer starts with the earlier router's words, which scripts match on.
@@ -184,10 +226,16 @@ class FleetController:
             },
         )
 
-    def _quarantine(self, worker: Worker, reason: str) -> None:
-        worker.weights_seq, worker.weight_version = None, None  # it may hold anything now
+    def _quarantine(self, worker: Worker, reason: str, reply: WorkerReply | None = None) -> None:
+        """
+        Take C{worker} out of rotation with unknown weights; if C{reply} shows
+        it did not answer at all, it is hung, and C{on_unresponsive} is told.
+        """
+        worker.weights_seq, worker.weight_version, worker.model_path = None, None, None  # it may hold anything now
         if self._pool.quarantine(worker, reason):
             self.log.warn("worker {worker} quarantined: {reason}", worker=worker.display_id, reason=reason)
+            if reply is not None and reply.status_code is None and self.on_unresponsive is not None:
+                self.on_unresponsive(worker, reason)
 
     def _report(self, replies: list[WorkerReply], **extra: Any) -> dict[str, Any]:
         return {"success": all(r.success for r in replies), **extra, "results": [r.payload() for r in replies]}
@@ -265,13 +313,57 @@ class FleetController:
             conflict = self._labels.conflict(version, model_path)
             if conflict is not None:  # checked under the lock: two refits cannot both claim a label
                 return BroadcastOutcome(409, {"error": conflict})
-        targets = [w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping]
+        # A worker still starting has never answered: it would only fail the
+        # refit. It is caught up to the fleet's weights when it first answers.
+        targets = [
+            w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping and w.activity != STARTING
+        ]
         if not targets:
             return self._no_target("a weight update")
-        admissions = self._admissions(targets)
-        replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body)
-        applied = [w for w, r in zip(targets, replies, strict=True) if r.success]
-        if not applied and all(_rejected(r) for r in replies):
+        #: Workers that refused the update (4xx) while nobody had applied it:
+        #: by the worker contract they rolled back, so they hold the fleet's
+        #: weights and are back in rotation until the fleet moves on.
+        refused: list[tuple[Worker, int, WorkerReply]] = []
+        moved = False
+
+        def apply(worker: Worker, reply: WorkerReply) -> None:
+            nonlocal moved
+            if reply.success:
+                if worker.is_dead or worker not in self._pool:
+                    # Quarantined or removed meanwhile: whatever it holds is not
+                    # the router's to vouch for.
+                    self._quarantine(worker, f"weight update to version {version} ended after quarantine")
+                    return
+                if not moved:
+                    # The first worker on the new weights makes them the fleet's:
+                    # from now on only workers holding them may serve.
+                    moved = True
+                    self._seq += 1
+                    self.version, self.model_path, self._update_body = version, model_path, body
+                    self._labels.record(version, model_path)
+                    self.log.info("fleet weights now version {version}", version=version)
+                    for other, admitted, answer in refused:
+                        if other.admissions == admitted:
+                            self._quarantine(other, f"weight update to version {version} failed: {_reason(answer)}")
+                self._make_current(worker)
+                self.log.info("worker {worker} on weight version {version}", worker=worker.display_id, version=version)
+            elif _rejected(reply) and not moved:
+                refused.append((worker, worker.admissions, reply))
+            else:
+                self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}", reply)
+
+        replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body, apply)
+        self._catch_up_stragglers()
+        self.changed.notify()
+        report = self._report(replies, weight_version=self.version)
+        if moved:
+            self.log.info(
+                "weight update to version {version}: {applied}/{total} workers updated",
+                version=version,
+                applied=sum(1 for r in replies if r.success),
+                total=len(targets),
+            )
+        elif refused and all(_rejected(r) for r in replies):
             # Every worker refused the update with a 4xx: the worker contract
             # is all-or-nothing with rollback, so the fleet is exactly where it
             # was. Nobody is quarantined for a bad request.
@@ -280,32 +372,7 @@ class FleetController:
                 version=version,
                 current=self.version,
             )
-            self._catch_up_stragglers()
-            self.changed.notify()
-            report = self._report(replies, weight_version=self.version)
             report["message"] = f"every worker rejected the update; the fleet stays at version {self.version}"
-            return BroadcastOutcome(502, report)
-        for worker, admitted, reply in zip(targets, admissions, replies, strict=True):
-            if worker.admissions != admitted:
-                continue  # restarted or re-admitted meanwhile: its own catch-up decides
-            if not reply.success:
-                self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}")
-        applied = [w for w, admitted in zip(targets, admissions, strict=True) if w in applied and w.admissions == admitted]
-        if applied:
-            self._seq += 1
-            self.version, self.model_path, self._update_body = version, model_path, body
-            self._labels.record(version, model_path)
-            for worker in applied:
-                self._make_current(worker)
-            self.log.info(
-                "fleet weights now version {version} ({applied}/{total} workers updated)",
-                version=version,
-                applied=len(applied),
-                total=len(targets),
-            )
-        self._catch_up_stragglers()
-        self.changed.notify()
-        report = self._report(replies, weight_version=self.version)
         return BroadcastOutcome(200 if report["success"] else 502, report)
 
     # ------------------------------------------------------------------ sleep and wake
@@ -323,7 +390,9 @@ class FleetController:
 
     async def _sleep_or_wake(self, body: bytes, *, sleep: bool) -> BroadcastOutcome:
         path = "/release_memory_occupation" if sleep else "/resume_memory_occupation"
-        live = [w for w in self._pool.workers() if not w.is_dead]
+        # Workers still starting are skipped: they have never answered, and
+        # they join (caught up) when they first do.
+        live = [w for w in self._pool.workers() if not w.is_dead and w.activity != STARTING]
         targets = [w for w in live if w.is_sleeping != sleep]
         if not targets:
             if live:
@@ -332,17 +401,22 @@ class FleetController:
                     200, {"success": True, "message": f"all workers are already {already}", "results": []}
                 )
             return self._no_target(path.lstrip("/"))
-        admissions = self._admissions(targets)
-        replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body)
-        for worker, admitted, reply in zip(targets, admissions, replies, strict=True):
-            if worker.admissions != admitted:
-                continue  # restarted or re-admitted meanwhile: a fresh process, awake
+        behind: list[Worker] = []
+
+        def apply(worker: Worker, reply: WorkerReply) -> None:
             if reply.success:
                 self._pool.set_sleeping(worker, sleep)
+                if not sleep and not worker.is_dead and not self._is_current(worker):
+                    # Slept through a refit: caught up before it gets traffic.
+                    worker.activity = SYNCING
+                    behind.append(worker)
+                    self._schedule_sync()
             elif reply.status_code is None:
                 # No answer: the worker may be asleep, awake or half-way; nobody can tell.
-                self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}")
-        behind = self._catch_up_stragglers()
+                self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}", reply)
+
+        replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body, apply)
+        behind += self._catch_up_stragglers()
         self.changed.notify()
         extra = {} if sleep else {"catching_up": [w.url for w in behind]}
         if all(r.status_code == 404 for r in replies):
@@ -471,20 +545,13 @@ class FleetController:
         self.log.info(
             "catching up {count} worker(s) to weight version {version}", count=len(behind), version=version
         )
-        admissions = self._admissions(behind)
-        try:
-            replies = await self._broadcast(behind, "/update_weights_from_disk", body)
-        except BaseException:
-            self._set_activity(behind, None)
-            for worker in behind:
-                self._quarantine(worker, "catch-up interrupted")
-            raise
-        for worker, admitted, reply in zip(behind, admissions, replies, strict=True):
-            if worker.admissions != admitted or worker.activity != SYNCING:
-                continue  # re-admitted, removed or changed meanwhile: it has its own catch-up
+
+        def apply(worker: Worker, reply: WorkerReply) -> None:
+            if worker.activity != SYNCING:
+                return  # removed, quarantined or changed meanwhile: it has its own catch-up
             worker.activity = None
             if worker.is_dead or worker.is_sleeping:
-                continue
+                return
             if reply.success:
                 self._make_current(worker)
                 self.log.info(
@@ -494,6 +561,15 @@ class FleetController:
                 )
             else:
                 self._quarantine(worker, f"catch-up to weight version {version} failed: {_reason(reply)}")
+
+        try:
+            await self._broadcast(behind, "/update_weights_from_disk", body, apply)
+        except BaseException:
+            interrupted = [w for w in behind if w.activity == SYNCING]
+            self._set_activity(interrupted, None)
+            for worker in interrupted:
+                self._quarantine(worker, "catch-up interrupted")
+            raise
         self._catch_up_stragglers()
         self.changed.notify()
 

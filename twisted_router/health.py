@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
-from weakref import WeakSet
+from weakref import WeakKeyDictionary, WeakSet
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -144,6 +144,14 @@ class HealthChecker(Service):
     are not probed either; they get no traffic, and the wake broadcast tells
     whether they are back.
 
+    A worker whose probe fails or times out is I{suspect} at once: it gets
+    no new requests, and it is probed every C{suspect_interval} seconds (not
+    every C{interval}) until a probe succeeds (routable again) or the failure
+    threshold quarantines it. So a hung worker stops getting requests at most
+    C{interval + probe_timeout} seconds after it hangs. L{probe_now} is the
+    router's fast path: a request that got no response headers in time has
+    the worker probed at once, and a failure then quarantines it outright.
+
     A worker whose model card is still unknown (registered before it was up)
     has it fetched after its first successful probe, and again after it
     recovers from failed probes, so C{video_support} does not stay false
@@ -152,6 +160,7 @@ class HealthChecker(Service):
     @ivar interval: seconds between rounds.
     @ivar failure_threshold: consecutive failures that quarantine a worker.
     @ivar probe_timeout: limit for one probe (request and body).
+    @ivar suspect_interval: seconds between probes of a suspect worker.
     """
 
     log = Logger()
@@ -168,7 +177,16 @@ class HealthChecker(Service):
         on_quarantine: Callable[[Worker, str], None] | None = None,
         on_first_answer: Callable[[Worker], Deferred[Any]] | None = None,
         fetch_missing_capabilities: bool = True,
+        suspect_interval: float = 1.0,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
+        """
+        @param on_quarantine: called with the worker and the reason when a
+            probe quarantines a worker.
+        @param on_change: called when a worker stops or starts being
+            routable because of a probe (suspect, recovered, quarantined), so
+            requests waiting for a worker re-check the pool.
+        """
         if interval <= 0:
             raise ValueError(f"health check interval must be positive, not {interval!r}")
         if failure_threshold < 1:
@@ -177,12 +195,22 @@ class HealthChecker(Service):
             )
         if probe_timeout <= 0:
             raise ValueError(f"health probe timeout must be positive, not {probe_timeout!r}")
+        if suspect_interval <= 0:
+            raise ValueError(f"suspect probe interval must be positive, not {suspect_interval!r}")
         self._pool = pool
         self._http = http
         self._clock = clock
         self.interval = interval
         self.failure_threshold = failure_threshold
         self.probe_timeout = probe_timeout
+        self.suspect_interval = suspect_interval
+        self._on_change = on_change
+        self._suspect_loop: LoopingCall | None = None
+        #: Workers whose next failed probe quarantines them outright (see L{probe_now}).
+        self._strict: WeakSet[Worker] = WeakSet()
+        #: When each worker's last probe started, so a worker that turned
+        #: suspect in a round is not probed again by the suspect loop at once.
+        self._probed_at: WeakKeyDictionary[Worker, float] = WeakKeyDictionary()
         self._on_quarantine = on_quarantine
         self._on_first_answer = on_first_answer
         self._fetch_missing_capabilities = fetch_missing_capabilities
@@ -204,6 +232,10 @@ class HealthChecker(Service):
         self._loop = loop
         done = loop.start(self.interval, now=True)
         self._loop_done = done.addCallbacks(lambda _: None, self._loop_failed)
+        suspects = LoopingCall(self.check_suspects)
+        suspects.clock = self._clock
+        self._suspect_loop = suspects
+        suspects.start(self.suspect_interval, now=False).addErrback(self._loop_failed)
 
     def stopService(self) -> Deferred[None] | None:
         """
@@ -214,6 +246,9 @@ class HealthChecker(Service):
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
+        suspects, self._suspect_loop = self._suspect_loop, None
+        if suspects is not None and suspects.running:
+            suspects.stop()
         for probe in list(self._probes.values()):
             probe.abandon()
         done, self._loop_done = self._loop_done, None
@@ -235,8 +270,8 @@ class HealthChecker(Service):
         try:
             probes = []
             for worker in self._pool:
-                if worker.is_dead or worker.is_sleeping or worker in self._probes:
-                    continue
+                if worker.is_dead or worker.is_sleeping or worker.is_suspect or worker in self._probes:
+                    continue  # (suspects are on their own, faster schedule: check_suspects)
                 probes.append(self._probe(worker))
         except Exception:
             self.log.failure("starting a health check round failed")
@@ -247,6 +282,61 @@ class HealthChecker(Service):
         round_done.addCallbacks(lambda _: None, self._round_failed)
         return round_done
 
+    def check_suspects(self) -> Deferred[None]:
+        """
+        Probe every suspect worker that is not being probed already; never
+        fails (it runs in a C{LoopingCall}).
+        """
+        try:
+            probes = [
+                self._probe(w)
+                for w in self._pool
+                if w.is_suspect
+                and not w.is_dead
+                and not w.is_sleeping
+                and w not in self._probes
+                and self._clock.seconds() - self._probed_at.get(w, float("-inf")) >= self.suspect_interval / 2
+            ]
+        except Exception:
+            self.log.failure("starting suspect probes failed")
+            return succeed(None)
+        if not probes:
+            return succeed(None)
+        done: Deferred[Any] = DeferredList(probes, consumeErrors=True)
+        return done.addCallbacks(lambda _: None, self._round_failed)
+
+    def probe_now(self, worker: Worker) -> Deferred[bool]:
+        """
+        Probe C{worker} now (or join the probe in flight), and quarantine it
+        if that probe fails: the router calls this when a request got no
+        response headers within C{--timeout}, which together with a failed
+        probe means the worker hangs, not that it is merely slow.
+
+        @return: fires with whether the worker is still in rotation
+            afterwards (not quarantined); never fails.
+        """
+        if worker.is_dead or worker not in self._pool:
+            return succeed(not worker.is_dead)
+        self._strict.add(worker)
+        probe = self._probes.get(worker)
+        running = probe.deferred if probe is not None else self._probe(worker)
+        done: Deferred[bool] = Deferred()
+
+        def report(result: object) -> object:
+            self._strict.discard(worker)
+            done.callback(not worker.is_dead)
+            return result
+
+        running.addBoth(report)
+        return done
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                self.log.failure("health change hook failed")
+
     def _round_failed(self, failure: Failure) -> None:
         self.log.failure("health check round failed", failure)
 
@@ -256,6 +346,7 @@ class HealthChecker(Service):
             Deferred.fromCoroutine(self._get_health(worker)), self.probe_timeout, self._clock
         )
         probe = _Probe(d)
+        self._probed_at[worker] = self._clock.seconds()
         d.addCallbacks(
             self._answered,
             self._not_answered,
@@ -292,7 +383,10 @@ class HealthChecker(Service):
             self._failed(worker, f"HTTP {code}")
             return None
         previous_failures = worker.consecutive_failures
+        was_suspect = worker.is_suspect
         self._pool.record_probe_success(worker)
+        if was_suspect:
+            self._changed()
         if worker.activity == STARTING and self._on_first_answer is not None:
             # A registered worker finished loading: the router brings it into
             # rotation (capabilities, weights catch-up) from here.
@@ -326,10 +420,19 @@ class HealthChecker(Service):
         return None
 
     def _failed(self, worker: Worker, reason: str) -> None:
-        became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
+        was_suspect = worker.is_suspect
+        if worker in self._strict:
+            self._strict.discard(worker)
+            reason = f"no response headers within the request timeout, then the health probe failed ({reason})"
+            became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
+            became_dead = self._pool.quarantine(worker, reason) or became_dead
+        else:
+            became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
         if worker.activity == STARTING:
             self._still_starting(worker, reason)
             return
+        if became_dead or worker.is_suspect != was_suspect:
+            self._changed()
         if not became_dead:
             self.log.warn(
                 "worker {worker} failed health check ({failures}/{threshold}): {reason}",

@@ -70,6 +70,10 @@ class Worker:
     @ivar consecutive_failures: failed health probes since the last success.
     @ivar is_dead: quarantined; gets no traffic and is no longer probed until
         an operator re-admits it (it may hold stale weights).
+    @ivar is_suspect: its last health probe failed or timed out; gets no new
+        requests until a probe succeeds again (probed every second meanwhile),
+        so a hung worker stops getting traffic long before the failure
+        threshold quarantines it.
     @ivar is_sleeping: memory released (C{/release_memory_occupation}); gets
         no traffic until woken.
     @ivar task_type: C{data[0].task_type} of the worker's C{/v1/models}.
@@ -98,6 +102,7 @@ class Worker:
     is_dead: bool = False
     dead_reason: str | None = None
     is_sleeping: bool = False
+    is_suspect: bool = False
     task_type: str | None = None
     model_id: str | None = None
     weight_version: str | None = None
@@ -138,27 +143,32 @@ class Worker:
     @property
     def routable(self) -> bool:
         """Whether new requests may be sent here."""
-        return not self.is_dead and not self.is_sleeping and self.activity is None
+        return not self.is_dead and not self.is_sleeping and not self.is_suspect and self.activity is None
 
     @property
     def coming_back(self) -> bool:
-        """Busy with a control operation that will end with it routable or quarantined: worth waiting for."""
+        """
+        Busy with a control operation, or suspect: it will soon be routable
+        or quarantined, so requests are worth waiting for.
+        """
         return (
             not self.is_dead
             and not self.is_sleeping
-            and self.activity is not None
+            and (self.is_suspect or self.activity is not None)
             and self.activity != STARTING
         )
 
     @property
     def state(self) -> str:
-        """One word for dashboards: dead, sleeping, syncing, updating, ... or ready."""
+        """One word for dashboards: dead, sleeping, syncing, updating, ..., suspect or ready."""
         if self.is_dead:
             return "dead"
         if self.is_sleeping:
             return "sleeping"
         if self.activity is not None:
             return self.activity.split()[0]
+        if self.is_suspect:
+            return "suspect"
         return "ready"
 
     def payload(self) -> dict[str, Any]:
@@ -170,6 +180,7 @@ class Worker:
             "active_requests": self.active_requests,
             "is_dead": self.is_dead,
             "is_sleeping": self.is_sleeping,
+            "is_suspect": self.is_suspect,
             "consecutive_failures": self.consecutive_failures,
             "video_support": self.video_support,
             "state": self.state,
@@ -376,14 +387,18 @@ class WorkerPool:
     # -- health ---------------------------------------------------------
 
     def record_probe_success(self, worker: Worker) -> None:
-        """A health probe answered 200: the failure streak is over."""
+        """A health probe answered 200: the failure streak is over, and it may serve again."""
         worker.consecutive_failures = 0
+        worker.is_suspect = False
         worker.last_probe_ok_at = self._now()
 
     def record_probe_failure(self, worker: Worker, reason: str, threshold: int) -> bool:
         """
         A health probe failed; quarantine the worker when the streak reaches
         C{threshold}.
+
+        Any failure makes an active worker suspect: no new requests until a
+        probe succeeds again.
 
         A sleeping worker's failures are counted but never quarantine it:
         quarantine is sticky (only an operator lifts it), and a worker that is
@@ -397,6 +412,7 @@ class WorkerPool:
         if worker.is_dead or worker.is_sleeping or worker.activity == STARTING:
             # A worker that never answered yet is still loading, not failing.
             return False
+        worker.is_suspect = True
         if worker.consecutive_failures >= max(1, threshold):
             return self.quarantine(
                 worker,
@@ -414,6 +430,7 @@ class WorkerPool:
         if worker.is_dead:
             return False
         worker.is_dead = True
+        worker.is_suspect = False  # dead says more
         worker.dead_reason = reason
         return True
 
@@ -422,6 +439,7 @@ class WorkerPool:
         worker.is_dead = False
         worker.dead_reason = None
         worker.consecutive_failures = 0
+        worker.is_suspect = False
 
     def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
         """Record a successful sleep (C{True}) or wake (C{False}) broadcast."""

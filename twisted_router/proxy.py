@@ -68,6 +68,7 @@ __all__ = [
     "ForwardResult",
     "StreamingProxy",
     "UpstreamBodyFailed",
+    "WorkerAbandoned",
     "WorkerNotReady",
     "WorkerTimedOut",
     "WorkerUnreachable",
@@ -163,6 +164,13 @@ class WorkerUnreachable(Exception):
 
     The caller should quarantine the worker and retry on another one.
     C{str(e)} is a short human-readable reason.
+    """
+
+
+class WorkerAbandoned(WorkerUnreachable):
+    """
+    The caller gave up waiting for response headers (C{give_up}) because the
+    worker was found hung; nothing was written, so the request may be retried.
     """
 
 
@@ -677,6 +685,11 @@ class _Relay(TwistedProtocol):
         self._stall_call: _DelayedCall | None = None
         self._registered = False
         self._ended = False
+        self._draining = False
+        self._drain_call: _DelayedCall | None = None
+        #: Keep reading (and discarding) the answer when the client goes away,
+        #: so the request counts as load until the worker has finished it.
+        self.drain_if_abandoned = False
         self.paused = False
         self.body_bytes = 0
         self.done: Deferred[None] = Deferred(self._cancel)
@@ -772,11 +785,38 @@ class _Relay(TwistedProtocol):
     # Ways out
 
     def client_gone(self, reason: object = None) -> None:
-        """The client disconnected: stop the upstream and stop writing."""
+        """
+        The client disconnected: stop writing, and stop the upstream, or, with
+        C{drain_if_abandoned}, read the rest of the answer and discard it
+        (for at most the idle timeout in all), because the worker computes
+        it anyway and it is load on that worker until it is done.
+        """
+        if self._ended or self._draining:
+            return
+        if not self.drain_if_abandoned:
+            self._stop_upstream()
+            self._end(Failure(CancelledError("client disconnected")))
+            return
+        self._draining = True
+        self._write_body = False
+        if self._registered:
+            self._registered = False
+            if self._request.channel is not None:
+                self._request.unregisterProducer()
+        self._disarm_stall()
+        if self.paused:
+            self.paused = False
+            if self.upstream is not None:
+                self.upstream.resumeProducing()
+        self._arm_idle()
+        self._drain_call = self._reactor.callLater(self._idle_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self._drain_call = None
         if self._ended:
             return
         self._stop_upstream()
-        self._end(Failure(CancelledError("client disconnected")))
+        self._end(Failure(CancelledError("client disconnected; the rest of the answer was not awaited")))
 
     def _cancel(self, d: Deferred[None]) -> None:
         # Canceller of self.done: Klein cancels the route when the client
@@ -806,6 +846,11 @@ class _Relay(TwistedProtocol):
         self._ended = True
         self._disarm_idle()
         self._disarm_stall()
+        _cancel_timer(self._drain_call)
+        self._drain_call = None
+        if self._draining and not (outcome is not None and outcome.check(CancelledError)):
+            # Drained to the end (or the worker failed): either way the client is gone.
+            outcome = Failure(CancelledError("client disconnected; answer drained"))
         if self._registered:
             self._registered = False
             if self._request.channel is not None:
@@ -845,10 +890,15 @@ class _Exchange:
     and why it ended.
     """
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, *, keep_if_abandoned: bool = False) -> None:
         self.request = request
+        self.keep_if_abandoned = keep_if_abandoned
+        #: The request went to the worker: from here on, with
+        #: C{keep_if_abandoned}, a client leaving no longer stops the exchange.
+        self.sent = False
         self.current: Deferred[Any] | None = None
         self.timed_out = False
+        self.abandoned: str | None = None
         self.gone = _client_gone(request)
         self.relay: _Relay | None = None
         if not self.gone:
@@ -861,7 +911,7 @@ class _Exchange:
         self.gone = True
         if self.relay is not None:
             self.relay.client_gone(reason)
-        elif self.current is not None:
+        elif self.current is not None and not self._keeping:
             self.current.cancel()
 
     def time_out(self) -> None:
@@ -869,12 +919,57 @@ class _Exchange:
         if self.current is not None:
             self.current.cancel()
 
+    def give_up(self, reason: str) -> str:
+        """Stop waiting for response headers (the worker was found hung); ignored once they are in."""
+        if self.relay is None and self.abandoned is None:
+            self.abandoned = reason
+            if self.current is not None:
+                self.current.cancel()
+        return reason
+
+    @property
+    def _keeping(self) -> bool:
+        return self.keep_if_abandoned and self.sent
+
     async def wait(self, d: Deferred[Any]) -> Any:
         self.current = d
         try:
-            return await d
+            if not self._keeping:
+                return await d
+            return await self._wait_through_cancellation(d)
         finally:
             self.current = None
+
+    async def _wait_through_cancellation(self, d: Deferred[Any]) -> Any:
+        """
+        Await C{d}, but let a cancellation from above (Klein cancels the
+        route when the client leaves) only mark the client gone: the worker
+        got the request, and the exchange goes on until it has answered.
+        Our own timers still cancel C{d} itself.
+        """
+        outcome: list[Any] = []
+        waiters: list[Deferred[None]] = []
+
+        def arrived(result: Any) -> None:
+            outcome.append(result)
+            while waiters:
+                waiters.pop().callback(None)
+
+        d.addBoth(arrived)
+        while not outcome:
+            waiter: Deferred[None] = Deferred()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except CancelledError:
+                waiters.clear()
+                self.gone = True
+                if self.relay is not None:
+                    self.relay.client_gone()
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
 
     @property
     def cancelled(self) -> bool:
@@ -955,6 +1050,8 @@ class StreamingProxy:
         capture_limit: int = 0,
         timeout: float | None = None,
         ready: Callable[[], bool] | None = None,
+        give_up: Deferred[str] | None = None,
+        keep_load_if_abandoned: bool = False,
     ) -> ForwardResult:
         """
         Forward C{request} to C{worker_url} and relay the answer.
@@ -977,6 +1074,16 @@ class StreamingProxy:
         @param ready: Asked once a connection slot is held, just before the
             request is sent: the worker's state may have changed while the
             request queued for a slot. C{False} raises L{WorkerNotReady}.
+        @param give_up: Fires with a reason when the caller has found the
+            worker hung: if no response headers have arrived by then, the
+            forward stops waiting and raises L{WorkerAbandoned} (a
+            L{WorkerUnreachable}: the caller may retry elsewhere); afterwards
+            it is ignored.
+        @param keep_load_if_abandoned: once the request is sent, a client
+            that goes away does not end the forward: the answer is awaited
+            (up to the timeout) and read to the end and discarded (up to the
+            timeout again), so the caller's in-flight count covers the time
+            the worker spends on it; then L{CancelledError} is raised.
 
         @raise WorkerUnreachable: The worker could not be reached or dropped
             the connection before answering; nothing was written.
@@ -993,11 +1100,13 @@ class StreamingProxy:
         url = worker_url.rstrip("/").encode() + upstream_path
         body_file = request.content if body is None else body
 
-        exchange = _Exchange(request)
+        exchange = _Exchange(request, keep_if_abandoned=keep_load_if_abandoned)
         if exchange.gone:
             raise CancelledError("client already disconnected")
 
         timer = self._reactor.callLater(limit, exchange.time_out)
+        if give_up is not None:
+            give_up.addCallback(exchange.give_up)
         sem = self._semaphore(worker_url)
         acquired = False
         producer: BytesProducer | _FileBodyProducer | None = None
@@ -1009,6 +1118,7 @@ class StreamingProxy:
                     raise WorkerNotReady(f"{worker_url} stopped being routable while the request queued")
                 headers = _upstream_headers(request)
                 producer = _body_producer(self._reactor, method, body_file)
+                exchange.sent = True
                 response: _Response = await exchange.wait(
                     cast(Any, self._agent).request(method, url, headers, producer)
                 )
@@ -1054,6 +1164,11 @@ class StreamingProxy:
         surface as C{ResponseNeverReceived([CancelledError])}, which would
         otherwise look like an unreachable worker.
         """
+        if exchange.abandoned is not None:
+            self._log.warn(
+                "gave up waiting for {worker}: {reason}", worker=worker_url, reason=exchange.abandoned
+            )
+            return WorkerAbandoned(f"no response headers, and {exchange.abandoned}")
         if exchange.timed_out:
             reason = (
                 f"no free connection slot within {limit:g}s"
@@ -1100,6 +1215,18 @@ class StreamingProxy:
             write_body=method != b"HEAD",
             worker=worker_url,
         )
+        relay.drain_if_abandoned = exchange.keep_if_abandoned
+        if exchange.cancelled and exchange.keep_if_abandoned:
+            # The client left while the worker computed: read the answer to
+            # its end (the worker is busy until then), then report the client gone.
+            exchange.relay = relay
+            response.deliverBody(relay)
+            relay.client_gone()
+            try:
+                await exchange.wait(relay.done)
+            except Exception:
+                pass
+            raise CancelledError("client disconnected")
         if exchange.cancelled:
             # The client left while the headers were on their way: connecting
             # the relay lets it abort the upstream instead of pooling it.

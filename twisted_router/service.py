@@ -83,6 +83,13 @@ def build_router(
         return await refresh_capabilities(pool, worker, http, reactor, timeout=config.health_check_timeout)
 
     control = FleetController(pool, caller, reactor, timeout=config.weight_update_timeout)
+
+    def quarantined(worker: Worker, reason: str) -> None:
+        # Requests still waiting for its response headers go elsewhere now.
+        router.abandon_unanswered(worker, reason)
+        if on_quarantine is not None:
+            on_quarantine(worker, reason)
+
     router = Router(
         config=config,
         pool=pool,
@@ -102,9 +109,12 @@ def build_router(
         interval=config.health_check_interval,
         failure_threshold=config.health_check_failure_threshold,
         probe_timeout=config.health_check_timeout,
-        on_quarantine=on_quarantine,
+        on_quarantine=quarantined,
         on_first_answer=lambda worker: Deferred.fromCoroutine(router.bring_up(worker)),
+        on_change=control.changed.notify,
     )
+    router.probe_unanswered = health.probe_now
+    control.on_unresponsive = router.abandon_unanswered
     return RouterParts(config, pool, router, control, health, connection_pool)
 
 

@@ -195,8 +195,9 @@ def test_request_body_and_raw_query_reach_the_worker() -> None:
 def test_round_robin_alternates_exactly() -> None:
     h, _ = make(3, routing_algorithm="round-robin")
     served = [served_by(h.call("POST", "/v1/images/generations", json={"prompt": "x"})[2]) for _ in range(9)]
-    assert sorted(served) == sorted(["w0", "w1", "w2"] * 3)
-    assert served[:3] != served[3:4] * 3
+    # Exactly alternating: every window of three is a permutation, repeated in the same order.
+    assert sorted(served[:3]) == ["w0", "w1", "w2"]
+    assert served == served[:3] * 3
 
 
 def test_least_request_avoids_the_busy_worker() -> None:
@@ -258,14 +259,19 @@ def test_timeout_gives_504_and_releases_the_count() -> None:
     assert not h.pool.workers()[0].is_dead  # slow is not dead
 
 
-def test_client_disconnect_releases_the_count() -> None:
+def test_client_disconnect_keeps_the_count_until_the_worker_finishes() -> None:
     h, (w0,) = make(1)
     w0.hold(b"POST", b"/v1/images/generations")
     d = h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
     h.pump()
     assert h.pool.workers()[0].active_requests == 1
-    d.cancel()  # the client goes away
+    d.cancel()  # the client goes away; the worker still computes the generation
     failure_result_of(d, CancelledError, ResponseNeverReceived)
+    h.pump()
+    assert h.pool.workers()[0].active_requests == 1
+    [held] = w0.held
+    held.write(b'{"data": []}')
+    held.finish()
     h.pump()
     assert h.pool.workers()[0].active_requests == 0
 
@@ -276,6 +282,15 @@ def test_catch_all_goes_to_least_loaded_worker() -> None:
     assert code == 200 and body["path"] == "/get_weights_checksum"
     code, body = h.json("GET", "/some/unknown/path?q=1")
     assert code == 200 and body["path"] == "/some/unknown/path"
+    # Load one worker: every catch-all request then goes to the other one.
+    for worker in (w0, w1):
+        worker.hold(b"POST", b"/v1/images/generations")
+    h.client.post("http://router/v1/images/generations", json={"prompt": "x"})
+    h.pump()
+    idle = "w1" if w0.held else "w0"
+    for _ in range(3):
+        code, body = h.json("GET", "/some/unknown/path")
+        assert code == 200 and body["worker"] == idle
 
 
 def test_catch_all_without_workers_is_503() -> None:
@@ -399,14 +414,16 @@ def test_models_without_workers_is_503() -> None:
 
 
 def test_update_weights_broadcasts_to_awake_live_workers() -> None:
-    h, (w0, w1, w2) = make(3)
+    h, (w0, w1, w2, w3) = make(4)
     h.pool.workers()[2].is_dead = True
+    h.pool.workers()[3].is_sleeping = True
     code, body = h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})
     assert code == 200 and body["success"] is True
     assert [r["worker_url"] for r in body["results"]] == [w.url for w in h.pool.workers()[:2]]
     assert all(r["status_code"] == 200 for r in body["results"])
     assert json.loads(w0.seen[-1].body) == {"model_path": "/ckpt/1"}
-    assert not any(s.request.path == b"/update_weights_from_disk" for s in w2.seen)
+    for skipped in (w2, w3):  # neither the dead nor the sleeping worker is sent the refit
+        assert not any(s.request.path == b"/update_weights_from_disk" for s in skipped.seen)
 
 
 def test_failed_update_is_reported_as_502() -> None:

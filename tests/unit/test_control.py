@@ -5,7 +5,7 @@ L{WorkerPool} and a fake caller whose fan-out the test answers by hand.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,18 +33,34 @@ class FanOut:
     path: str
     body: bytes | None
     timeout: float
+    on_reply: Callable[[int, WorkerReply], object] | None = None
     deferred: Deferred[list[WorkerReply]] = field(default_factory=Deferred)
+    early: dict[int, WorkerReply] = field(default_factory=dict)
+
+    @staticmethod
+    def _reply(url: str, reply: tuple[int | None, Any] | str) -> WorkerReply:
+        if isinstance(reply, str):
+            return WorkerReply(url, None, None, reply)
+        return WorkerReply(url, reply[0], reply[1])
+
+    def answer_one(self, url: str, reply: tuple[int | None, Any] | str) -> None:
+        """One worker answers now, before the others (as the real fan-out reports it)."""
+        index = self.urls.index(url)
+        assert index not in self.early
+        self.early[index] = self._reply(url, reply)
+        if self.on_reply is not None:
+            self.on_reply(index, self.early[index])
 
     def answer(self, *replies: tuple[int | None, Any] | str) -> None:
-        """One reply per URL: C{(status, body)}, or an error string (no status)."""
-        assert len(replies) == len(self.urls)
-        out = []
-        for url, reply in zip(self.urls, replies, strict=True):
-            if isinstance(reply, str):
-                out.append(WorkerReply(url, None, None, reply))
-            else:
-                out.append(WorkerReply(url, reply[0], reply[1]))
-        self.deferred.callback(out)
+        """
+        One reply per URL not answered yet: C{(status, body)}, or an error
+        string (no status); then the fan-out ends.
+        """
+        pending = [i for i in range(len(self.urls)) if i not in self.early]
+        assert len(replies) == len(pending)
+        for index, reply in zip(pending, replies, strict=True):
+            self.answer_one(self.urls[index], reply)
+        self.deferred.callback([self.early[i] for i in range(len(self.urls))])
 
     def all_ok(self) -> None:
         self.answer(*[(200, {"success": True}) for _ in self.urls])
@@ -57,9 +73,16 @@ class FakeCaller:
         self.calls: list[FanOut] = []
 
     async def fan_out(
-        self, worker_urls: list[str], method: str, path: str, *, body: bytes | None = None, timeout: float
+        self,
+        worker_urls: list[str],
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        timeout: float,
+        on_reply: Callable[[int, WorkerReply], object] | None = None,
     ) -> list[WorkerReply]:
-        call = FanOut(list(worker_urls), method, path, body, timeout)
+        call = FanOut(list(worker_urls), method, path, body, timeout, on_reply)
         self.calls.append(call)
         return await call.deferred
 
@@ -131,6 +154,9 @@ def test_update_answers_200_when_all_succeed() -> None:
 )
 def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[int, Any] | str) -> None:
     fleet = make_fleet(A, B, C)
+    for worker in fleet.pool.workers():
+        fleet.control.admit(worker)  # on the start-up weights, so clearing them below is observable
+    assert fleet.worker(B).weight_version == "0" and fleet.worker(B).weights_seq == 0
     d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
     with capturedLogs() as events:
         fleet.caller.calls[0].answer((200, {"success": True}), bad, (200, {"success": True}))
@@ -151,15 +177,18 @@ def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[in
     assert "10.0.0.2:30000 quarantined: weight update to version 1 failed" in warnings[0]
     # The worker that failed holds unknown weights: never left routable.
     assert fleet.worker(B).is_dead and fleet.worker(B).weight_version is None
+    assert fleet.worker(B).weights_seq is None
+    assert fleet.worker(A).weight_version == "1" and fleet.worker(C).weight_version == "1"
     assert [w.url for w in fleet.pool.routable()] == [A, C]
 
 
 def test_update_does_not_change_sleep_state() -> None:
-    fleet = make_fleet(A, B)
+    fleet = make_fleet(A, B, C, sleeping=(B,))
     d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
     fleet.caller.calls[0].all_ok()
     success_result_of(d)
-    assert fleet.sleeping() == []
+    assert fleet.sleeping() == [B]  # the sleeper stays asleep (it is caught up when woken) ...
+    assert [w.url for w in fleet.pool.routable()] == [A, C]  # ... and the updated ones stay awake
 
 
 def test_update_with_an_empty_pool_is_503_no_workers_registered() -> None:

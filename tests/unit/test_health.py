@@ -162,6 +162,9 @@ def make_checker(
             "interval": INTERVAL,
             "failure_threshold": 3,
             "probe_timeout": TIMEOUT,
+            # One probe per round, so these tests can count rounds; suspect
+            # probing between rounds is tested in test_suspect.py.
+            "suspect_interval": INTERVAL,
             "on_quarantine": lambda w, r: quarantined.append((w, r)),
         }
         options.update(kwargs)

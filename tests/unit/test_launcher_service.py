@@ -980,8 +980,10 @@ def test_router_service_hands_health_check_quarantines_to_the_launcher() -> None
     handed: list[tuple[str, str]] = []
     launcher.worker_quarantined = lambda url, reason: handed.append((url, reason))  # type: ignore[attr-defined]
     parts.pool.add(URL0)
-    for _ in range(2):  # probes that never answer time out: two failures quarantine it
-        parts.health.check_all()
+    # Probes that never answer time out: two failures quarantine it (the
+    # second on the suspect schedule, which probes a worker that failed once).
+    for check in (parts.health.check_all, parts.health.check_suspects):
+        check()
         reactor.advance(0.6)
     (worker,) = parts.pool.workers()
     assert worker.is_dead

@@ -262,8 +262,13 @@ def test_payload_is_json_and_complete(pool: WorkerPool, now: FakeTime) -> None:
         "active_requests",
         "is_dead",
         "is_sleeping",
+        "is_suspect",
         "consecutive_failures",
         "video_support",
+        "state",
+        "syncing",
+        "weight_version",
+        "model_path",
         "dead_reason",
         "task_type",
         "model_id",
@@ -280,6 +285,13 @@ def test_payload_is_json_and_complete(pool: WorkerPool, now: FakeTime) -> None:
     assert payload["video_support"] is True
     assert payload["registered_at"] == now.value
     assert payload["last_probe_ok_at"] is None
+    assert (payload["state"], payload["syncing"], payload["is_suspect"]) == ("ready", False, False)
+    assert (payload["weight_version"], payload["model_path"]) == (None, None)
+    # The fields follow the worker's state.
+    w.activity, w.weight_version, w.model_path = "syncing weights", "7", "/ckpt/7"
+    payload = json.loads(json.dumps(w.payload()))
+    assert (payload["state"], payload["syncing"]) == ("syncing", True)
+    assert (payload["weight_version"], payload["model_path"]) == ("7", "/ckpt/7")
 
 
 # -- leases ----------------------------------------------------------------

@@ -262,11 +262,21 @@ def test_oversized_body_with_expect_100_continue_is_refused_before_the_upload() 
     BoundedRequest.gotLength knows the body is too large, but Twisted then
     answers the Expect header with 100 Continue, inviting the whole upload.
     """
-    h, _ = make(1)
-    transport = raw_exchange(
-        h,
+    h, (w0,) = make(1)
+    site = RouterSite(h.parts.router.app.resource(), access_log=False, reactor=h.clock, max_request_body=10)
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(
         b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nExpect: 100-continue\r\n"
-        b"Content-Length: 1000000\r\n\r\n",
-        max_request_body=10,
+        b"Content-Length: 1000000\r\n\r\n"
     )
-    assert not transport.value().startswith(b"HTTP/1.1 100 Continue")
+    h.pump()
+    assert transport.value() == b""  # no 100 Continue: the client is not invited to upload
+    # A client that sends the body anyway gets a 413, and the worker never sees the request.
+    protocol.dataReceived(b"x" * 1_000_000)
+    h.pump()
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"--max-request-body" in answer
+    assert not any(seen.request.path == b"/v1/images/generations" for seen in w0.seen)

@@ -190,7 +190,7 @@ def test_blocked(raw: str) -> None:
     ],
 )
 def test_loopback_and_private_allowed(raw: str) -> None:
-    normalize_worker_url(raw)
+    assert normalize_worker_url(raw) == raw  # accepted, and already canonical
 
 
 def test_worker_id_and_display_id() -> None:
