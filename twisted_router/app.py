@@ -27,7 +27,16 @@ from twisted.web.server import Request
 from twisted_router.affinity import FINISHED_STATES, OwnerMap
 from twisted_router.calls import WorkerCaller, WorkerReply
 from twisted_router.config import RouterConfig
-from twisted_router.control import BroadcastOutcome, FleetController
+from twisted_router.control import BroadcastReport, FleetController, Refit
+from twisted_router.errors import (
+    BadRequest,
+    NotFound,
+    NoWorkers,
+    RouterError,
+    WorkerFailed,
+    WorkerTimedOutError,
+    answer_json,
+)
 from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from twisted_router.metrics import RouterMetrics
 from twisted_router.policies import LeastRequest, RoutingPolicy
@@ -73,10 +82,6 @@ _FLEET_WIDE_PATHS: dict[bytes, str | None] = {
 CapabilityRefresher = Callable[[Worker], Awaitable[bool]]
 
 
-class BadRequest(Exception):
-    """The client's request is malformed; the message is the JSON error text."""
-
-
 @dataclass(frozen=True)
 class Dispatched:
     """A request that a worker answered (its body has been streamed to the client)."""
@@ -94,16 +99,7 @@ def request_body(request: Request, limit: int = -1) -> bytes:
     return content.read(limit)
 
 
-def json_body(request: IRequest, status: int, payload: Any) -> bytes:
-    """Set the status and JSON content type, and return the encoded payload."""
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(payload).encode("utf-8")
-
-
-def json_error(request: IRequest, status: int, message: str) -> bytes:
-    """The router's own error answer: C{{"error": message}} with a fitting status."""
-    return json_body(request, status, {"error": message})
+json_body = answer_json
 
 
 def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | None:
@@ -232,22 +228,18 @@ class Router:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _unavailable(self, request: Request, *, video: bool, image_only: bool = False) -> bytes:
+    def _unavailable(self, *, video: bool, image_only: bool = False) -> RouterError:
         """The right error when no worker can take a request, most specific first."""
         live = [w for w in self._pool.workers() if not w.is_dead]
         if video and not any(w.video_support for w in live):
             # The earlier router's answer, empty pool included: scripts match on it.
-            return json_error(request, 400, "No video-capable workers available in current worker pool.")
+            return BadRequest("No video-capable workers available in current worker pool.")
         if len(self._pool) == 0:
-            return json_error(request, 503, "No workers registered in the pool")
+            return NoWorkers("No workers registered in the pool")
         eligible = [w for w in live if (not video or w.video_support) and (not image_only or w.image_model)]
         if eligible and all(w.is_sleeping for w in eligible):
-            return json_error(
-                request,
-                503,
-                "all workers are sleeping (call /resume_memory_occupation to wake them)",
-            )
-        return json_error(request, 503, "No healthy workers available in the pool")
+            return NoWorkers("all workers are sleeping (call /resume_memory_occupation to wake them)")
+        return NoWorkers("No healthy workers available in the pool")
 
     def _never_answered(self, tried: set[str]) -> list[Worker]:
         """Registered workers still C{starting} that this request has not tried yet."""
@@ -269,7 +261,7 @@ class Router:
         path: bytes | None = None,
         capture: int = 0,
         policy: RoutingPolicy | None = None,
-    ) -> Dispatched | bytes:
+    ) -> Dispatched:
         """
         Send the request to one routable worker and stream its answer back.
 
@@ -278,7 +270,8 @@ class Router:
         live one could serve. The in-flight lease is held for the whole
         exchange and released on every path, cancellation included.
 
-        @return: L{Dispatched}, or the bytes of the router's own error answer.
+        @raise RouterError: no worker could answer (the router answers itself).
+        @raise UpstreamBodyFailed: the answer broke off after it started.
         """
         chooser = policy or self._policy
         # Image calls skip video and mesh workers while the fleet has image
@@ -298,7 +291,7 @@ class Router:
             ]
             if not candidates:
                 if last_failure is not None:
-                    return json_error(request, 502, f"Worker request failed: {last_failure}")
+                    raise WorkerFailed(f"Worker request failed: {last_failure}")
                 busy = [w for w in self._pool.coming_back(video=video) if not image_only or w.image_model]
                 remaining = deadline - self._clock.seconds()
                 if busy and remaining > 0:
@@ -307,23 +300,19 @@ class Router:
                     await self._control.changed.wait(remaining)
                     continue
                 if busy:
-                    return json_error(
-                        request,
-                        503,
+                    raise NoWorkers(
                         f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
                         f"({', '.join(sorted({w.activity or w.state for w in busy}))}) after "
-                        f"{self._config.timeout:g}s",
+                        f"{self._config.timeout:g}s"
                     )
                 starting = [] if video or image_only else self._never_answered(tried)
                 if not starting:
-                    return self._unavailable(request, video=video, image_only=image_only)
+                    raise self._unavailable(video=video, image_only=image_only)
                 if self._control.refitted:
-                    return json_error(
-                        request,
-                        503,
+                    raise NoWorkers(
                         f"No healthy workers available in the pool: {len(starting)} worker(s) still starting "
                         f"(never answered); the fleet is at weight version {self._control.version}, so a "
-                        "worker must answer and be caught up before it gets traffic",
+                        "worker must answer and be caught up before it gets traffic"
                     )
                 # As the earlier router did: try one, so a wrong address or a
                 # worker still loading answers 502 with the cause, not a bare 503.
@@ -369,7 +358,7 @@ class Router:
                 except WorkerAbandoned as exc:
                     self._pool.record_request_failure(worker, str(exc))
                     if retried_after_hang:
-                        return json_error(request, 502, f"Worker request failed: {worker.display_id}: {exc}")
+                        raise WorkerFailed(f"Worker request failed: {worker.display_id}: {exc}") from None
                     retried_after_hang = True
                     tried.add(worker.url)
                     last_failure = f"{worker.display_id}: {exc}"
@@ -403,7 +392,7 @@ class Router:
                         worker=worker.display_id,
                         reason=str(exc),
                     )
-                    return b""
+                    raise
                 finally:
                     unanswered.discard(give_up)
                     if not unanswered and self._unanswered.get(worker) is unanswered:
@@ -418,23 +407,23 @@ class Router:
                         tried.add(worker.url)
                         last_failure = f"{worker.display_id}: {timed_out}"
                         continue
-                return json_error(request, 504, f"Worker request failed: {worker.display_id}: {timed_out}")
+                raise WorkerTimedOutError(f"Worker request failed: {worker.display_id}: {timed_out}")
             return Dispatched(worker, result)
 
     async def _forward_to(
         self, request: Request, worker: Worker, *, path: bytes | None = None, capture: int = 0
-    ) -> Dispatched | bytes:
+    ) -> Dispatched:
         """Send a request to one particular worker (sticky routing): no retry elsewhere."""
         with self._pool.lease(worker):
             try:
                 result = await self._proxy.forward(request, worker.url, path=path, capture_limit=capture)
             except (WorkerUnreachable, WorkerTimedOut) as exc:
                 self._pool.record_request_failure(worker, str(exc))
-                status = 504 if isinstance(exc, WorkerTimedOut) else 502
-                return json_error(request, status, f"Worker request failed: {worker.display_id}: {exc}")
+                failed = WorkerTimedOutError if isinstance(exc, WorkerTimedOut) else WorkerFailed
+                raise failed(f"Worker request failed: {worker.display_id}: {exc}") from None
             except UpstreamBodyFailed as exc:
                 self._pool.record_request_failure(worker, str(exc))
-                return b""
+                raise
         return Dispatched(worker, result)
 
     # ------------------------------------------------------------------ generation
@@ -453,8 +442,6 @@ class Router:
 
     async def _generate_image(self, request: Request, *, path: bytes | None) -> bytes | None:
         out = await self._dispatch(request, image=True, path=path, capture=IMAGE_CAPTURE_LIMIT)
-        if isinstance(out, bytes):
-            return out
         self._learn_images(out)
         return None
 
@@ -484,19 +471,19 @@ class Router:
     async def image_content(self, request: Request, image_id: str) -> bytes | None:
         owner = await self._image_owner(image_id)
         if owner is None:
-            return json_error(request, 404, f"Unknown image_id: {image_id}")
-        out = await self._forward_to(request, owner)
-        return out if isinstance(out, bytes) else None
+            raise NotFound(f"Unknown image_id: {image_id}")
+        await self._forward_to(request, owner)
+        return None
 
     @app.route("/v1/diffusion/generate", methods=["POST"])
     async def diffusion_generate(self, request: Request) -> bytes | None:
-        out = await self._dispatch(request)
-        return out if isinstance(out, bytes) else None
+        await self._dispatch(request)
+        return None
 
     @app.route("/rollout/generate", methods=["POST"])
     async def rollout_generate(self, request: Request) -> bytes | None:
-        out = await self._dispatch(request)
-        return out if isinstance(out, bytes) else None
+        await self._dispatch(request)
+        return None
 
     # ------------------------------------------------------------------ videos
 
@@ -510,8 +497,6 @@ class Router:
 
     async def _create_video(self, request: Request, *, path: bytes | None) -> bytes | None:
         out = await self._dispatch(request, video=True, path=path, capture=JOB_CAPTURE_LIMIT)
-        if isinstance(out, bytes):
-            return out
         self._learn_job(out.worker, _parse_json(out.result.captured))
         return None
 
@@ -602,11 +587,9 @@ class Router:
             return await self._video_request(request, video_id, path=b"/v1/videos/" + quote(video_id, safe="").encode())
         workers = [w for w in self._pool.workers() if not w.is_dead and w.video_support]
         if not workers:
-            return self._unavailable(request, video=True)
+            raise self._unavailable(video=True)
         if len(workers) == 1:
             out = await self._forward_to(request, workers[0], capture=JOB_CAPTURE_LIMIT)
-            if isinstance(out, bytes):
-                return out
             self._learn_job_list(out.worker, _parse_json(out.result.captured))
             return None
         return await self._merged_video_list(request, workers)
@@ -633,9 +616,9 @@ class Router:
         try:
             limit = int(limit_text) if limit_text is not None else None
         except ValueError:
-            return json_error(request, 400, f"limit must be an integer, got {limit_text!r}")
+            raise BadRequest(f"limit must be an integer, got {limit_text!r}") from None
         if limit is not None and not 1 <= limit <= 100:
-            return json_error(request, 400, f"limit must be between 1 and 100, got {limit}")
+            raise BadRequest(f"limit must be between 1 and 100, got {limit}")
         forwarded = {"order": order, "limit": "100"}
         replies = await self._caller.fan_out(
             [w.url for w in workers], "GET", "/v1/videos?" + urlencode(forwarded), timeout=self._config.timeout
@@ -654,7 +637,7 @@ class Router:
             else:
                 failures.append(reply)
         if failures and not jobs and len(failures) == len(workers):
-            return json_error(request, 502, "Worker request failed: " + "; ".join(
+            raise WorkerFailed("Worker request failed: " + "; ".join(
                 f"{r.worker_url}: {r.error or r.status_code}" for r in failures))
         jobs.sort(key=_created_at, reverse=(order != "asc"))
         if after is not None:
@@ -673,10 +656,8 @@ class Router:
     async def _video_request(self, request: Request, video_id: str, *, path: bytes | None = None) -> bytes | None:
         owner = await self._video_owner(video_id)
         if owner is None:
-            return json_error(request, 404, f"Unknown video_id: {video_id}")
+            raise NotFound(f"Unknown video_id: {video_id}")
         out = await self._forward_to(request, owner, path=path, capture=JOB_CAPTURE_LIMIT)
-        if isinstance(out, bytes):
-            return out
         if request.method == b"DELETE" and 200 <= out.result.status < 300:
             self.videos.forget(video_id)
         else:
@@ -691,9 +672,9 @@ class Router:
     async def video_content(self, request: Request, video_id: str) -> bytes | None:
         owner = await self._video_owner(video_id)
         if owner is None:
-            return json_error(request, 404, f"Unknown video_id: {video_id}")
-        out = await self._forward_to(request, owner)
-        return out if isinstance(out, bytes) else None
+            raise NotFound(f"Unknown video_id: {video_id}")
+        await self._forward_to(request, owner)
+        return None
 
     # ------------------------------------------------------------------ models and health
 
@@ -701,7 +682,7 @@ class Router:
     async def models(self, request: Request) -> bytes:
         live = [w for w in self._pool.workers() if not w.is_dead]
         if not live:
-            return self._unavailable(request, video=False)
+            raise self._unavailable(video=False)
         replies = await self._caller.fan_out([w.url for w in live], "GET", "/v1/models", timeout=LOOKUP_TIMEOUT)
         cards: dict[str, Any] = {}
         for reply in replies:
@@ -711,7 +692,7 @@ class Router:
                     if isinstance(card, dict) and isinstance(card.get("id"), str):
                         cards.setdefault(card["id"], card)
         if not cards:
-            return json_error(request, 503, "No healthy workers available in the pool (no model cards)")
+            raise NoWorkers("No healthy workers available in the pool (no model cards)")
         return json_body(request, 200, {"object": "list", "data": list(cards.values())})
 
     @app.route("/health", methods=["GET", "HEAD"])
@@ -804,7 +785,7 @@ class Router:
     def _lookup(self, worker_key: str) -> Worker:
         worker = self._pool.get(worker_key)
         if worker is None:
-            raise UnknownWorker(worker_key)
+            raise NotFound("Worker not found")
         return worker
 
     @app.route("/workers", methods=["POST"])
@@ -867,7 +848,10 @@ class Router:
         return json_body(request, 200, {"status": "success", "worker_urls": self._urls()})
 
     def _deregister(self, key: str) -> Worker:
-        worker = self._pool.remove(key)
+        try:
+            worker = self._pool.remove(key)
+        except UnknownWorker:
+            raise NotFound("Worker not found") from None
         self.log.info("worker {worker} deregistered", worker=worker.display_id)
         self._control.changed.notify()  # requests waiting for it must not wait any longer
         return worker
@@ -877,30 +861,21 @@ class Router:
 
     # ------------------------------------------------------------------ control plane
 
-    async def _control_call(
-        self, request: Request, operation: Coroutine[Any, Any, BroadcastOutcome]
-    ) -> bytes:
-        """
-        Run a control operation to its end even if the controller hangs up.
-
-        Cancelling a refit half-way would leave the fleet's weights unknown
-        (and every worker's reply a failure), so a client that goes away only
-        stops waiting for the answer; the operation completes and is logged.
-        """
-        outcome = await _shielded(Deferred.fromCoroutine(operation))
-        return json_body(request, outcome.status, outcome.body)
-
     @app.route("/update_weights_from_disk", methods=["POST"])
     async def update_weights(self, request: Request) -> bytes:
-        return await self._control_call(request, self._control.update_weights(request_body(request)))
+        refit = parse_refit(request_body(request))
+        report = await _to_the_end(self._control.update_weights(refit))
+        return json_body(request, refit_status(report), report.payload())
 
     @app.route("/release_memory_occupation", methods=["POST"])
     async def release_memory(self, request: Request) -> bytes:
-        return await self._control_call(request, self._control.release_memory(request_body(request) or b"{}"))
+        report = await _to_the_end(self._control.release_memory(request_body(request) or b"{}"))
+        return json_body(request, memory_status(report), report.payload())
 
     @app.route("/resume_memory_occupation", methods=["POST"])
     async def resume_memory(self, request: Request) -> bytes:
-        return await self._control_call(request, self._control.resume_memory(request_body(request) or b"{}"))
+        report = await _to_the_end(self._control.resume_memory(request_body(request) or b"{}"))
+        return json_body(request, memory_status(report), report.payload())
 
     # ------------------------------------------------------------------ catch-all
 
@@ -919,24 +894,25 @@ class Router:
                     f"{shown} changes one worker's weights; the router does not broadcast it, "
                     "and sending it to one worker would split the fleet's weights"
                 )
-            return json_error(request, 400, message)
-        out = await self._dispatch(request, policy=self._least_loaded)
-        return out if isinstance(out, bytes) else None
+            raise BadRequest(message)
+        await self._dispatch(request, policy=self._least_loaded)
+        return None
 
     # ------------------------------------------------------------------ errors
 
-    @app.handle_errors(BadRequest)
-    def bad_request(self, request: IRequest, failure: Failure) -> bytes:
-        return json_error(request, 400, failure.getErrorMessage())
-
-    @app.handle_errors(UnknownWorker)
-    def unknown_worker(self, request: IRequest, failure: Failure) -> bytes:
-        return json_error(request, 404, "Worker not found")
-
     @app.handle_errors(Exception)  # type: ignore[arg-type]  # returning the Failure re-raises it
-    def unexpected(self, request: IRequest, failure: Failure) -> bytes | Failure:
+    def answer_failure(self, request: IRequest, failure: Failure) -> bytes | Failure:
+        """
+        The one place a failure becomes an answer: a L{RouterError} is the
+        router's own JSON error, anything else is a bug answered 500.
+        """
         if failure.check(CancelledError):
             return failure  # the client went away; Klein finishes nothing and logs nothing
+        if failure.check(UpstreamBodyFailed):
+            return b""  # the proxy aborted the client connection: nothing more may be written
+        if failure.check(RouterError) and not request.startedWriting:  # type: ignore[attr-defined]
+            error: RouterError = failure.value
+            return json_body(request, error.status, {"error": error.message})
         if request.startedWriting:  # type: ignore[attr-defined]
             # Part of an answer is out: a JSON error appended to it would corrupt
             # the stream (and the next response on a kept-alive connection).
@@ -947,7 +923,7 @@ class Router:
             return b""
         self.log.failure("unexpected error handling {method} {uri}", failure,
                          method=request.method, uri=request.uri)
-        return json_error(request, 500, f"internal router error: {failure.getErrorMessage()}")
+        return json_body(request, 500, {"error": f"internal router error: {failure.getErrorMessage()}"})
 
 
 def _still_starting(worker: Worker) -> bool:
@@ -959,6 +935,56 @@ def _created_at(job: dict[str, Any]) -> float:
     """A job's creation time for sorting; anything but a number sorts as 0."""
     value = job.get("created_at")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+async def _to_the_end(operation: Coroutine[Any, Any, BroadcastReport]) -> BroadcastReport:
+    """
+    Run a control operation to its end even if the controller hangs up.
+
+    Cancelling a refit half-way would leave the fleet's weights unknown
+    (and every worker's reply a failure), so a client that goes away only
+    stops waiting for the answer; the operation completes and is logged.
+    """
+    report: BroadcastReport = await _shielded(Deferred.fromCoroutine(operation))
+    return report
+
+
+def refit_status(report: BroadcastReport) -> int:
+    """A refit is all-or-nothing for the controller: 502 when any worker failed (the body says which)."""
+    return 200 if report.success else 502
+
+
+def memory_status(report: BroadcastReport) -> int:
+    """
+    A sleep or wake answers 200 even when some workers failed (each worker's
+    state is exact either way); 501 when no worker has the call at all.
+    """
+    return 501 if report.unsupported else 200
+
+
+def parse_refit(body: bytes) -> Refit:
+    """
+    The controller's refit request, checked before any worker is called: a
+    body every worker would refuse is the controller's mistake, not theirs.
+
+    @raise BadRequest: not a JSON object, no C{model_path}, or a
+        C{weight_version} that is neither a string nor an integer.
+    """
+    try:
+        parsed = json.loads(body or b"{}")
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"Invalid JSON body: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise BadRequest("Invalid JSON body: expected a JSON object")
+    model_path = parsed.get("model_path")
+    if not isinstance(model_path, str) or not model_path.strip():
+        # Every worker refuses this before touching its weights; say so
+        # here instead of broadcasting a refit that cannot succeed.
+        raise BadRequest("model_path is required (a non-empty string)")
+    label = parsed.get("weight_version")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+        raise BadRequest("weight_version must be a string or an integer")
+    return Refit(body=body, model_path=model_path, label=None if label in (None, "") else str(label))
 
 
 def _shielded(d: Deferred[Any]) -> Deferred[Any]:

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_router.calls import WorkerCaller, WorkerReply
+from twisted_router.errors import Conflict, NoWorkers
 from twisted_router.labels import WeightLabels
 from twisted_router.pool import STARTING, Worker, WorkerPool
 
@@ -48,11 +49,57 @@ INITIAL_VERSION = "0"
 
 
 @dataclass(frozen=True)
-class BroadcastOutcome:
-    """What one control call did: the HTTP status to answer with and the JSON body."""
+class Refit:
+    """
+    A weight update as the controller asked for it: the body, forwarded to
+    every worker unchanged, and the two fields the router itself reads.
 
-    status: int
-    body: dict[str, Any]
+    @ivar label: the caller's C{weight_version} as text, or C{None} when it
+        gave none (the router then numbers the refit itself).
+    """
+
+    body: bytes
+    model_path: str
+    label: str | None
+
+
+@dataclass(frozen=True)
+class BroadcastReport:
+    """
+    What a refit, sleep or wake did, worker by worker: a domain result, so
+    the web application alone decides how it is answered.
+
+    @ivar weight_version: the fleet's version afterwards (refits only).
+    @ivar catching_up: the URLs of woken workers being caught up (wakes only).
+    @ivar message: a note for the controller when the call did nothing.
+    @ivar unsupported: every worker answered 404: none has the call at all
+        (a worker version without sleep/wake), so nothing changed anywhere.
+    """
+
+    replies: list[WorkerReply]
+    weight_version: str | None = None
+    catching_up: list[str] | None = None
+    message: str | None = None
+    unsupported: bool = False
+
+    @property
+    def success(self) -> bool:
+        """Every targeted worker succeeded (vacuously true when none was targeted)."""
+        return all(r.success for r in self.replies)
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON-able report: C{success}, the extras, then one result per worker."""
+        body: dict[str, Any] = {"success": self.success}
+        if not self.replies and self.message is not None:
+            body["message"] = self.message
+        if self.weight_version is not None:
+            body["weight_version"] = self.weight_version
+        if self.catching_up is not None:
+            body["catching_up"] = self.catching_up
+        body["results"] = [r.payload() for r in self.replies]
+        if self.replies and self.message is not None:
+            body["message"] = self.message
+        return body
 
 
 class ChangeSignal:
@@ -94,14 +141,6 @@ class ChangeSignal:
 
     def __len__(self) -> int:
         return len(self._waiters)
-
-
-def weight_version_of(body: dict[str, Any], counter: int) -> str:
-    """The version an update installs: the caller's C{weight_version}, else the counter."""
-    given = body.get("weight_version")
-    if given is None or given == "":
-        return str(counter)
-    return str(given)
 
 
 class FleetController:
@@ -212,18 +251,15 @@ class FleetController:
                 if worker.activity == activity:
                     worker.activity = None
 
-    def _no_target(self, what: str) -> BroadcastOutcome:
+    def _no_target(self, what: str) -> NoWorkers:
         # Every such answer starts with the earlier router's words, which scripts match on.
         prefix = "No healthy workers available in the pool"
         if len(self._pool) == 0:
-            return BroadcastOutcome(503, {"error": f"{prefix} for {what}: no workers registered"})
+            return NoWorkers(f"{prefix} for {what}: no workers registered")
         counts = self._pool.counts()
-        return BroadcastOutcome(
-            503,
-            {
-                "error": f"{prefix} for {what}: {counts['total_workers']} registered, "
-                f"{counts['dead_workers']} dead, {counts['sleeping_workers']} sleeping"
-            },
+        return NoWorkers(
+            f"{prefix} for {what}: {counts['total_workers']} registered, "
+            f"{counts['dead_workers']} dead, {counts['sleeping_workers']} sleeping"
         )
 
     def _quarantine(self, worker: Worker, reason: str, reply: WorkerReply | None = None) -> None:
@@ -236,9 +272,6 @@ class FleetController:
             self.log.warn("worker {worker} quarantined: {reason}", worker=worker.display_id, reason=reason)
             if reply is not None and reply.status_code is None and self.on_unresponsive is not None:
                 self.on_unresponsive(worker, reason)
-
-    def _report(self, replies: list[WorkerReply], **extra: Any) -> dict[str, Any]:
-        return {"success": all(r.success for r in replies), **extra, "results": [r.payload() for r in replies]}
 
     @property
     def refitted(self) -> bool:
@@ -281,45 +314,34 @@ class FleetController:
 
     # ------------------------------------------------------------------ refit
 
-    async def update_weights(self, body: bytes) -> BroadcastOutcome:
+    async def update_weights(self, refit: Refit) -> BroadcastReport:
         """
-        Refit every live, awake worker with C{body} (forwarded unchanged).
+        Refit every live, awake worker with C{refit.body} (forwarded unchanged).
 
-        Answers 200 only when every targeted worker succeeded; otherwise 502
-        with the same per-worker body, and the failed workers quarantined.
+        The report's C{success} is true only when every targeted worker
+        succeeded; the failed workers are quarantined.
+
+        @raise Conflict: the label already names another checkpoint.
+        @raise NoWorkers: no worker can be refitted.
         """
-        try:
-            parsed = json.loads(body or b"{}")
-        except (ValueError, RecursionError) as exc:
-            return BroadcastOutcome(400, {"error": f"Invalid JSON body: {exc}"})
-        if not isinstance(parsed, dict):
-            return BroadcastOutcome(400, {"error": "Invalid JSON body: expected a JSON object"})
-        model_path = parsed.get("model_path")
-        if not isinstance(model_path, str) or not model_path.strip():
-            # Every worker refuses this before touching its weights; say so
-            # here instead of broadcasting a refit that cannot succeed.
-            return BroadcastOutcome(400, {"error": "model_path is required (a non-empty string)"})
-        label = parsed.get("weight_version")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
-            return BroadcastOutcome(400, {"error": "weight_version must be a string or an integer"})
-        return await self._locked(lambda: self._update(body, parsed))  # type: ignore[no-any-return]
+        return await self._locked(lambda: self._update(refit))  # type: ignore[no-any-return]
 
-    async def _update(self, body: bytes, parsed: dict[str, Any]) -> BroadcastOutcome:
-        model_path = str(parsed["model_path"])  # validated by update_weights
-        if parsed.get("weight_version") in (None, ""):
+    async def _update(self, refit: Refit) -> BroadcastReport:
+        body, model_path = refit.body, refit.model_path
+        if refit.label is None:
             version = self._labels.next_free(self._seq + 1, model_path)
         else:
-            version = weight_version_of(parsed, self._seq + 1)
+            version = refit.label
             conflict = self._labels.conflict(version, model_path)
             if conflict is not None:  # checked under the lock: two refits cannot both claim a label
-                return BroadcastOutcome(409, {"error": conflict})
+                raise Conflict(conflict)
         # A worker still starting has never answered: it would only fail the
         # refit. It is caught up to the fleet's weights when it first answers.
         targets = [
             w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping and w.activity != STARTING
         ]
         if not targets:
-            return self._no_target("a weight update")
+            raise self._no_target("a weight update")
         #: Workers that refused the update (4xx) while nobody had applied it:
         #: by the worker contract they rolled back, so they hold the fleet's
         #: weights and are back in rotation until the fleet moves on.
@@ -355,7 +377,7 @@ class FleetController:
         replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body, apply)
         self._catch_up_stragglers()
         self.changed.notify()
-        report = self._report(replies, weight_version=self.version)
+        message = None
         if moved:
             self.log.info(
                 "weight update to version {version}: {applied}/{total} workers updated",
@@ -372,23 +394,29 @@ class FleetController:
                 version=version,
                 current=self.version,
             )
-            report["message"] = f"every worker rejected the update; the fleet stays at version {self.version}"
-        return BroadcastOutcome(200 if report["success"] else 502, report)
+            message = f"every worker rejected the update; the fleet stays at version {self.version}"
+        return BroadcastReport(replies, weight_version=self.version, message=message)
 
     # ------------------------------------------------------------------ sleep and wake
 
-    async def release_memory(self, body: bytes) -> BroadcastOutcome:
-        """Put every live, awake worker to sleep; the ones that succeed get no traffic."""
+    async def release_memory(self, body: bytes) -> BroadcastReport:
+        """
+        Put every live, awake worker to sleep; the ones that succeed get no traffic.
+
+        @raise NoWorkers: no live worker is registered.
+        """
         return await self._locked(lambda: self._sleep_or_wake(body, sleep=True))  # type: ignore[no-any-return]
 
-    async def resume_memory(self, body: bytes) -> BroadcastOutcome:
+    async def resume_memory(self, body: bytes) -> BroadcastReport:
         """
         Wake every live, sleeping worker. A woken worker that slept through a
         refit is caught up before it gets traffic (it shows C{syncing}).
+
+        @raise NoWorkers: no live worker is registered.
         """
         return await self._locked(lambda: self._sleep_or_wake(body, sleep=False))  # type: ignore[no-any-return]
 
-    async def _sleep_or_wake(self, body: bytes, *, sleep: bool) -> BroadcastOutcome:
+    async def _sleep_or_wake(self, body: bytes, *, sleep: bool) -> BroadcastReport:
         path = "/release_memory_occupation" if sleep else "/resume_memory_occupation"
         # Workers still starting are skipped: they have never answered, and
         # they join (caught up) when they first do.
@@ -397,10 +425,8 @@ class FleetController:
         if not targets:
             if live:
                 already = "sleeping" if sleep else "awake"
-                return BroadcastOutcome(
-                    200, {"success": True, "message": f"all workers are already {already}", "results": []}
-                )
-            return self._no_target(path.lstrip("/"))
+                return BroadcastReport([], message=f"all workers are already {already}")
+            raise self._no_target(path.lstrip("/"))
         behind: list[Worker] = []
 
         def apply(worker: Worker, reply: WorkerReply) -> None:
@@ -418,14 +444,17 @@ class FleetController:
         replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body, apply)
         behind += self._catch_up_stragglers()
         self.changed.notify()
-        extra = {} if sleep else {"catching_up": [w.url for w in behind]}
+        catching_up = None if sleep else [w.url for w in behind]
         if all(r.status_code == 404 for r in replies):
             # A worker version without sleep/wake (e.g. the RL fork's later
             # main): nothing changed anywhere, and nobody is at fault.
-            report = self._report(replies, **extra)
-            report["message"] = f"no worker supports {path}: every worker answered 404"
-            return BroadcastOutcome(501, report)
-        return BroadcastOutcome(200, self._report(replies, **extra))
+            return BroadcastReport(
+                replies,
+                catching_up=catching_up,
+                message=f"no worker supports {path}: every worker answered 404",
+                unsupported=True,
+            )
+        return BroadcastReport(replies, catching_up=catching_up)
 
     # ------------------------------------------------------------------ catch-up
 

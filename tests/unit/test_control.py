@@ -13,11 +13,35 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
+from twisted_router.app import memory_status, parse_refit, refit_status
 from twisted_router.calls import WorkerReply
-from twisted_router.control import BroadcastOutcome, FleetController
+from twisted_router.control import BroadcastReport, FleetController
+from twisted_router.errors import RouterError
 from twisted_router.pool import Worker, WorkerPool
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The status and JSON body the router's control routes make of a control result."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def _answer(report: BroadcastReport) -> Answer:
+    # Only a refit reports the fleet's weight version.
+    status = refit_status(report) if report.weight_version is not None else memory_status(report)
+    return Answer(status, report.payload())
+
+
+def _answer_error(failure: Failure) -> Answer:
+    error = failure.trap(RouterError) and failure.value
+    assert isinstance(error, RouterError)
+    return Answer(error.status, {"error": error.message})
+
 
 A = "http://10.0.0.1:30000"
 B = "http://10.0.0.2:30000"
@@ -100,8 +124,9 @@ class Fleet:
         assert found is not None
         return found
 
-    def run(self, coro: Coroutine[Any, Any, BroadcastOutcome]) -> Deferred[BroadcastOutcome]:
-        return Deferred.fromCoroutine(coro)
+    def run(self, coro: Coroutine[Any, Any, BroadcastReport]) -> Deferred[Answer]:
+        """Run a control call, and give what its route answers with it."""
+        return Deferred.fromCoroutine(coro).addCallbacks(_answer, _answer_error)
 
     def sleeping(self) -> list[str]:
         return [w.url for w in self.pool.workers() if w.is_sleeping]
@@ -122,7 +147,7 @@ def make_fleet(*urls: str, dead: tuple[str, ...] = (), sleeping: tuple[str, ...]
 def test_update_targets_only_live_awake_workers_with_the_body_unchanged() -> None:
     fleet = make_fleet(A, B, C, D, dead=(B,), sleeping=(C,))
     body = b'{"model_path": "/ckpt/step-10", "flush_cache": true}'
-    d = fleet.run(fleet.control.update_weights(body))
+    d = fleet.run(fleet.control.update_weights(parse_refit(body)))
     [call] = fleet.caller.calls
     assert call.urls == [A, D]
     assert call.method == "POST"
@@ -134,7 +159,7 @@ def test_update_targets_only_live_awake_workers_with_the_body_unchanged() -> Non
 
 def test_update_answers_200_when_all_succeed() -> None:
     fleet = make_fleet(A, B)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     fleet.caller.calls[0].answer((200, {"success": True, "message": "ok"}), (200, {"success": True}))
     outcome = success_result_of(d)
     assert outcome.status == 200
@@ -157,7 +182,7 @@ def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[in
     for worker in fleet.pool.workers():
         fleet.control.admit(worker)  # on the start-up weights, so clearing them below is observable
     assert fleet.worker(B).weight_version == "0" and fleet.worker(B).weights_seq == 0
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     with capturedLogs() as events:
         fleet.caller.calls[0].answer((200, {"success": True}), bad, (200, {"success": True}))
     outcome = success_result_of(d)
@@ -184,7 +209,7 @@ def test_update_answers_502_when_any_fails_with_per_worker_results(bad: tuple[in
 
 def test_update_does_not_change_sleep_state() -> None:
     fleet = make_fleet(A, B, C, sleeping=(B,))
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     fleet.caller.calls[0].all_ok()
     success_result_of(d)
     assert fleet.sleeping() == [B]  # the sleeper stays asleep (it is caught up when woken) ...
@@ -193,8 +218,8 @@ def test_update_does_not_change_sleep_state() -> None:
 
 def test_update_with_an_empty_pool_is_503_no_workers_registered() -> None:
     fleet = make_fleet()
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
-    assert outcome == BroadcastOutcome(
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}'))))
+    assert outcome == Answer(
         503, {"error": "No healthy workers available in the pool for a weight update: no workers registered"}
     )
     assert fleet.caller.calls == []
@@ -202,7 +227,7 @@ def test_update_with_an_empty_pool_is_503_no_workers_registered() -> None:
 
 def test_update_with_only_dead_workers_is_503_no_eligible_workers() -> None:
     fleet = make_fleet(A, B, dead=(A, B))
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}'))))
     assert outcome.status == 503
     assert outcome.body["error"].startswith("No healthy workers available in the pool")
     assert "2 registered, 2 dead, 0 sleeping" in outcome.body["error"]
@@ -211,7 +236,7 @@ def test_update_with_only_dead_workers_is_503_no_eligible_workers() -> None:
 
 def test_update_with_only_sleeping_workers_is_503() -> None:
     fleet = make_fleet(A, B, sleeping=(A, B))
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}'))))
     assert outcome.status == 503
     assert outcome.body["error"].startswith("No healthy workers available in the pool for a weight update")
     assert "2 sleeping" in outcome.body["error"]
@@ -265,7 +290,7 @@ def test_release_all_ok() -> None:
 def test_release_when_all_live_workers_are_sleeping() -> None:
     fleet = make_fleet(A, B, C, dead=(C,), sleeping=(A, B))
     outcome = success_result_of(fleet.run(fleet.control.release_memory(b"{}")))
-    assert outcome == BroadcastOutcome(
+    assert outcome == Answer(
         200, {"success": True, "results": [], "message": "all workers are already sleeping"}
     )
     assert fleet.caller.calls == []
@@ -274,7 +299,7 @@ def test_release_when_all_live_workers_are_sleeping() -> None:
 def test_release_with_an_empty_pool() -> None:
     fleet = make_fleet()
     outcome = success_result_of(fleet.run(fleet.control.release_memory(b"{}")))
-    assert outcome == BroadcastOutcome(
+    assert outcome == Answer(
         503,
         {"error": "No healthy workers available in the pool for release_memory_occupation: no workers registered"},
     )
@@ -331,7 +356,7 @@ def test_resume_wakes_only_the_successful_workers() -> None:
 def test_resume_when_all_live_workers_are_awake() -> None:
     fleet = make_fleet(A, B, dead=(B,))
     outcome = success_result_of(fleet.run(fleet.control.resume_memory(b"{}")))
-    assert outcome == BroadcastOutcome(
+    assert outcome == Answer(
         200, {"success": True, "results": [], "message": "all workers are already awake"}
     )
     assert fleet.caller.calls == []
@@ -340,7 +365,7 @@ def test_resume_when_all_live_workers_are_awake() -> None:
 def test_resume_with_an_empty_pool() -> None:
     fleet = make_fleet()
     outcome = success_result_of(fleet.run(fleet.control.resume_memory(b"{}")))
-    assert outcome == BroadcastOutcome(
+    assert outcome == Answer(
         503,
         {"error": "No healthy workers available in the pool for resume_memory_occupation: no workers registered"},
     )
@@ -360,8 +385,8 @@ def test_resume_does_not_wake_dead_sleeping_workers() -> None:
 
 def test_control_calls_are_serialised_in_arrival_order() -> None:
     fleet = make_fleet(A, B)
-    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
-    second = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
+    first = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 1}')))
+    second = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 2}')))
     release = fleet.run(fleet.control.release_memory(b"{}"))
     # Only the first broadcast is on the wire.
     assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}']
@@ -403,8 +428,8 @@ def test_queued_call_sees_the_state_left_by_the_previous_one() -> None:
 
 def test_a_failing_broadcast_releases_the_lock() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
-    second = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
+    first = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 1}')))
+    second = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 2}')))
     fleet.caller.calls[0].deferred.errback(RuntimeError("caller bug"))
     failure_result_of(first, RuntimeError)
     assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}', b'{"model_path": "/m", "step": 2}']
@@ -414,8 +439,8 @@ def test_a_failing_broadcast_releases_the_lock() -> None:
 
 def test_cancelling_a_call_in_flight_releases_the_lock() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
-    second = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
+    first = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 1}')))
+    second = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 2}')))
     first.cancel()
     failure_result_of(first, CancelledError)
     assert [c.body for c in fleet.caller.calls] == [b'{"model_path": "/m", "step": 1}', b'{"model_path": "/m", "step": 2}']
@@ -425,9 +450,9 @@ def test_cancelling_a_call_in_flight_releases_the_lock() -> None:
 
 def test_cancelling_a_queued_call_skips_it() -> None:
     fleet = make_fleet(A)
-    first = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 1}'))
-    queued = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 2}'))
-    third = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "step": 3}'))
+    first = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 1}')))
+    queued = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 2}')))
+    third = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "step": 3}')))
     queued.cancel()
     failure_result_of(queued, CancelledError)
     fleet.caller.calls[0].all_ok()
@@ -440,9 +465,9 @@ def test_cancelling_a_queued_call_skips_it() -> None:
 def test_early_answers_do_not_hold_the_lock() -> None:
     """An answer that needs no broadcast (empty pool) lets the next call through at once."""
     fleet = make_fleet()
-    success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
+    success_result_of(fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}'))))
     fleet.pool.add(A)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     assert len(fleet.caller.calls) == 1
     fleet.caller.calls[0].all_ok()
     assert success_result_of(d).status == 200

@@ -11,6 +11,7 @@ import json
 from tests.support.deferreds import assert_no_result, success_result_of
 from tests.support.fleet import make_router
 from tests.unit.test_control import A, B, C, Fleet, make_fleet
+from twisted_router.app import parse_refit
 from twisted_router.control import RESUMING
 from twisted_router.pool import STARTING
 
@@ -29,7 +30,7 @@ def _admitted(*urls: str, sleeping: tuple[str, ...] = ()) -> Fleet:
 
 def test_a_worker_that_finished_its_refit_serves_while_another_still_updates() -> None:
     fleet = _admitted(A, B)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "weight_version": "v1"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "weight_version": "v1"}')))
     waiting = fleet.control.changed.wait(600)
     [call] = fleet.caller.calls
     assert [w.state for w in fleet.pool.workers()] == ["updating", "updating"]
@@ -52,7 +53,7 @@ def test_a_worker_that_finished_its_refit_serves_while_another_still_updates() -
 
 def test_a_worker_that_refused_serves_the_old_weights_until_the_fleet_moves_on() -> None:
     fleet = _admitted(A, B, C)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     [call] = fleet.caller.calls
     call.answer_one(A, (400, {"success": False, "message": "rolled back"}))
     # It rolled back to the fleet's weights, and nobody holds newer ones yet.
@@ -72,7 +73,7 @@ def test_a_worker_that_refused_serves_the_old_weights_until_the_fleet_moves_on()
 
 def test_a_refused_refit_and_a_failed_one_leave_the_refuser_on_the_unchanged_fleet() -> None:
     fleet = _admitted(A, B)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     fleet.caller.calls[0].answer((400, {"success": False, "message": "bad path"}), (500, "oom"))
     assert success_result_of(d).status == 502
     assert fleet.control.version == "0"
@@ -82,7 +83,7 @@ def test_a_refused_refit_and_a_failed_one_leave_the_refuser_on_the_unchanged_fle
 
 def test_a_worker_quarantined_during_its_refit_keeps_unknown_weights_even_if_it_succeeds() -> None:
     fleet = _admitted(A, B)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     fleet.pool.quarantine(fleet.worker(B), "failed 3 consecutive health checks")
     fleet.caller.calls[0].answer(OK, OK)
     assert success_result_of(d).status == 200
@@ -119,7 +120,7 @@ def test_wake_makes_each_worker_routable_as_it_answers() -> None:
 
 def test_catch_up_applies_each_outcome_as_it_arrives() -> None:
     fleet = _admitted(A, B, C, sleeping=(B, C))
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}')))
     fleet.caller.calls[0].all_ok()  # only A: B and C sleep through the refit
     success_result_of(d)
     d = fleet.run(fleet.control.resume_memory(b"{}"))
@@ -142,7 +143,7 @@ def test_refit_skips_a_starting_worker_and_it_is_caught_up_when_it_first_answers
     fleet = _admitted(A)
     starting = fleet.pool.add(B)[0]
     starting.activity = STARTING  # registered, never answered (still loading its model)
-    d = fleet.run(fleet.control.update_weights(b'{"model_path": "/m", "weight_version": "v1"}'))
+    d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "weight_version": "v1"}')))
     [call] = fleet.caller.calls
     assert call.urls == [A]
     call.all_ok()
@@ -179,7 +180,7 @@ def test_sleep_and_wake_skip_a_starting_worker() -> None:
 def test_a_fleet_of_only_starting_workers_has_no_refit_target() -> None:
     fleet = make_fleet(A)
     fleet.worker(A).activity = STARTING
-    outcome = success_result_of(fleet.run(fleet.control.update_weights(b'{"model_path": "/m"}')))
+    outcome = success_result_of(fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}'))))
     assert outcome.status == 503
     assert fleet.caller.calls == []
     assert not fleet.worker(A).is_dead

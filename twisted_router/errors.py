@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.unit.test_errors -*-
+"""
+The router's own failures, as one family of exceptions.
+
+Every answer the router makes up itself (not a worker's, which is passed
+through untouched) is JSON C{{"error": message}} with a status that says
+whose fault it is. Raising one of these anywhere below the routes, and
+answering them all in one Klein error handler, keeps that rule in one place:
+no code path returns error bytes as a value, and nothing outside the web
+application knows about HTTP requests. The simulator's C{Reply} follows the
+same idiom.
+
+The messages are part of the API: scripts written for the earlier router
+match on their first words (C{No healthy workers available in the pool},
+C{Worker request failed: ...}, C{Unknown video_id}), so a message may grow
+more detail after those words but never lose them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from twisted.web.iweb import IRequest
+
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "NoWorkers",
+    "NotFound",
+    "RouterError",
+    "WorkerFailed",
+    "WorkerTimedOutError",
+    "answer_json",
+]
+
+
+class RouterError(Exception):
+    """
+    A request the router answers itself with C{{"error": message}}.
+
+    @cvar status: the HTTP status of the answer; each subclass fixes one.
+    @ivar message: the error text, written for the client.
+    """
+
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequest(RouterError):
+    """The client's request is malformed or names something impossible (400)."""
+
+    status = 400
+
+
+class NotFound(RouterError):
+    """The request names a worker, job or image the router cannot find (404)."""
+
+    status = 404
+
+
+class Conflict(RouterError):
+    """The request contradicts what the router already holds, e.g. a reused weight label (409)."""
+
+    status = 409
+
+
+class WorkerFailed(RouterError):
+    """The worker chosen for the request did not answer it (502)."""
+
+    status = 502
+
+
+class NoWorkers(RouterError):
+    """No worker can take the request now, and waiting would not help (503)."""
+
+    status = 503
+
+
+class WorkerTimedOutError(RouterError):
+    """The worker sent no response headers within C{--timeout} (504)."""
+
+    status = 504
+
+
+def answer_json(request: IRequest, status: int, payload: object) -> bytes:
+    """Set the status and the JSON content type; the encoded C{payload} is the body to return."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload).encode("utf-8")
