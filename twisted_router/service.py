@@ -25,8 +25,11 @@ from twisted_router.app import Router
 from twisted_router.calls import WorkerCaller, make_http_client
 from twisted_router.config import RouterConfig
 from twisted_router.control import FleetController
+from twisted_router.dispatch import Dispatcher
 from twisted_router.drain import DrainingService
+from twisted_router.fleet import Fleet
 from twisted_router.health import HealthChecker, refresh_capabilities
+from twisted_router.jobs import JobOwners
 from twisted_router.launcher import (
     FleetPlan,
     LauncherService,
@@ -53,6 +56,9 @@ class RouterParts:
     control: FleetController
     health: HealthChecker
     connection_pool: HTTPConnectionPool | None
+    fleet: Fleet
+    dispatcher: Dispatcher
+    jobs: JobOwners
 
 
 def build_router(
@@ -84,24 +90,30 @@ def build_router(
 
     control = FleetController(pool, caller, reactor, timeout=config.weight_update_timeout)
 
-    def quarantined(worker: Worker, reason: str) -> None:
-        # Requests still waiting for its response headers go elsewhere now.
-        router.abandon_unanswered(worker, reason)
-        if on_quarantine is not None:
-            on_quarantine(worker, reason)
-
-    router = Router(
-        config=config,
+    dispatcher = Dispatcher(
         pool=pool,
         policy=make_policy(config.routing_algorithm, rng),
         proxy=StreamingProxy(
             reactor, agent, timeout=config.timeout, max_connections_per_worker=config.max_connections
         ),
-        caller=caller,
         control=control,
-        refresh_capabilities=refresh,
         clock=reactor,
+        timeout=config.timeout,
     )
+    fleet = Fleet(
+        pool=pool, control=control, caller=caller, refresh_capabilities=refresh, timeout=config.timeout
+    )
+    jobs = JobOwners(pool, caller, max_video_jobs=config.max_video_jobs, max_image_ids=config.max_image_ids)
+    router = Router(
+        pool=pool, fleet=fleet, dispatcher=dispatcher, jobs=jobs, control=control, timeout=config.timeout
+    )
+
+    def quarantined(worker: Worker, reason: str) -> None:
+        # Requests still waiting for its response headers go elsewhere now.
+        dispatcher.abandon_unanswered(worker, reason)
+        if on_quarantine is not None:
+            on_quarantine(worker, reason)
+
     health = HealthChecker(
         pool,
         http,
@@ -110,12 +122,12 @@ def build_router(
         failure_threshold=config.health_check_failure_threshold,
         probe_timeout=config.health_check_timeout,
         on_quarantine=quarantined,
-        on_first_answer=lambda worker: Deferred.fromCoroutine(router.bring_up(worker)),
+        on_first_answer=lambda worker: Deferred.fromCoroutine(fleet.bring_up(worker)),
         on_change=control.changed.notify,
     )
-    router.probe_unanswered = health.probe_now
-    control.on_unresponsive = router.abandon_unanswered
-    return RouterParts(config, pool, router, control, health, connection_pool)
+    dispatcher.probe_unanswered = health.probe_now
+    control.on_unresponsive = dispatcher.abandon_unanswered
+    return RouterParts(config, pool, router, control, health, connection_pool, fleet, dispatcher, jobs)
 
 
 class _StartupWorkers(Service):
@@ -131,12 +143,12 @@ class _StartupWorkers(Service):
         super().startService()
         for url in self._parts.config.worker_urls:
             try:
-                worker, created = self._parts.router.register(url)
+                worker, created = self._parts.fleet.register(url)
             except WorkerURLError as exc:  # validated at start-up already; keep the service alive regardless
                 self.log.error("cannot register worker {url}: {reason}", url=url, reason=str(exc))
                 continue
             if created:
-                d = Deferred.fromCoroutine(self._parts.router.bring_up(worker))
+                d = Deferred.fromCoroutine(self._parts.fleet.bring_up(worker))
                 self._pending.add(d)
                 d.addBoth(self._settled, d)
 
@@ -178,7 +190,9 @@ def make_router_service(
     it is stopped after the listener, so the router stops accepting before
     its workers go.
     A managed worker the health checker quarantines (hung, say) is handed to
-    the launcher, which restarts it.
+    the launcher, which restarts it. The launcher reports its workers to the
+    fleet (L{Fleet.worker_ready}, L{Fleet.worker_lost}), not to the web
+    application.
     """
     launcher: LauncherService | None = None
 
@@ -221,7 +235,7 @@ def make_router_service(
         )
         launcher = make_launcher_service(
             plan,
-            parts.router,
+            parts.fleet,
             reactor,  # type: ignore[arg-type]
             on_failure=on_launch_failure,
             start_after=listener.when_listening,

@@ -211,8 +211,8 @@ class RouterHarness:
             self.clock.advance(0)
 
     def register(self, url: str) -> None:
-        worker, _ = self.parts.router.register(url)
-        d = Deferred.fromCoroutine(self.parts.router.bring_up(worker))
+        worker, _ = self.parts.fleet.register(url)
+        d = Deferred.fromCoroutine(self.parts.fleet.bring_up(worker))
         self.pump()
         success_result_of(d)
 

@@ -356,7 +356,7 @@ def test_unknown_video_is_found_by_asking_the_workers() -> None:
     v0.on(b"GET", b"/v1/videos/job-42", not_found)
     code, body, response = h.call("GET", "/v1/videos/job-42")
     assert code == 200 and served_by(response) == "w1"
-    assert h.parts.router.videos.owner("job-42") == h.pool.workers()[1].url
+    assert h.parts.jobs.videos.owner("job-42") == h.pool.workers()[1].url
 
 
 def test_unknown_video_nobody_has_is_404() -> None:
@@ -383,14 +383,14 @@ def test_video_list_is_merged_across_workers() -> None:
     assert [j["id"] for j in body["data"]] == ["w0-4", "w1-3", "w1-2", "w0-1"]
     code, body = h.json("GET", "/v1/videos?order=asc&limit=2")
     assert [j["id"] for j in body["data"]] == ["w0-1", "w1-2"] and body["has_more"] is True
-    assert h.parts.router.videos.owner("w1-3") == h.pool.workers()[1].url
+    assert h.parts.jobs.videos.owner("w1-3") == h.pool.workers()[1].url
 
 
 def test_video_map_is_bounded() -> None:
     h, _ = make(1, task_types=("T2V",), max_video_jobs=3)
     for _ in range(10):
         h.call("POST", "/v1/videos", json={"prompt": "x"})
-    assert len(h.parts.router.videos) == 3
+    assert len(h.parts.jobs.videos) == 3
 
 
 # ---------------------------------------------------------------- models
@@ -552,7 +552,7 @@ def test_legacy_generate_video_goes_to_v1_videos_on_a_video_worker() -> None:
     assert code == 200 and served_by(response) == "w1"
     assert vid.seen[-1].uri == b"/v1/videos"
     job = json.loads(body)["id"]
-    assert h.parts.router.videos.owner(job) == h.pool.workers()[1].url
+    assert h.parts.jobs.videos.owner(job) == h.pool.workers()[1].url
 
 
 def test_head_on_video_content_reaches_the_owner() -> None:
@@ -573,7 +573,7 @@ def test_video_list_with_one_worker_is_passed_through_and_learned() -> None:
     code, body = h.json("GET", "/v1/videos?limit=5")
     assert code == 200 and body["data"][0]["id"] == "j1"
     assert v0.seen[-1].uri == b"/v1/videos?limit=5"
-    assert h.parts.router.videos.owner("j1") == h.pool.workers()[0].url
+    assert h.parts.jobs.videos.owner("j1") == h.pool.workers()[0].url
 
 
 def test_video_list_without_video_workers_is_400() -> None:
@@ -586,7 +586,7 @@ def test_deleted_video_is_forgotten() -> None:
     h, (v0,) = make(1, task_types=("T2V",))
     _, body = h.json("POST", "/v1/videos", json={"prompt": "x"})
     code, _, _ = h.call("DELETE", f"/v1/videos/{body['id']}")
-    assert code == 200 and body["id"] not in h.parts.router.videos
+    assert code == 200 and body["id"] not in h.parts.jobs.videos
 
 
 def test_add_worker_with_bad_url_registers_nothing() -> None:
@@ -604,7 +604,7 @@ def test_image_id_of_a_large_b64_answer_is_learned_from_its_start() -> None:
     code, body, response = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
     assert code == 200 and len(body) > 200_000
     owner = served_by(response)
-    assert h.parts.router.images.owner("big-1") == ("http://w0:8000" if owner == "w0" else "http://w1:8001")
+    assert h.parts.jobs.images.owner("big-1") == ("http://w0:8000" if owner == "w0" else "http://w1:8001")
 
 
 def test_a_worker_registered_while_loading_waits_in_starting_until_it_answers() -> None:

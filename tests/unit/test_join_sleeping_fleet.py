@@ -159,7 +159,7 @@ def test_managed_worker_coming_up_in_a_sleeping_fleet_sleeps() -> None:
     h, _ = make(1)
     h.json("POST", "/release_memory_occupation", json={})
     url, managed = h.fleet.add("managed")
-    d = Deferred.fromCoroutine(h.parts.router.worker_ready(url))
+    d = Deferred.fromCoroutine(h.parts.fleet.worker_ready(url))
     h.pump()
     success_result_of(d)
     assert paths(managed) == [SLEEP]

@@ -926,7 +926,7 @@ def test_router_service_runs_the_launcher_and_stops_it_after_the_listener() -> N
     assert reactor.spawned == []  # it waits for the router's port
     listener.startService()
     assert len(reactor.spawned) == 2
-    assert launcher._hooks is parts.router  # type: ignore[attr-defined]
+    assert launcher._hooks is parts.fleet  # type: ignore[attr-defined]
 
 
 class _BusyPortReactor(_MemoryProcessReactor):

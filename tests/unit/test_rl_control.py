@@ -288,10 +288,10 @@ def test_release_in_progress_holds_new_generations() -> None:
 def test_managed_worker_restart_is_caught_up() -> None:
     h, (w0,) = make(1)
     h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/9"})
-    router = h.parts.router
-    router.worker_lost("http://w0:8000", "process exited with status 9")
+    fleet = h.parts.fleet
+    fleet.worker_lost("http://w0:8000", "process exited with status 9")
     assert h.pool.workers()[0].is_dead
-    d = Deferred.fromCoroutine(router.worker_ready("http://w0:8000"))
+    d = Deferred.fromCoroutine(fleet.worker_ready("http://w0:8000"))
     h.pump()
     success_result_of(d)
     worker = h.pool.workers()[0]

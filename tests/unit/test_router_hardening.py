@@ -173,10 +173,10 @@ def test_managed_worker_restarted_while_asleep_is_known_to_be_awake() -> None:
     """
     h, (w0, _) = make(2)
     h.json("POST", "/release_memory_occupation", json={})
-    router = h.parts.router
-    router.worker_lost("http://w0:8000", "process exited with status 9")
+    fleet = h.parts.fleet
+    fleet.worker_lost("http://w0:8000", "process exited with status 9")
     before = count(w0, b"/release_memory_occupation")
-    d = Deferred.fromCoroutine(router.worker_ready("http://w0:8000"))
+    d = Deferred.fromCoroutine(fleet.worker_ready("http://w0:8000"))
     h.pump()
     success_result_of(d)
     _, body = h.json("POST", "/release_memory_occupation", json={})

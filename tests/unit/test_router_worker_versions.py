@@ -66,8 +66,8 @@ def _post_json(harness: RouterHarness, path: str, body: Any) -> tuple[Any, bytes
 class WarmUpTests(SynchronousTestCase):
     def test_a_warming_worker_stays_starting_until_health_is_200(self) -> None:
         harness, (url,), _ = _fleet_of_simulators(1, api_version="upstream", warmup_seconds=20)
-        worker, _ = harness.parts.router.register(url)
-        self.assertTrue(_finish(harness, Deferred.fromCoroutine(harness.parts.router.bring_up(worker))) is False)
+        worker, _ = harness.parts.fleet.register(url)
+        self.assertTrue(_finish(harness, Deferred.fromCoroutine(harness.parts.fleet.bring_up(worker))) is False)
         self.assertEqual(worker.activity, STARTING)
         self.assertFalse(worker.is_dead)
         # A health round during the warm-up: still starting, never quarantined.

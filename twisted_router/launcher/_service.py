@@ -57,7 +57,7 @@ _ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|\[Errno (?:98|4
 
 
 class FleetHooks(Protocol):
-    """What the launcher needs from the router (L{twisted_router.app.Router} provides it)."""
+    """What the launcher needs from the router (L{twisted_router.fleet.Fleet} provides it)."""
 
     def worker_ready(self, url: str) -> Coroutine[Any, Any, object]:
         """The worker answers C{/health}: register it, or re-admit it once it caught up."""

@@ -1,0 +1,305 @@
+# -*- test-case-name: tests.unit.test_app -*-
+"""
+One request to one worker: choose, lease, forward, fail over, wait.
+
+The rules a request lives by, from arrival to its answer's first byte:
+
+  - it goes to a routable worker chosen by the routing policy, and the
+    worker's in-flight lease is held for the whole exchange;
+  - a worker that refuses the connection is quarantined at once and the
+    request is tried on the next one, so a dead worker never costs a request
+    a live one could serve;
+  - a worker that sends no response headers within C{--timeout} is probed at
+    once; if it hangs it is quarantined and the request is tried elsewhere,
+    once; the other requests waiting on it follow (L{Dispatcher.abandon_unanswered});
+  - when every worker that could serve is busy with a control call (refit,
+    catch-up, wake) or suspect, the request waits for the pool to change,
+    up to C{--timeout}, rather than failing;
+  - a worker still starting is tried only when nothing else can serve and
+    the fleet still runs its start-up weights.
+
+When no worker can answer, a L{RouterError} says why. This is where a
+router-side queue will go: everything that decides when and where a request
+is sent lives here, and nothing here knows about routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from twisted_router.control import FleetController
+from twisted_router.errors import NoWorkers, WorkerFailed, WorkerTimedOutError
+from twisted_router.fleet import unavailable
+from twisted_router.policies import RoutingPolicy
+from twisted_router.pool import STARTING, Worker, WorkerPool
+from twisted_router.proxy import (
+    ForwardResult,
+    StreamingProxy,
+    UpstreamBodyFailed,
+    WorkerAbandoned,
+    WorkerNotReady,
+    WorkerTimedOut,
+    WorkerUnreachable,
+)
+
+__all__ = ["Dispatched", "Dispatcher"]
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """A request that a worker answered (its body has been streamed to the client)."""
+
+    worker: Worker
+    result: ForwardResult
+
+
+def _still_starting(worker: Worker) -> bool:
+    """Registered, awake, not quarantined, and has never answered."""
+    return worker.activity == STARTING and not worker.is_dead and not worker.is_sleeping
+
+
+class Dispatcher:
+    """
+    Sends requests to workers of the pool and streams their answers back.
+
+    @ivar probe_unanswered: probes a worker at once and quarantines it if the
+        probe fails; fires with whether it is still in rotation. Set when the
+        health checker is wired in; without it a timeout is a 504 at once.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        pool: WorkerPool,
+        policy: RoutingPolicy,
+        proxy: StreamingProxy,
+        control: FleetController,
+        clock: IReactorTime,
+        timeout: float,
+    ) -> None:
+        """
+        @param control: whose C{changed} signal wakes requests waiting for a
+            busy worker, and whose weights decide whether a starting worker
+            may be tried.
+        @param timeout: C{--timeout}: how long a request may wait for
+            response headers, and for a busy worker.
+        """
+        self._pool = pool
+        self._policy = policy
+        self._proxy = proxy
+        self._control = control
+        self._clock = clock
+        self._timeout = timeout
+        self.probe_unanswered: Callable[[Worker], Deferred[bool]] | None = None
+        #: Per worker, the forwards still waiting for response headers, so a
+        #: worker found hung can hand them to another worker at once.
+        self._unanswered: dict[Worker, set[Deferred[str]]] = {}
+
+    def abandon_unanswered(self, worker: Worker, reason: str) -> None:
+        """
+        C{worker} was quarantined for not answering: the requests on it that
+        have no response headers yet are retried on another worker (once
+        each) instead of each waiting out its own timeout.
+        """
+        waiting = self._unanswered.pop(worker, set())
+        if waiting:
+            self.log.warn(
+                "retrying {count} unanswered request(s) from {worker} elsewhere",
+                count=len(waiting),
+                worker=worker.display_id,
+            )
+        for give_up in list(waiting):  # each callback may end its forward, which leaves the set
+            give_up.callback(f"the worker was quarantined: {reason}")
+
+    def _never_answered(self, tried: set[str]) -> list[Worker]:
+        """Registered workers still C{starting} that this request has not tried yet."""
+        return [w for w in self._pool.workers() if _still_starting(w) and w.url not in tried]
+
+    def _first_contact(self, worker: Worker) -> bool:
+        """
+        A worker that never answered may take a generation only while the
+        fleet runs its start-up weights, which a fresh worker holds too.
+        """
+        return _still_starting(worker) and not self._control.refitted
+
+    async def dispatch(
+        self,
+        request: Request,
+        *,
+        video: bool = False,
+        image: bool = False,
+        path: bytes | None = None,
+        capture: int = 0,
+        policy: RoutingPolicy | None = None,
+    ) -> Dispatched:
+        """
+        Send the request to one routable worker and stream its answer back.
+
+        A worker that cannot be reached is quarantined at once and the request
+        goes to the next one, so a dead worker never costs a request that a
+        live one could serve. The in-flight lease is held for the whole
+        exchange and released on every path, cancellation included.
+
+        @raise RouterError: no worker could answer (the router answers itself).
+        @raise UpstreamBodyFailed: the answer broke off after it started.
+        """
+        chooser = policy or self._policy
+        # Image calls skip video and mesh workers while the fleet has image
+        # workers; a fleet with none takes them wherever it can.
+        image_only = image and any(w.image_model for w in self._pool.workers() if not w.is_dead)
+        tried: set[str] = set()
+        last_failure: str | None = None
+        retried_after_hang = False
+        deadline = self._clock.seconds() + self._timeout
+        while True:
+            if getattr(request, "channel", None) is None and tried:
+                raise CancelledError("client gone; not retried")
+            candidates = [
+                w
+                for w in self._pool.routable(video=video)
+                if w.url not in tried and (not image_only or w.image_model)
+            ]
+            if not candidates:
+                if last_failure is not None:
+                    raise WorkerFailed(f"Worker request failed: {last_failure}")
+                busy = [w for w in self._pool.coming_back(video=video) if not image_only or w.image_model]
+                remaining = deadline - self._clock.seconds()
+                if busy and remaining > 0:
+                    # Workers mid-refit, mid-catch-up or mid-wake will be back:
+                    # wait for them rather than fail, and never reach them early.
+                    await self._control.changed.wait(remaining)
+                    continue
+                if busy:
+                    raise NoWorkers(
+                        f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
+                        f"({', '.join(sorted({w.activity or w.state for w in busy}))}) after "
+                        f"{self._timeout:g}s"
+                    )
+                starting = [] if video or image_only else self._never_answered(tried)
+                if not starting:
+                    raise unavailable(self._pool, video=video, image_only=image_only)
+                if self._control.refitted:
+                    raise NoWorkers(
+                        f"No healthy workers available in the pool: {len(starting)} worker(s) still starting "
+                        f"(never answered); the fleet is at weight version {self._control.version}, so a "
+                        "worker must answer and be caught up before it gets traffic"
+                    )
+                # As the earlier router did: try one, so a wrong address or a
+                # worker still loading answers 502 with the cause, not a bare 503.
+                candidates = starting
+            worker = chooser.choose(candidates)
+            sent_version: list[str | None] = [worker.weight_version]
+
+            def ready(worker: Worker = worker, sent_version: list[str | None] = sent_version) -> bool:
+                # The request may have queued for a connection slot while a
+                # refit or sleep started on this worker: re-check at send time.
+                if worker not in self._pool:
+                    return False
+                if worker.routable:
+                    sent_version[0] = worker.weight_version
+                    return True
+                if self._first_contact(worker):
+                    sent_version[0] = self._control.version  # never refitted: start-up weights
+                    return True
+                return False
+
+            def version_header(_: object, sent_version: list[str | None] = sent_version) -> dict[bytes, bytes]:
+                version = sent_version[0]
+                return {b"x-weight-version": version.encode()} if version else {}
+
+            give_up: Deferred[str] = Deferred()
+            unanswered = self._unanswered.setdefault(worker, set())
+            unanswered.add(give_up)
+            timed_out: WorkerTimedOut | None = None
+            with self._pool.lease(worker):
+                try:
+                    result = await self._proxy.forward(
+                        request,
+                        worker.url,
+                        path=path,
+                        capture_limit=capture,
+                        extra_response_headers=version_header,
+                        ready=ready,
+                        give_up=give_up,
+                        keep_load_if_abandoned=True,
+                    )
+                except WorkerNotReady:
+                    continue  # pick again (or wait) with the pool as it is now
+                except WorkerAbandoned as exc:
+                    self._pool.record_request_failure(worker, str(exc))
+                    if retried_after_hang:
+                        raise WorkerFailed(f"Worker request failed: {worker.display_id}: {exc}") from None
+                    retried_after_hang = True
+                    tried.add(worker.url)
+                    last_failure = f"{worker.display_id}: {exc}"
+                    continue
+                except WorkerUnreachable as exc:
+                    tried.add(worker.url)
+                    last_failure = f"{worker.display_id}: {exc}"
+                    self._pool.record_request_failure(worker, str(exc))
+                    if worker.activity == STARTING:
+                        # It may still be loading: refusing connections is expected, not a fault.
+                        self.log.info(
+                            "worker {worker} is still starting (not quarantined): {reason}",
+                            worker=worker.display_id,
+                            reason=str(exc),
+                        )
+                        continue
+                    if self._pool.quarantine(worker, f"unreachable: {exc}"):
+                        self.log.warn(
+                            "worker {worker} quarantined: unreachable ({reason}); retrying elsewhere",
+                            worker=worker.display_id,
+                            reason=str(exc),
+                        )
+                    continue
+                except WorkerTimedOut as exc:
+                    self._pool.record_request_failure(worker, str(exc))
+                    timed_out = exc
+                except UpstreamBodyFailed as exc:
+                    self._pool.record_request_failure(worker, str(exc))
+                    self.log.warn(
+                        "answer from {worker} broke off: {reason}",
+                        worker=worker.display_id,
+                        reason=str(exc),
+                    )
+                    raise
+                finally:
+                    unanswered.discard(give_up)
+                    if not unanswered and self._unanswered.get(worker) is unanswered:
+                        del self._unanswered[worker]
+            if timed_out is not None:
+                # Slow or hung? Ask at once rather than at the next health
+                # round: a hung worker is quarantined, and this request (which
+                # got nothing from it) is retried elsewhere, once.
+                if self.probe_unanswered is not None and not retried_after_hang:
+                    if not await self.probe_unanswered(worker):
+                        retried_after_hang = True
+                        tried.add(worker.url)
+                        last_failure = f"{worker.display_id}: {timed_out}"
+                        continue
+                raise WorkerTimedOutError(f"Worker request failed: {worker.display_id}: {timed_out}")
+            return Dispatched(worker, result)
+
+    async def forward_to(
+        self, request: Request, worker: Worker, *, path: bytes | None = None, capture: int = 0
+    ) -> Dispatched:
+        """Send a request to one particular worker (sticky routing): no retry elsewhere."""
+        with self._pool.lease(worker):
+            try:
+                result = await self._proxy.forward(request, worker.url, path=path, capture_limit=capture)
+            except (WorkerUnreachable, WorkerTimedOut) as exc:
+                self._pool.record_request_failure(worker, str(exc))
+                failed = WorkerTimedOutError if isinstance(exc, WorkerTimedOut) else WorkerFailed
+                raise failed(f"Worker request failed: {worker.display_id}: {exc}") from None
+            except UpstreamBodyFailed as exc:
+                self._pool.record_request_failure(worker, str(exc))
+                raise
+        return Dispatched(worker, result)
