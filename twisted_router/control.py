@@ -11,8 +11,12 @@ How the invariant is kept:
   - Every operation that changes what weights a worker holds (refit, sleep,
     wake, catch-up) runs under one lock, so they never interleave.
   - A worker being updated, or caught up, or put to sleep or woken, has an
-    C{activity} and gets no new requests; requests wait for it (bounded by
-    the request timeout) instead of reaching a worker mid-change.
+    L{Activity} and gets no new requests; requests wait for it (bounded by
+    the request timeout) instead of reaching a worker mid-change. Activities
+    begin and end only through the pool's transitions, which wake waiting
+    requests themselves; each worker's outcome is applied as one change
+    (L{WorkerPool.changes}), so nobody sees a worker routable between the
+    end of its refit and its quarantine.
   - A worker whose weights are unknown (just registered, re-admitted after
     quarantine, restarted) or older than the fleet's (slept through a refit)
     is first sent the fleet's last update body, and becomes routable only
@@ -36,14 +40,7 @@ from twisted.python.failure import Failure
 from twisted_router.calls import WorkerCaller, WorkerReply
 from twisted_router.errors import Conflict, NoWorkers
 from twisted_router.labels import WeightLabels
-from twisted_router.pool import STARTING, Worker, WorkerPool
-
-UPDATING = "updating weights"
-SYNCING = "syncing weights"
-RELEASING = "releasing memory"
-RESUMING = "resuming memory"
-#: A worker that joined a sleeping fleet, being put to sleep (or, if the fleet woke meanwhile, let in).
-JOINING = "joining asleep"
+from twisted_router.pool import Activity, Worker, WorkerPool
 
 INITIAL_VERSION = "0"
 
@@ -166,6 +163,7 @@ class FleetController:
         self._timeout = timeout
         self._lock = DeferredLock()
         self.changed = ChangeSignal(clock)
+        pool.on_change(self.changed.notify)
         self.version = INITIAL_VERSION
         self.model_path: str | None = None
         self._update_body: bytes | None = None
@@ -188,11 +186,10 @@ class FleetController:
         finally:
             self._lock.release()
 
-    def _set_activity(self, workers: list[Worker], activity: str | None) -> None:
-        for worker in workers:
-            worker.activity = activity
-        if activity is None:
-            self.changed.notify()
+    def _end_all(self, workers: list[Worker]) -> None:
+        with self._pool.changes():
+            for worker in workers:
+                self._pool.end(worker)
 
     async def _broadcast(
         self, targets: list[Worker], path: str, body: bytes, apply: Callable[[Worker, WorkerReply], None]
@@ -213,11 +210,9 @@ class FleetController:
 
         def settle(index: int, reply: WorkerReply) -> None:
             worker = targets[index]
-            try:
-                if worker.admissions == admissions[index]:
+            if worker.admissions == admissions[index]:
+                with self._pool.changes():
                     apply(worker, reply)
-            finally:
-                self.changed.notify()
 
         return await self._caller.fan_out(
             [w.url for w in targets], "POST", path, body=body, timeout=self._timeout, on_reply=settle
@@ -226,7 +221,7 @@ class FleetController:
     async def _busy_broadcast(
         self,
         targets: list[Worker],
-        activity: str,
+        activity: Activity,
         path: str,
         body: bytes,
         apply: Callable[[Worker, WorkerReply], None],
@@ -237,19 +232,18 @@ class FleetController:
         applied.
         """
         for worker in targets:
-            worker.activity = activity
+            self._pool.begin(worker, activity)
 
         def done(worker: Worker, reply: WorkerReply) -> None:
-            if worker.activity == activity:
-                worker.activity = None
+            self._pool.end(worker, activity)
             apply(worker, reply)
 
         try:
             return await self._broadcast(targets, path, body, done)
         finally:
-            for worker in targets:  # only left busy if we were cancelled
-                if worker.activity == activity:
-                    worker.activity = None
+            with self._pool.changes():
+                for worker in targets:  # only left busy if we were cancelled
+                    self._pool.end(worker, activity)
 
     def _no_target(self, what: str) -> NoWorkers:
         # Every such answer starts with the earlier router's words, which scripts match on.
@@ -304,7 +298,7 @@ class FleetController:
         """
         behind = [w for w in self._pool.workers() if w.routable and not self._is_current(w)]
         for worker in behind:
-            worker.activity = SYNCING
+            self._pool.begin(worker, Activity.SYNCING)
         if behind:
             self._schedule_sync()
         return behind
@@ -338,7 +332,9 @@ class FleetController:
         # A worker still starting has never answered: it would only fail the
         # refit. It is caught up to the fleet's weights when it first answers.
         targets = [
-            w for w in self._pool.workers() if not w.is_dead and not w.is_sleeping and w.activity != STARTING
+            w
+            for w in self._pool.workers()
+            if not w.is_dead and not w.is_sleeping and w.activity is not Activity.STARTING
         ]
         if not targets:
             raise self._no_target("a weight update")
@@ -374,9 +370,8 @@ class FleetController:
             else:
                 self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}", reply)
 
-        replies = await self._busy_broadcast(targets, UPDATING, "/update_weights_from_disk", body, apply)
+        replies = await self._busy_broadcast(targets, Activity.UPDATING, "/update_weights_from_disk", body, apply)
         self._catch_up_stragglers()
-        self.changed.notify()
         message = None
         if moved:
             self.log.info(
@@ -420,7 +415,7 @@ class FleetController:
         path = "/release_memory_occupation" if sleep else "/resume_memory_occupation"
         # Workers still starting are skipped: they have never answered, and
         # they join (caught up) when they first do.
-        live = [w for w in self._pool.workers() if not w.is_dead and w.activity != STARTING]
+        live = [w for w in self._pool.workers() if not w.is_dead and w.activity is not Activity.STARTING]
         targets = [w for w in live if w.is_sleeping != sleep]
         if not targets:
             if live:
@@ -434,16 +429,16 @@ class FleetController:
                 self._pool.set_sleeping(worker, sleep)
                 if not sleep and not worker.is_dead and not self._is_current(worker):
                     # Slept through a refit: caught up before it gets traffic.
-                    worker.activity = SYNCING
+                    self._pool.begin(worker, Activity.SYNCING)
                     behind.append(worker)
                     self._schedule_sync()
             elif reply.status_code is None:
                 # No answer: the worker may be asleep, awake or half-way; nobody can tell.
                 self._quarantine(worker, f"{path.lstrip('/')} failed: {_reason(reply)}", reply)
 
-        replies = await self._busy_broadcast(targets, RELEASING if sleep else RESUMING, path, body, apply)
+        activity = Activity.RELEASING if sleep else Activity.RESUMING
+        replies = await self._busy_broadcast(targets, activity, path, body, apply)
         behind += self._catch_up_stragglers()
-        self.changed.notify()
         catching_up = None if sleep else [w.url for w in behind]
         if all(r.status_code == 404 for r in replies):
             # A worker version without sleep/wake (e.g. the RL fork's later
@@ -475,13 +470,13 @@ class FleetController:
         if self._may_be_asleep(worker):
             # Serving while every other worker sleeps would put generations
             # where the controller freed the GPUs: it joins asleep instead.
-            worker.activity = JOINING
+            self._pool.begin(worker, Activity.JOINING)
             self._schedule_join()
             return
         if self._update_body is None:
             self.changed.notify()
             return
-        worker.activity = SYNCING
+        self._pool.begin(worker, Activity.SYNCING)
         self._schedule_sync()
 
     def _fleet_asleep(self, joiner: Worker) -> bool:
@@ -489,15 +484,13 @@ class FleetController:
         others = [
             w
             for w in self._pool.workers()
-            if w is not joiner and not w.is_dead and w.activity not in (STARTING, JOINING)
+            if w is not joiner and not w.is_dead and w.activity not in (Activity.STARTING, Activity.JOINING)
         ]
         return bool(others) and all(w.is_sleeping for w in others)
 
     def _may_be_asleep(self, joiner: Worker) -> bool:
         """The fleet sleeps, or a sleep broadcast running now may leave it asleep: decide under the lock."""
-        return self._fleet_asleep(joiner) or any(
-            w.activity == RELEASING for w in self._pool.workers() if w is not joiner
-        )
+        return self._fleet_asleep(joiner) or any(w is not joiner for w in self._pool.busy_with(Activity.RELEASING))
 
     def _schedule_join(self) -> None:
         """Settle the joiners under the lock, after whatever control call runs now."""
@@ -512,13 +505,14 @@ class FleetController:
         d.addBoth(done)
 
     async def _join_pass(self) -> None:
-        joiners = [w for w in self._pool.workers() if w.activity == JOINING]
+        joiners = self._pool.busy_with(Activity.JOINING)
         if not joiners:
             return
         if not self._fleet_asleep(joiners[0]):
             # The fleet woke (or never slept) meanwhile: an ordinary join.
-            self._set_activity(joiners, None)
-            self._catch_up_stragglers()
+            with self._pool.changes():
+                self._end_all(joiners)
+                self._catch_up_stragglers()
             return
         self.log.info("putting {count} worker(s) that joined a sleeping fleet to sleep", count=len(joiners))
         admissions = self._admissions(joiners)
@@ -527,23 +521,24 @@ class FleetController:
                 [w.url for w in joiners], "POST", "/release_memory_occupation", body=b"{}", timeout=self._timeout
             )
         except BaseException:
-            self._set_activity(joiners, None)
-            for worker in joiners:
-                self._quarantine(worker, "joining the sleeping fleet was interrupted")
+            with self._pool.changes():
+                self._end_all(joiners)
+                for worker in joiners:
+                    self._quarantine(worker, "joining the sleeping fleet was interrupted")
             raise
-        for worker, admitted, reply in zip(joiners, admissions, replies, strict=True):
-            if worker.admissions != admitted or worker.activity != JOINING:
-                continue  # re-admitted, removed or changed meanwhile: it has its own admission
-            worker.activity = None
-            if worker.is_dead:
-                continue
-            if reply.success:
-                self._pool.set_sleeping(worker, True)
-                self.log.info("worker {worker} joined the sleeping fleet asleep", worker=worker.display_id)
-            else:
-                # Awake while the fleet sleeps would split it: keep it out.
-                self._quarantine(worker, f"could not be put to sleep with the fleet: {_reason(reply)}")
-        self.changed.notify()
+        with self._pool.changes():
+            for worker, admitted, reply in zip(joiners, admissions, replies, strict=True):
+                if worker.admissions != admitted or worker.activity is not Activity.JOINING:
+                    continue  # re-admitted, removed or changed meanwhile: it has its own admission
+                self._pool.end(worker, Activity.JOINING)
+                if worker.is_dead:
+                    continue
+                if reply.success:
+                    self._pool.set_sleeping(worker, True)
+                    self.log.info("worker {worker} joined the sleeping fleet asleep", worker=worker.display_id)
+                else:
+                    # Awake while the fleet sleeps would split it: keep it out.
+                    self._quarantine(worker, f"could not be put to sleep with the fleet: {_reason(reply)}")
 
     def _schedule_sync(self) -> None:
         """Run one catch-up pass soon; passes coalesce, so N joining workers cost one broadcast."""
@@ -562,23 +557,23 @@ class FleetController:
 
     async def _sync_pass(self) -> None:
         self._sync_pending = False
-        behind = [w for w in self._pool.workers() if w.activity == SYNCING]
+        behind = self._pool.busy_with(Activity.SYNCING)
         if not behind:
             return
         body, version = self._update_body, self.version
         if body is None:  # nothing to catch up to: they hold the start-up weights
             for worker in behind:
                 self._make_current(worker)
-            self._set_activity(behind, None)
+            self._end_all(behind)
             return
         self.log.info(
             "catching up {count} worker(s) to weight version {version}", count=len(behind), version=version
         )
 
         def apply(worker: Worker, reply: WorkerReply) -> None:
-            if worker.activity != SYNCING:
+            if worker.activity is not Activity.SYNCING:
                 return  # removed, quarantined or changed meanwhile: it has its own catch-up
-            worker.activity = None
+            self._pool.end(worker, Activity.SYNCING)
             if worker.is_dead or worker.is_sleeping:
                 return
             if reply.success:
@@ -594,13 +589,13 @@ class FleetController:
         try:
             await self._broadcast(behind, "/update_weights_from_disk", body, apply)
         except BaseException:
-            interrupted = [w for w in behind if w.activity == SYNCING]
-            self._set_activity(interrupted, None)
-            for worker in interrupted:
-                self._quarantine(worker, "catch-up interrupted")
+            interrupted = [w for w in behind if w.activity is Activity.SYNCING]
+            with self._pool.changes():
+                self._end_all(interrupted)
+                for worker in interrupted:
+                    self._quarantine(worker, "catch-up interrupted")
             raise
         self._catch_up_stragglers()
-        self.changed.notify()
 
     def stop(self) -> None:
         """Abandon catch-ups in flight (router shutting down)."""

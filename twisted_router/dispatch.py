@@ -37,7 +37,7 @@ from twisted_router.control import FleetController
 from twisted_router.errors import NoWorkers, WorkerFailed, WorkerTimedOutError
 from twisted_router.fleet import unavailable
 from twisted_router.policies import RoutingPolicy
-from twisted_router.pool import STARTING, Worker, WorkerPool
+from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.proxy import (
     ForwardResult,
     StreamingProxy,
@@ -61,7 +61,7 @@ class Dispatched:
 
 def _still_starting(worker: Worker) -> bool:
     """Registered, awake, not quarantined, and has never answered."""
-    return worker.activity == STARTING and not worker.is_dead and not worker.is_sleeping
+    return worker.activity is Activity.STARTING and not worker.is_dead and not worker.is_sleeping
 
 
 class Dispatcher:
@@ -180,7 +180,7 @@ class Dispatcher:
                 if busy:
                     raise NoWorkers(
                         f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
-                        f"({', '.join(sorted({w.activity or w.state for w in busy}))}) after "
+                        f"({', '.join(sorted({w.activity.description if w.activity else w.state for w in busy}))}) after "
                         f"{self._timeout:g}s"
                     )
                 starting = [] if video or image_only else self._never_answered(tried)
@@ -245,7 +245,7 @@ class Dispatcher:
                     tried.add(worker.url)
                     last_failure = f"{worker.display_id}: {exc}"
                     self._pool.record_request_failure(worker, str(exc))
-                    if worker.activity == STARTING:
+                    if worker.activity is Activity.STARTING:
                         # It may still be loading: refusing connections is expected, not a fault.
                         self.log.info(
                             "worker {worker} is still starting (not quarantined): {reason}",

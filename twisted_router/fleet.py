@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted_router.calls import WorkerCaller
 from twisted_router.control import FleetController
 from twisted_router.errors import BadRequest, NotFound, NoWorkers, RouterError
-from twisted_router.pool import STARTING, UnknownWorker, Worker, WorkerPool
+from twisted_router.pool import Activity, UnknownWorker, Worker, WorkerPool
 
 __all__ = ["CapabilityRefresher", "Fleet", "unavailable"]
 
@@ -90,7 +90,7 @@ class Fleet:
         worker, created = self._pool.add(url)
         if created:
             self.log.info("worker {worker} registered", worker=worker.display_id)
-            worker.activity = STARTING  # no traffic before it has answered once
+            self._pool.begin(worker, Activity.STARTING)  # no traffic before it has answered once
         return worker, created
 
     async def bring_up(self, worker: Worker) -> bool:
@@ -114,9 +114,10 @@ class Fleet:
             return False
         if not await self._refresh(worker):
             return False
-        if worker.activity == STARTING and worker in self._pool:
-            worker.activity = None
-            self._control.admit(worker)
+        if worker.activity is Activity.STARTING and worker in self._pool:
+            with self._pool.changes():  # routable only as the control plane admits it
+                self._pool.end(worker, Activity.STARTING)
+                self._control.admit(worker)
             self.log.info("worker {worker} is up", worker=worker.display_id)
         return True
 
@@ -145,13 +146,13 @@ class Fleet:
             answered (no longer C{starting}) and is awake, whatever the
             router last knew of it.
         """
-        if worker.is_dead:
-            self._pool.readmit(worker)
-        if fresh_process:
-            if worker.activity == STARTING:
-                worker.activity = None  # the launcher saw it answer
-            self._pool.set_sleeping(worker, False)
-        self._control.admit(worker)
+        with self._pool.changes():  # nobody sees it routable before the control plane admits it
+            if worker.is_dead:
+                self._pool.readmit(worker)
+            if fresh_process:
+                self._pool.end(worker, Activity.STARTING)  # the launcher saw it answer
+                self._pool.set_sleeping(worker, False)
+            self._control.admit(worker)
 
     # ------------------------------------------------------------------ leaving
 
@@ -184,7 +185,6 @@ class Fleet:
         except UnknownWorker:
             raise NotFound("Worker not found") from None
         self.log.info("worker {worker} deregistered", worker=worker.display_id)
-        self._control.changed.notify()  # requests waiting for it must not wait any longer
         return worker
 
     # ------------------------------------------------------------------ asking

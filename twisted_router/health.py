@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_router.calls import describe_failure, read_body, read_limited, with_deadline
-from twisted_router.pool import STARTING, Worker, WorkerPool
+from twisted_router.pool import Activity, Worker, WorkerPool
 
 __all__ = ["HealthChecker", "refresh_capabilities"]
 
@@ -178,14 +178,11 @@ class HealthChecker(Service):
         on_first_answer: Callable[[Worker], Deferred[Any]] | None = None,
         fetch_missing_capabilities: bool = True,
         suspect_interval: float = 1.0,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         """
         @param on_quarantine: called with the worker and the reason when a
-            probe quarantines a worker.
-        @param on_change: called when a worker stops or starts being
-            routable because of a probe (suspect, recovered, quarantined), so
-            requests waiting for a worker re-check the pool.
+            probe quarantines a worker. (Requests waiting for a worker learn
+            of a probe's verdict from the pool's own change signal.)
         """
         if interval <= 0:
             raise ValueError(f"health check interval must be positive, not {interval!r}")
@@ -204,7 +201,6 @@ class HealthChecker(Service):
         self.failure_threshold = failure_threshold
         self.probe_timeout = probe_timeout
         self.suspect_interval = suspect_interval
-        self._on_change = on_change
         self._suspect_loop: LoopingCall | None = None
         #: Workers whose next failed probe quarantines them outright (see L{probe_now}).
         self._strict: WeakSet[Worker] = WeakSet()
@@ -330,13 +326,6 @@ class HealthChecker(Service):
         running.addBoth(report)
         return done
 
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            try:
-                self._on_change()
-            except Exception:
-                self.log.failure("health change hook failed")
-
     def _round_failed(self, failure: Failure) -> None:
         self.log.failure("health check round failed", failure)
 
@@ -383,11 +372,8 @@ class HealthChecker(Service):
             self._failed(worker, f"HTTP {code}")
             return None
         previous_failures = worker.consecutive_failures
-        was_suspect = worker.is_suspect
         self._pool.record_probe_success(worker)
-        if was_suspect:
-            self._changed()
-        if worker.activity == STARTING and self._on_first_answer is not None:
+        if worker.activity is Activity.STARTING and self._on_first_answer is not None:
             # A registered worker finished loading: the router brings it into
             # rotation (capabilities, weights catch-up) from here.
             self.log.info("worker {worker} answered its first health check", worker=worker.url)
@@ -420,19 +406,17 @@ class HealthChecker(Service):
         return None
 
     def _failed(self, worker: Worker, reason: str) -> None:
-        was_suspect = worker.is_suspect
         if worker in self._strict:
             self._strict.discard(worker)
             reason = f"no response headers within the request timeout, then the health probe failed ({reason})"
-            became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
-            became_dead = self._pool.quarantine(worker, reason) or became_dead
+            with self._pool.changes():
+                became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
+                became_dead = self._pool.quarantine(worker, reason) or became_dead
         else:
             became_dead = self._pool.record_probe_failure(worker, reason, self.failure_threshold)
-        if worker.activity == STARTING:
+        if worker.activity is Activity.STARTING:
             self._still_starting(worker, reason)
             return
-        if became_dead or worker.is_suspect != was_suspect:
-            self._changed()
         if not became_dead:
             self.log.warn(
                 "worker {worker} failed health check ({failures}/{threshold}): {reason}",

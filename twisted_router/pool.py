@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
@@ -29,8 +31,8 @@ from twisted_router.urls import (
 
 __all__ = [
     "IMAGE_TASK_TYPES",
-    "STARTING",
     "VIDEO_INCAPABLE_TASK_TYPES",
+    "Activity",
     "Lease",
     "UnknownWorker",
     "Worker",
@@ -42,9 +44,52 @@ __all__ = [
 #: earlier router wrongly counted as video-capable.
 VIDEO_INCAPABLE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I", "I2M"})
 
-#: The activity of a registered worker that has not answered yet (it may
-#: still be loading its model): not routable, probed until it answers.
-STARTING = "starting"
+
+class Activity(Enum):
+    """
+    What a live worker is busy with. A worker with an activity gets no new
+    requests: that is the one rule (L{Worker.routable}) that keeps requests
+    off a worker whose weights or memory are changing. The value is the
+    state word C{/workers} shows.
+    """
+
+    #: Registered, has not answered yet (it may still be loading its model):
+    #: probed until it answers, never quarantined for not answering.
+    STARTING = "starting"
+    #: A refit broadcast is running on it.
+    UPDATING = "updating"
+    #: Being caught up to the fleet's weights before it gets traffic.
+    SYNCING = "syncing"
+    #: A sleep broadcast is running on it.
+    RELEASING = "releasing"
+    #: A wake broadcast is running on it.
+    RESUMING = "resuming"
+    #: It joined a sleeping fleet and is being put to sleep too (or, if the
+    #: fleet woke meanwhile, let in).
+    JOINING = "joining"
+
+    @property
+    def description(self) -> str:
+        """The activity in words, for error messages and logs."""
+        return _DESCRIPTIONS[self]
+
+    @property
+    def waited_for(self) -> bool:
+        """
+        Whether requests wait for a worker busy with this: every control
+        operation ends soon; a worker still starting may never answer.
+        """
+        return self is not Activity.STARTING
+
+
+_DESCRIPTIONS = {
+    Activity.STARTING: "starting",
+    Activity.UPDATING: "updating weights",
+    Activity.SYNCING: "syncing weights",
+    Activity.RELEASING: "releasing memory",
+    Activity.RESUMING: "resuming memory",
+    Activity.JOINING: "joining asleep",
+}
 
 #: A URL whose "//" after the scheme was merged into one slash.
 _MERGED_SCHEME = re.compile(r"^(https?):/(?!/)", re.IGNORECASE)
@@ -86,9 +131,9 @@ class Worker:
         weights), compared instead of the caller-chosen label, which may repeat.
     @ivar admissions: times it has (re)joined; a broadcast result that
         arrives after the worker rejoined concerns the previous process.
-    @ivar activity: a control operation in progress on it ("updating
-        weights", "syncing weights", "releasing memory", "resuming memory");
-        a worker with an activity gets no new requests, which wait for it.
+    @ivar activity: what it is busy with (L{Activity}), if anything; a
+        worker with an activity gets no new requests. Only the pool's
+        transitions (L{WorkerPool.begin}, L{WorkerPool.end}) change it.
     @ivar total_requests: requests ever dispatched to it.
     @ivar failed_requests: dispatched requests that failed in transport
         (unreachable, dropped, timed out), as recorded by the app.
@@ -107,7 +152,7 @@ class Worker:
     model_id: str | None = None
     weight_version: str | None = None
     model_path: str | None = None
-    activity: str | None = None
+    activity: Activity | None = None
     weights_seq: int | None = None
     admissions: int = 0
     total_requests: int = 0
@@ -155,7 +200,7 @@ class Worker:
             not self.is_dead
             and not self.is_sleeping
             and (self.is_suspect or self.activity is not None)
-            and self.activity != STARTING
+            and (self.activity is None or self.activity.waited_for)
         )
 
     @property
@@ -166,7 +211,7 @@ class Worker:
         if self.is_sleeping:
             return "sleeping"
         if self.activity is not None:
-            return self.activity.split()[0]
+            return self.activity.value
         if self.is_suspect:
             return "suspect"
         return "ready"
@@ -184,7 +229,7 @@ class Worker:
             "consecutive_failures": self.consecutive_failures,
             "video_support": self.video_support,
             "state": self.state,
-            "syncing": self.activity == "syncing weights",
+            "syncing": self.activity is Activity.SYNCING,
             "weight_version": self.weight_version,
             "model_path": self.model_path,
             "dead_reason": self.dead_reason,
@@ -270,6 +315,52 @@ class WorkerPool:
         self._now = now
         # dicts keep insertion order, which is the registration order.
         self._workers: dict[str, Worker] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._batch_depth = 0
+        self._changed_in_batch = False
+
+    # -- change signal ----------------------------------------------------
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """
+        Call C{listener} after every transition that may change which
+        workers are routable or waited for (one that ends an activity, wakes,
+        recovers, quarantines, re-admits or removes a worker), so requests
+        waiting for a worker re-check the pool. Starting an activity is not
+        signalled: it never lets a waiting request in.
+        """
+        self._listeners.append(listener)
+
+    @contextmanager
+    def changes(self) -> Iterator[None]:
+        """
+        Make the transitions inside one change: the listeners hear of it once,
+        at the end.
+
+        Listeners run synchronously (a waiting request may be sent at once),
+        so a step that takes several transitions, such as ending a worker's
+        refit and then quarantining it because the refit failed, must not let
+        anyone look at the pool half-way: in between, that worker would look
+        routable.
+        """
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            if self._batch_depth == 0 and self._changed_in_batch:
+                self._changed_in_batch = False
+                self._signal()
+
+    def _changed(self) -> None:
+        if self._batch_depth:
+            self._changed_in_batch = True
+        else:
+            self._signal()
+
+    def _signal(self) -> None:
+        for listener in list(self._listeners):
+            listener()
 
     # -- membership -----------------------------------------------------
 
@@ -304,6 +395,7 @@ class WorkerPool:
         if worker is None:
             raise UnknownWorker(key)
         del self._workers[worker.url]
+        self._changed()  # requests waiting for it must not wait any longer
         return worker
 
     def get(self, key: str) -> Worker | None:
@@ -353,6 +445,10 @@ class WorkerPool:
         """All workers, in registration order."""
         return list(self._workers.values())
 
+    def busy_with(self, activity: Activity) -> list[Worker]:
+        """Workers busy with C{activity}, in registration order."""
+        return [w for w in self._workers.values() if w.activity is activity]
+
     def coming_back(self, *, video: bool = False) -> list[Worker]:
         """Workers busy with a control operation (weights, memory) that requests may wait for."""
         return [
@@ -388,9 +484,12 @@ class WorkerPool:
 
     def record_probe_success(self, worker: Worker) -> None:
         """A health probe answered 200: the failure streak is over, and it may serve again."""
+        was_suspect = worker.is_suspect
         worker.consecutive_failures = 0
         worker.is_suspect = False
         worker.last_probe_ok_at = self._now()
+        if was_suspect:
+            self._changed()
 
     def record_probe_failure(self, worker: Worker, reason: str, threshold: int) -> bool:
         """
@@ -409,15 +508,18 @@ class WorkerPool:
         """
         worker.consecutive_failures += 1
         worker.last_error = reason
-        if worker.is_dead or worker.is_sleeping or worker.activity == STARTING:
+        if worker.is_dead or worker.is_sleeping or worker.activity is Activity.STARTING:
             # A worker that never answered yet is still loading, not failing.
             return False
-        worker.is_suspect = True
-        if worker.consecutive_failures >= max(1, threshold):
-            return self.quarantine(
-                worker,
-                f"failed {worker.consecutive_failures} consecutive health checks (last: {reason})",
-            )
+        with self.changes():
+            if not worker.is_suspect:
+                worker.is_suspect = True
+                self._changed()
+            if worker.consecutive_failures >= max(1, threshold):
+                return self.quarantine(
+                    worker,
+                    f"failed {worker.consecutive_failures} consecutive health checks (last: {reason})",
+                )
         return False
 
     def quarantine(self, worker: Worker, reason: str) -> bool:
@@ -432,18 +534,54 @@ class WorkerPool:
         worker.is_dead = True
         worker.is_suspect = False  # dead says more
         worker.dead_reason = reason
+        self._changed()
         return True
 
     def readmit(self, worker: Worker) -> None:
-        """Put a quarantined worker back in rotation with a clean failure streak."""
+        """
+        Put a quarantined worker back in rotation with a clean failure streak.
+
+        Its weights are unknown: the caller hands it to the control plane in
+        the same L{changes} block, so nobody sees it routable before that.
+        """
         worker.is_dead = False
         worker.dead_reason = None
         worker.consecutive_failures = 0
         worker.is_suspect = False
+        self._changed()
 
     def set_sleeping(self, worker: Worker, sleeping: bool) -> None:
         """Record a successful sleep (C{True}) or wake (C{False}) broadcast."""
-        worker.is_sleeping = sleeping
+        if worker.is_sleeping != sleeping:
+            worker.is_sleeping = sleeping
+            self._changed()
+
+    # -- activities -------------------------------------------------------
+
+    def begin(self, worker: Worker, activity: Activity) -> None:
+        """
+        C{worker} is busy with C{activity} from now on: no new requests until
+        it ends (those already sent run on).
+
+        @raise ValueError: the worker is quarantined; only re-admission
+            brings a dead worker back, never a control operation.
+        """
+        if worker.is_dead:
+            raise ValueError(f"worker {worker.display_id} is quarantined; it cannot begin {activity.description}")
+        worker.activity = activity
+
+    def end(self, worker: Worker, activity: Activity | None = None) -> bool:
+        """
+        C{worker}'s C{activity} is over (any activity when C{None}); another
+        activity that replaced it meanwhile is left alone.
+
+        @return: whether an activity ended.
+        """
+        if worker.activity is None or (activity is not None and worker.activity is not activity):
+            return False
+        worker.activity = None
+        self._changed()
+        return True
 
     def set_capabilities(
         self, worker: Worker, *, task_type: str | None, model_id: str | None

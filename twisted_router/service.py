@@ -123,7 +123,6 @@ def build_router(
         probe_timeout=config.health_check_timeout,
         on_quarantine=quarantined,
         on_first_answer=lambda worker: Deferred.fromCoroutine(fleet.bring_up(worker)),
-        on_change=control.changed.notify,
     )
     dispatcher.probe_unanswered = health.probe_now
     control.on_unresponsive = dispatcher.abandon_unanswered

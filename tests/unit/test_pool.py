@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from twisted_router.pool import (
     VIDEO_INCAPABLE_TASK_TYPES,
+    Activity,
     UnknownWorker,
     Worker,
     WorkerPool,
@@ -226,7 +227,7 @@ def test_counts(pool: WorkerPool) -> None:
     d, _ = pool.add("http://d:1")
     pool.quarantine(a, "x")
     pool.set_sleeping(b, True)
-    d.activity = "syncing weights"
+    pool.begin(d, Activity.SYNCING)
     assert pool.counts() == {
         "healthy_workers": 1,
         "total_workers": 4,
@@ -241,9 +242,9 @@ def test_counts(pool: WorkerPool) -> None:
 def test_state_word_and_routability_follow_the_control_activity(pool: WorkerPool) -> None:
     w, _ = pool.add("http://a:1")
     assert (w.state, w.routable, w.coming_back) == ("ready", True, False)
-    w.activity = "updating weights"
+    pool.begin(w, Activity.UPDATING)
     assert (w.state, w.routable, w.coming_back) == ("updating", False, True)
-    w.activity = "syncing weights"
+    pool.begin(w, Activity.SYNCING)
     assert w.payload()["syncing"] is True and w.payload()["state"] == "syncing"
     pool.set_sleeping(w, True)
     assert (w.state, w.coming_back) == ("sleeping", False)
@@ -288,7 +289,8 @@ def test_payload_is_json_and_complete(pool: WorkerPool, now: FakeTime) -> None:
     assert (payload["state"], payload["syncing"], payload["is_suspect"]) == ("ready", False, False)
     assert (payload["weight_version"], payload["model_path"]) == (None, None)
     # The fields follow the worker's state.
-    w.activity, w.weight_version, w.model_path = "syncing weights", "7", "/ckpt/7"
+    pool.begin(w, Activity.SYNCING)
+    w.weight_version, w.model_path = "7", "/ckpt/7"
     payload = json.loads(json.dumps(w.payload()))
     assert (payload["state"], payload["syncing"]) == ("syncing", True)
     assert (payload["weight_version"], payload["model_path"]) == ("7", "/ckpt/7")
@@ -481,3 +483,60 @@ def test_readmit_of_sleeping_worker_stays_unroutable(pool: WorkerPool) -> None:
     pool.set_sleeping(w, True)
     pool.readmit(w)
     assert pool.routable() == []
+
+
+# -- transitions and the change signal -------------------------------------
+
+
+def test_activities_are_begun_and_ended_by_the_pool_which_signals_their_end(pool: WorkerPool) -> None:
+    signals: list[None] = []
+    pool.on_change(lambda: signals.append(None))
+    w, _ = pool.add("http://a:1")
+    pool.begin(w, Activity.UPDATING)
+    assert (w.state, w.routable, signals) == ("updating", False, [])  # nobody gets in by a worker going busy
+    assert not pool.end(w, Activity.SYNCING)  # another activity's end leaves this one alone
+    assert pool.end(w, Activity.UPDATING)
+    assert (w.activity, w.routable, len(signals)) == (None, True, 1)
+    assert not pool.end(w)  # nothing left to end, nothing signalled
+    assert len(signals) == 1
+
+
+def test_a_quarantined_worker_cannot_begin_an_activity(pool: WorkerPool) -> None:
+    w, _ = pool.add("http://a:1")
+    pool.quarantine(w, "x")
+    with pytest.raises(ValueError, match="quarantined"):
+        pool.begin(w, Activity.SYNCING)
+    assert w.activity is None
+
+
+def test_transitions_made_as_one_change_signal_once_at_its_end(pool: WorkerPool) -> None:
+    seen: list[bool] = []
+    w, _ = pool.add("http://a:1")
+    pool.on_change(lambda: seen.append(w.routable))
+    pool.begin(w, Activity.UPDATING)
+    with pool.changes():
+        pool.end(w, Activity.UPDATING)
+        pool.quarantine(w, "refit failed")
+        assert seen == []  # nobody saw it routable between the two
+    assert seen == [False]
+
+
+def test_every_transition_that_can_let_a_waiting_request_in_or_out_signals(pool: WorkerPool) -> None:
+    signals: list[None] = []
+    pool.on_change(lambda: signals.append(None))
+    w, _ = pool.add("http://a:1")
+    pool.record_probe_failure(w, "timeout", threshold=3)  # suspect
+    pool.record_probe_success(w)  # recovered
+    pool.set_sleeping(w, True)
+    pool.set_sleeping(w, True)  # no change, no signal
+    pool.set_sleeping(w, False)
+    pool.quarantine(w, "x")
+    pool.readmit(w)
+    pool.remove(w.url)
+    assert len(signals) == 7
+
+
+def test_activity_words_and_descriptions() -> None:
+    assert [a.value for a in Activity] == ["starting", "updating", "syncing", "releasing", "resuming", "joining"]
+    assert Activity.UPDATING.description == "updating weights"
+    assert not Activity.STARTING.waited_for and Activity.SYNCING.waited_for

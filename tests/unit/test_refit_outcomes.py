@@ -12,8 +12,7 @@ from tests.support.deferreds import assert_no_result, success_result_of
 from tests.support.fleet import make_router
 from tests.unit.test_control import A, B, C, Fleet, make_fleet
 from twisted_router.app import parse_refit
-from twisted_router.control import RESUMING
-from twisted_router.pool import STARTING
+from twisted_router.pool import Activity
 
 OK = (200, {"success": True})
 
@@ -111,7 +110,7 @@ def test_wake_makes_each_worker_routable_as_it_answers() -> None:
     call.answer_one(B, OK)
     assert success_result_of(waiting) is True
     assert [w.url for w in fleet.pool.routable()] == [B]
-    assert fleet.worker(A).activity == RESUMING and not fleet.worker(A).routable
+    assert fleet.worker(A).activity is Activity.RESUMING and not fleet.worker(A).routable
     call.answer("timed out after 7s")
     outcome = success_result_of(d)
     assert [r["success"] for r in outcome.body["results"]] == [False, True]
@@ -142,18 +141,18 @@ def test_catch_up_applies_each_outcome_as_it_arrives() -> None:
 def test_refit_skips_a_starting_worker_and_it_is_caught_up_when_it_first_answers() -> None:
     fleet = _admitted(A)
     starting = fleet.pool.add(B)[0]
-    starting.activity = STARTING  # registered, never answered (still loading its model)
+    fleet.pool.begin(starting, Activity.STARTING)  # registered, never answered (still loading its model)
     d = fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m", "weight_version": "v1"}')))
     [call] = fleet.caller.calls
     assert call.urls == [A]
     call.all_ok()
     outcome = success_result_of(d)
     assert outcome.status == 200 and outcome.body["success"] is True
-    assert starting.activity == STARTING and not starting.is_dead
+    assert starting.activity is Activity.STARTING and not starting.is_dead
 
     # It answers its first health check: the router brings it up, and it is
     # caught up to the fleet's weights before it gets traffic.
-    starting.activity = None
+    fleet.pool.end(starting, Activity.STARTING)
     fleet.control.admit(starting)
     assert starting.state == "syncing"
     [catch_up] = fleet.caller.calls[1:]
@@ -165,7 +164,7 @@ def test_refit_skips_a_starting_worker_and_it_is_caught_up_when_it_first_answers
 def test_sleep_and_wake_skip_a_starting_worker() -> None:
     fleet = _admitted(A)
     starting = fleet.pool.add(B)[0]
-    starting.activity = STARTING
+    fleet.pool.begin(starting, Activity.STARTING)
     d = fleet.run(fleet.control.release_memory(b"{}"))
     assert fleet.caller.calls[0].urls == [A]
     fleet.caller.calls[0].all_ok()
@@ -174,12 +173,12 @@ def test_sleep_and_wake_skip_a_starting_worker() -> None:
     assert fleet.caller.calls[1].urls == [A]
     fleet.caller.calls[1].all_ok()
     assert success_result_of(d).status == 200
-    assert starting.activity == STARTING and not starting.is_dead and not starting.is_sleeping
+    assert starting.activity is Activity.STARTING and not starting.is_dead and not starting.is_sleeping
 
 
 def test_a_fleet_of_only_starting_workers_has_no_refit_target() -> None:
     fleet = make_fleet(A)
-    fleet.worker(A).activity = STARTING
+    fleet.pool.begin(fleet.worker(A), Activity.STARTING)
     outcome = success_result_of(fleet.run(fleet.control.update_weights(parse_refit(b'{"model_path": "/m"}'))))
     assert outcome.status == 503
     assert fleet.caller.calls == []

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.fleet import FakeWorker, Fleet, RouterHarness
-from twisted_router.pool import STARTING
+from twisted_router.pool import Activity
 from twisted_router.simulator.app import SimulatedWorker
 from twisted_router.simulator.config import SimulatorConfig
 from twisted_router.simulator.model import TaskType
@@ -68,12 +68,12 @@ class WarmUpTests(SynchronousTestCase):
         harness, (url,), _ = _fleet_of_simulators(1, api_version="upstream", warmup_seconds=20)
         worker, _ = harness.parts.fleet.register(url)
         self.assertTrue(_finish(harness, Deferred.fromCoroutine(harness.parts.fleet.bring_up(worker))) is False)
-        self.assertEqual(worker.activity, STARTING)
+        self.assertEqual(worker.activity, Activity.STARTING)
         self.assertFalse(worker.is_dead)
         # A health round during the warm-up: still starting, never quarantined.
         for _ in range(5):
             _finish(harness, harness.parts.health.check_all())
-        self.assertEqual((worker.activity, worker.is_dead), (STARTING, False))
+        self.assertEqual((worker.activity, worker.is_dead), (Activity.STARTING, False))
         harness.clock.advance(20)
         _finish(harness, harness.parts.health.check_all())
         self.assertIsNone(worker.activity)
