@@ -46,12 +46,6 @@ class OwnerMap:
             (self._finished or self._running).popitem(last=False)
         (self._finished if finished else self._running)[item_id] = worker_url
 
-    def mark_finished(self, item_id: str) -> None:
-        """Note that C{item_id} reached a final state, making it first in line for eviction."""
-        url = self._running.pop(item_id, None)
-        if url is not None:
-            self._finished[item_id] = url
-
     def forget(self, item_id: str) -> None:
         """Drop C{item_id} (e.g. after a successful DELETE)."""
         self._running.pop(item_id, None)

@@ -79,28 +79,6 @@ def test_running_entries_are_evicted_oldest_first_when_nothing_finished() -> Non
     assert owners.owner("r3") == B
 
 
-def test_mark_finished_makes_an_entry_first_in_line() -> None:
-    owners = OwnerMap(3)
-    owners.remember("r1", A)
-    owners.remember("r2", A)
-    owners.remember("r3", B)
-    owners.mark_finished("r3")  # the newest, now finished
-    assert owners.owner("r3") == B  # still known
-    owners.remember("r4", B)
-    assert "r3" not in owners
-    assert all(i in owners for i in ("r1", "r2", "r4"))
-
-
-def test_mark_finished_of_unknown_or_finished_id_is_a_no_op() -> None:
-    owners = OwnerMap(3)
-    owners.mark_finished("nope")
-    assert len(owners) == 0
-    owners.remember("f", A, finished=True)
-    owners.mark_finished("f")
-    assert owners.owner("f") == A
-    assert len(owners) == 1
-
-
 def test_forget() -> None:
     owners = OwnerMap(3)
     owners.remember("r", A)
@@ -182,7 +160,6 @@ _urls = st.sampled_from([A, B, "http://10.0.0.3:30000"])
 _operations = st.lists(
     st.one_of(
         st.tuples(st.just("remember"), _ids, _urls, st.booleans()),
-        st.tuples(st.just("mark_finished"), _ids),
         st.tuples(st.just("forget"), _ids),
     ),
     max_size=60,
@@ -200,10 +177,6 @@ def test_never_exceeds_capacity_and_keeps_the_most_recent(
             assert isinstance(item_id, str) and isinstance(url, str) and isinstance(finished, bool)
             owners.remember(item_id, url, finished=finished)
             assert owners.owner(item_id) == url, "the most recent entry was evicted"
-        elif op[0] == "mark_finished":
-            known = owners.owner(str(op[1]))
-            owners.mark_finished(str(op[1]))
-            assert owners.owner(str(op[1])) == known
         else:
             owners.forget(str(op[1]))
             assert str(op[1]) not in owners
