@@ -165,3 +165,34 @@ def test_managed_worker_coming_up_in_a_sleeping_fleet_sleeps() -> None:
     assert paths(managed) == [SLEEP]
     assert state_of(h, url)["is_sleeping"]
     assert generate(h)[0] == 503
+
+
+def test_a_joiner_let_in_after_a_wake_is_caught_up_before_a_waiting_request_reaches_it() -> None:
+    """
+    The fleet was refitted, then put to sleep. A worker joins while a wake
+    runs (so it is joining, not routable) and a generation waits for it. The
+    wake wakes nobody (the only other worker never answers and is
+    quarantined), so the joiner is let in as an ordinary join, behind the
+    fleet's weights: the waiting generation may reach it only after its
+    catch-up, never in the moment between its join ending and its catch-up
+    beginning.
+    """
+    h, (w0,) = make(1, timeout=1000.0, weight_update_timeout=10.0)
+    assert h.json("POST", "/update_weights_from_disk", json={"model_path": "/ckpt/1"})[0] == 200
+    assert h.json("POST", "/release_memory_occupation", json={})[0] == 200
+    w0.hold(b"POST", WAKE)
+    waking = h.client.post("http://router/resume_memory_occupation", json={})
+    h.pump()
+    url, late = join(h)
+    assert state_of(h, url)["state"] == "joining"
+    waiting = h.client.post("http://router/v1/diffusion/generate", json={"prompt": "x"})
+    h.pump()
+    assert_no_result(waiting)
+    h.clock.advance(10)  # w0 never answers its wake: quarantined, and the wake is over
+    h.pump()
+    assert success_result_of(waking).code == 200
+    assert h.pool.workers()[0].is_dead
+    response = success_result_of(waiting)
+    assert response.code == 200
+    assert paths(late) == [REFIT, b"/v1/diffusion/generate"], "served before its catch-up"
+    assert response.headers.getRawHeaders(b"x-weight-version") == [b"1"]
