@@ -130,6 +130,44 @@ class Dispatcher:
         """
         return _still_starting(worker) and not self._control.refitted
 
+    async def _none_routable(
+        self, *, video: bool, image_only: bool, tried: set[str], deadline: float
+    ) -> list[Worker] | None:
+        """
+        No routable worker is left for a request that no worker has failed
+        yet: wait for a busy one, or fall back to one still starting, or say
+        why nobody can serve it.
+
+        @return: C{None} after waiting (the pool changed, or the wait timed
+            out: look again), else the starting workers to try.
+        @raise RouterError: no worker can serve the request.
+        """
+        busy = [w for w in self._pool.coming_back(video=video) if not image_only or w.image_model]
+        remaining = deadline - self._clock.seconds()
+        if busy and remaining > 0:
+            # Workers mid-refit, mid-catch-up or mid-wake will be back:
+            # wait for them rather than fail, and never reach them early.
+            await self._control.changed.wait(remaining)
+            return None
+        if busy:
+            doing = sorted({w.activity.description if w.activity else w.state for w in busy})
+            raise NoWorkers(
+                f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
+                f"({', '.join(doing)}) after {self._timeout:g}s"
+            )
+        starting = [] if video or image_only else self._never_answered(tried)
+        if not starting:
+            raise unavailable(self._pool, video=video, image_only=image_only)
+        if self._control.refitted:
+            raise NoWorkers(
+                f"No healthy workers available in the pool: {len(starting)} worker(s) still starting "
+                f"(never answered); the fleet is at weight version {self._control.version}, so a "
+                "worker must answer and be caught up before it gets traffic"
+            )
+        # As the earlier router did: try one, so a wrong address or a
+        # worker still loading answers 502 with the cause, not a bare 503.
+        return starting
+
     async def dispatch(
         self,
         request: Request,
@@ -170,31 +208,12 @@ class Dispatcher:
             if not candidates:
                 if last_failure is not None:
                     raise WorkerFailed(f"Worker request failed: {last_failure}")
-                busy = [w for w in self._pool.coming_back(video=video) if not image_only or w.image_model]
-                remaining = deadline - self._clock.seconds()
-                if busy and remaining > 0:
-                    # Workers mid-refit, mid-catch-up or mid-wake will be back:
-                    # wait for them rather than fail, and never reach them early.
-                    await self._control.changed.wait(remaining)
-                    continue
-                if busy:
-                    raise NoWorkers(
-                        f"No healthy workers available in the pool: {len(busy)} worker(s) still busy "
-                        f"({', '.join(sorted({w.activity.description if w.activity else w.state for w in busy}))}) after "
-                        f"{self._timeout:g}s"
-                    )
-                starting = [] if video or image_only else self._never_answered(tried)
-                if not starting:
-                    raise unavailable(self._pool, video=video, image_only=image_only)
-                if self._control.refitted:
-                    raise NoWorkers(
-                        f"No healthy workers available in the pool: {len(starting)} worker(s) still starting "
-                        f"(never answered); the fleet is at weight version {self._control.version}, so a "
-                        "worker must answer and be caught up before it gets traffic"
-                    )
-                # As the earlier router did: try one, so a wrong address or a
-                # worker still loading answers 502 with the cause, not a bare 503.
-                candidates = starting
+                fallback = await self._none_routable(
+                    video=video, image_only=image_only, tried=tried, deadline=deadline
+                )
+                if fallback is None:
+                    continue  # waited for a busy worker: look again
+                candidates = fallback
             worker = chooser.choose(candidates)
             sent_version: list[str | None] = [worker.weight_version]
 

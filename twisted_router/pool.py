@@ -136,7 +136,7 @@ class Worker:
         transitions (L{WorkerPool.begin}, L{WorkerPool.end}) change it.
     @ivar total_requests: requests ever dispatched to it.
     @ivar failed_requests: dispatched requests that failed in transport
-        (unreachable, dropped, timed out), as recorded by the app.
+        (unreachable, dropped, timed out), as recorded by the dispatcher.
     """
 
     url: str
