@@ -28,16 +28,8 @@ from zope.interface import implementer
 
 from tests.support.deferreds import assert_no_result, success_result_of
 from twisted_router import calls
-from twisted_router.calls import (
-    MAX_REPLY_BYTES,
-    BodyTooLarge,
-    WorkerCaller,
-    WorkerReply,
-    decode_body,
-    describe_failure,
-    make_http_client,
-    with_deadline,
-)
+from twisted_router.calls import MAX_REPLY_BYTES, WorkerCaller, WorkerReply, decode_body
+from twisted_router.upstream import BodyTooLarge, describe_failure, make_http_client, with_deadline
 
 W1 = "http://w1:30000"
 W2 = "http://w2:30000"
@@ -182,12 +174,6 @@ def test_request_method_path_body_and_content_type() -> None:
     assert h.workers.bodies == [b'{"model_path": "/m"}']
     assert request.getHeader(b"content-type") == b"application/json"
     assert request.getHeader(b"host") == b"w1:30000"
-
-
-def test_custom_content_type() -> None:
-    h = Harness()
-    success_result_of(h.call(body=b"a=1", content_type=b"application/x-www-form-urlencoded"))
-    assert h.workers.requests[0].getHeader(b"content-type") == b"application/x-www-form-urlencoded"
 
 
 def test_no_body_sends_no_content_type() -> None:

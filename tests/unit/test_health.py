@@ -25,8 +25,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.support.deferreds import assert_no_result, success_result_of
-from twisted_router.health import HealthChecker, describe_failure, refresh_capabilities
+from twisted_router.health import HealthChecker, refresh_capabilities
 from twisted_router.pool import Worker, WorkerPool
+from twisted_router.upstream import describe_failure
 
 INTERVAL = 10.0
 TIMEOUT = 5.0

@@ -52,12 +52,10 @@ from twisted_router.proxy import (
     UpstreamBodyFailed,
     WorkerTimedOut,
     WorkerUnreachable,
-    _body_producer,
-    _FileBodyProducer,
     _Relay,
     _upstream_headers,
-    make_agent,
 )
+from twisted_router.upstream import FileBodyProducer, body_producer, make_agent
 
 WORKER = "http://worker:8000"
 TIMEOUT = 30.0
@@ -654,17 +652,17 @@ def test_empty_body(h: Harness, method: str, content_length: list[bytes] | None)
 
 def test_body_producer_kinds_and_file_is_never_closed() -> None:
     clock = Clock()
-    assert _body_producer(clock, b"GET", io.BytesIO()) is None
-    empty_post = _body_producer(clock, b"POST", io.BytesIO())
+    assert body_producer(clock, b"GET", io.BytesIO()) is None
+    empty_post = body_producer(clock, b"POST", io.BytesIO())
     assert empty_post is not None and empty_post.length == 0
-    small = _body_producer(clock, b"POST", io.BytesIO(b"abc"))
+    small = body_producer(clock, b"POST", io.BytesIO(b"abc"))
     assert small is not None and small.length == 3
 
     with tempfile.TemporaryFile() as f:
         f.write(b"x" * 300_000)
         f.seek(123)  # forward() must rewind
-        big = _body_producer(clock, b"POST", f)
-        assert isinstance(big, _FileBodyProducer)
+        big = body_producer(clock, b"POST", f)
+        assert isinstance(big, FileBodyProducer)
         assert big.length == 300_000
         written: list[bytes] = []
 
@@ -688,7 +686,7 @@ def test_file_producer_stop_leaves_nothing_scheduled() -> None:
     clock = Clock()
     with tempfile.TemporaryFile() as f:
         f.write(b"y" * 600_000)
-        producer = _FileBodyProducer(clock, f, 600_000)
+        producer = FileBodyProducer(clock, f, 600_000)
         written: list[bytes] = []
 
         class Consumer:
