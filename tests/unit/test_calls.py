@@ -12,15 +12,10 @@ from typing import Any
 
 import pytest
 from treq.testing import RequestTraversalAgent
-from twisted.internet import defer, error
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    RequestTransmissionFailed,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -29,7 +24,7 @@ from zope.interface import implementer
 from tests.support.deferreds import assert_no_result, success_result_of
 from twisted_router import calls
 from twisted_router.calls import MAX_REPLY_BYTES, WorkerCaller, WorkerReply, decode_body
-from twisted_router.upstream import BodyTooLarge, describe_failure, make_http_client, with_deadline
+from twisted_router.upstream import make_http_client
 
 W1 = "http://w1:30000"
 W2 = "http://w2:30000"
@@ -472,115 +467,3 @@ def test_decode_body() -> None:
     assert decode_body(b"[1, 2]") == [1, 2]
     assert decode_body(b"not json") == "not json"
     assert decode_body(b"") == ""
-
-
-# -- describe_failure --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "timeout", "expected"),
-    [
-        (defer.TimeoutError(), 5.0, "timed out after 5s"),
-        (defer.TimeoutError(), 2.5, "timed out after 2.5s"),
-        (defer.TimeoutError(), None, "timed out"),
-        (error.TimeoutError(), 3.0, "timed out after 3s"),
-        (TimeoutError(), None, "timed out"),
-        (error.ConnectionRefusedError(), None, "connection refused"),
-        (error.DNSLookupError("w1"), None, "DNS lookup failed"),
-        (error.NoRouteError(), None, "no route to host"),
-        (error.TCPTimedOutError(), None, "connect timed out"),
-        (CancelledError(), None, "cancelled"),
-        (error.ConnectionLost(), None, "connection lost"),
-        (error.ConnectionDone(), None, "connection lost"),
-        (ValueError("bad thing"), None, "ValueError: bad thing"),
-        (RuntimeError(), None, "RuntimeError"),
-        (BodyTooLarge("body larger than 8 bytes"), None, "BodyTooLarge: body larger than 8 bytes"),
-    ],
-)
-def test_describe_failure(exc: BaseException, timeout: float | None, expected: str) -> None:
-    assert describe_failure(exc, timeout) == expected
-    assert describe_failure(Failure(exc), timeout) == expected
-
-
-def test_describe_generic_connect_error() -> None:
-    text = describe_failure(error.ConnectError(string="host unreachable"))
-    assert text.startswith("connection failed: ")
-    assert "host unreachable" in text
-
-
-def test_describe_nested_response_never_received() -> None:
-    exc = ResponseNeverReceived([Failure(CancelledError())])
-    assert describe_failure(Failure(exc)) == "no response: cancelled"
-
-
-def test_describe_nested_timeout_uses_the_timeout() -> None:
-    exc = ResponseNeverReceived([Failure(defer.TimeoutError())])
-    assert describe_failure(exc, 7) == "no response: timed out after 7s"
-
-
-def test_describe_response_failed_with_several_causes() -> None:
-    exc = ResponseFailed([Failure(error.ConnectionLost()), Failure(ValueError("bad chunk"))])
-    assert describe_failure(exc) == "response interrupted: connection lost; ValueError: bad chunk"
-
-
-def test_describe_request_transmission_failed() -> None:
-    assert describe_failure(RequestTransmissionFailed([])) == "request not sent"
-    assert (
-        describe_failure(RequestTransmissionFailed([Failure(error.ConnectionRefusedError())]))
-        == "request not sent: connection refused"
-    )
-
-
-def test_describe_deeply_nested() -> None:
-    inner = ResponseFailed([Failure(error.ConnectionDone())])
-    exc = ResponseNeverReceived([Failure(inner)])
-    assert describe_failure(exc) == "no response: response interrupted: connection lost"
-
-
-def test_describe_long_messages_are_shortened_to_one_line() -> None:
-    text = describe_failure(ValueError("line one\n   line two\t" + "x" * 500))
-    assert "\n" not in text
-    assert text.startswith("ValueError: line one line two x")
-    assert len(text) == 200
-    assert text.endswith("...")
-
-
-# -- with_deadline -----------------------------------------------------------------
-
-
-def test_with_deadline_passes_results_through_and_cancels_its_timer() -> None:
-    clock = Clock()
-    inner: Deferred[str] = Deferred()
-    d = with_deadline(inner, 5, clock)
-    assert len(clock.getDelayedCalls()) == 1
-    inner.callback("done")
-    assert success_result_of(d) == "done"
-    assert clock.getDelayedCalls() == []
-
-
-def test_with_deadline_passes_failures_through_before_it_expires() -> None:
-    clock = Clock()
-    d = with_deadline(fail(ValueError("nope")), 5, clock)
-    failure: list[Failure] = []
-    d.addErrback(failure.append)
-    assert failure[0].check(ValueError)
-    assert clock.getDelayedCalls() == []
-
-
-def test_with_deadline_turns_any_failure_after_expiry_into_a_timeout() -> None:
-    clock = Clock()
-    cancelled: list[Deferred[Any]] = []
-
-    def cancel(d: Deferred[Any]) -> None:
-        cancelled.append(d)
-        d.errback(ResponseNeverReceived([Failure(CancelledError())]))
-
-    inner: Deferred[Any] = Deferred(cancel)
-    d = with_deadline(inner, 1.5, clock)
-    clock.advance(1.5)
-    assert cancelled == [inner]
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    assert failures[0].check(defer.TimeoutError)
-    assert str(failures[0].value) == "timed out after 1.5s"
-    assert clock.getDelayedCalls() == []

@@ -14,20 +14,17 @@ from urllib.parse import urlsplit
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.support.deferreds import assert_no_result, success_result_of
 from twisted_router.health import HealthChecker, refresh_capabilities
 from twisted_router.pool import Worker, WorkerPool
-from twisted_router.upstream import describe_failure
 
 INTERVAL = 10.0
 TIMEOUT = 5.0
@@ -720,31 +717,3 @@ def test_refresh_capabilities_refuses_huge_bodies(
     workers.models["a:1"] = b'{"data":[{"id":"' + b"x" * (2 * 1024 * 1024) + b'"}]}'
     assert success_result_of(refresh(pool, w, net, clock)) is False
     assert w.model_id is None
-
-
-# -- describe_failure --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (ConnectionRefusedError(), "connection refused"),
-        (DNSLookupError("nope"), "DNS lookup failed"),
-        (defer.TimeoutError(), "timed out after 5s"),
-        (TimeoutError(), "timed out after 5s"),
-        (
-            ResponseNeverReceived([Failure(ConnectionRefusedError())]),
-            "no response: connection refused",
-        ),
-        (ResponseFailed([]), "response interrupted"),
-        (ValueError("bad\nthing"), "ValueError: bad thing"),
-        (RuntimeError(), "RuntimeError"),
-    ],
-)
-def test_describe_failure(exc: BaseException, expected: str) -> None:
-    assert describe_failure(Failure(exc), timeout=5.0) == expected
-    assert describe_failure(exc, timeout=5.0) == expected
-
-
-def test_describe_failure_is_short() -> None:
-    assert len(describe_failure(ValueError("x" * 10_000))) <= 200

@@ -12,7 +12,6 @@ delayed call behind and that nothing was logged as an error (e.g. Twisted's
 from __future__ import annotations
 
 import io
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,7 +28,7 @@ from twisted.internet.error import (
     TCPTimedOutError,
 )
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -55,7 +54,6 @@ from twisted_router.proxy import (
     _Relay,
     _upstream_headers,
 )
-from twisted_router.upstream import FileBodyProducer, body_producer, make_agent
 
 WORKER = "http://worker:8000"
 TIMEOUT = 30.0
@@ -650,59 +648,6 @@ def test_empty_body(h: Harness, method: str, content_length: list[bytes] | None)
     h.pump()
 
 
-def test_body_producer_kinds_and_file_is_never_closed() -> None:
-    clock = Clock()
-    assert body_producer(clock, b"GET", io.BytesIO()) is None
-    empty_post = body_producer(clock, b"POST", io.BytesIO())
-    assert empty_post is not None and empty_post.length == 0
-    small = body_producer(clock, b"POST", io.BytesIO(b"abc"))
-    assert small is not None and small.length == 3
-
-    with tempfile.TemporaryFile() as f:
-        f.write(b"x" * 300_000)
-        f.seek(123)  # forward() must rewind
-        big = body_producer(clock, b"POST", f)
-        assert isinstance(big, FileBodyProducer)
-        assert big.length == 300_000
-        written: list[bytes] = []
-
-        class Consumer:
-            def write(self, data: bytes) -> None:
-                written.append(data)
-
-        done = big.startProducing(Consumer())
-        big.pauseProducing()
-        clock.advance(0)
-        assert written == []  # paused: nothing read
-        big.resumeProducing()
-        while clock.getDelayedCalls():
-            clock.advance(0)
-        success_result_of(done)
-        assert b"".join(written) == b"x" * 300_000
-        assert not f.closed  # a retry can read it again
-
-
-def test_file_producer_stop_leaves_nothing_scheduled() -> None:
-    clock = Clock()
-    with tempfile.TemporaryFile() as f:
-        f.write(b"y" * 600_000)
-        producer = FileBodyProducer(clock, f, 600_000)
-        written: list[bytes] = []
-
-        class Consumer:
-            def write(self, data: bytes) -> None:
-                written.append(data)
-                producer.stopProducing()  # e.g. the upstream connection went away
-
-        done = producer.startProducing(Consumer())
-        assert producer.active
-        clock.advance(0)
-        assert len(written) == 1
-        assert not producer.active
-        assert clock.getDelayedCalls() == []
-        assert_no_result(done)  # IBodyProducer: never fires after stopProducing
-
-
 @pytest.mark.parametrize("partial_upload", [False, True])
 def test_retry_on_another_worker_resends_whole_body(
     logged: list[dict[str, Any]], partial_upload: bool
@@ -1229,18 +1174,6 @@ def test_slot_released_after_unreachable_and_semaphores_dropped(
 
 # --------------------------------------------------------------------------
 # Agent factory and validation
-
-
-def test_make_agent_configures_a_persistent_pool() -> None:
-    reactor = MemoryReactorClock()
-    agent, pool = make_agent(reactor, max_connections=64, connect_timeout=3.0)
-    assert pool.persistent is True
-    assert pool.maxPersistentPerHost == 64
-    assert pool.cachedConnectionTimeout == 4  # below uvicorn's 5 s keep-alive
-    assert agent._pool is pool
-    agent.request(b"GET", b"http://127.0.0.1:9000/x")
-    host, port, _, timeout, _ = reactor.tcpClients[0]
-    assert (host, port, timeout) == ("127.0.0.1", 9000, 3.0)
 
 
 def test_constructor_validates() -> None:
