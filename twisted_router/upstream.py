@@ -46,7 +46,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from twisted_router.endpoints import WorkerEndpoints
@@ -384,13 +384,9 @@ class _BodyReader(TwistedProtocol):
 
 
 def read_body(
-    response: Any, sink: Callable[[bytes], None], limit: int | None = None
+    response: IResponse, sink: Callable[[bytes], None], limit: int | None = None
 ) -> Deferred[None]:
-    """
-    Deliver the body of C{response} (an C{IResponse}; typed C{Any} because
-    mypy reads zope interface methods without the mypy-zope plugin) to
-    C{sink}; see L{_BodyReader}.
-    """
+    """Deliver the body of C{response} to C{sink}; see L{_BodyReader}."""
     if response.length == 0:
         return succeed(None)
     reader = _BodyReader(sink, limit)
@@ -398,7 +394,7 @@ def read_body(
     return reader.done
 
 
-async def read_limited(response: Any, limit: int) -> bytes:
+async def read_limited(response: IResponse, limit: int) -> bytes:
     chunks: list[bytes] = []
     await read_body(response, chunks.append, limit)
     return b"".join(chunks)
@@ -492,9 +488,7 @@ def with_deadline(d: Deferred[_T], timeout: float, clock: IReactorTime) -> Defer
         expired = True
         d.cancel()
 
-    # Any: without the mypy-zope plugin, mypy misreads zope interface methods.
-    reactor: Any = clock
-    timer = reactor.callLater(timeout, expire)
+    timer = clock.callLater(timeout, expire)
 
     def settle(result: _T | Failure) -> _T | Failure:
         if timer.active():

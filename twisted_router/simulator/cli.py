@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -177,13 +177,11 @@ async def serve(reactor: _Reactor, config: SimulatorConfig) -> tuple[SimulatedWo
 
 async def _run(reactor: _Reactor, config: SimulatorConfig) -> None:
     level = LogLevel.debug if config.verbose else LogLevel.info
-    # cast(Any, ...): mypy cannot see that these classes provide their
-    # interfaces without the mypy-zope plugin.
-    predicates: list[Any] = [cast(Any, LogLevelFilterPredicate(defaultLogLevel=level))]
+    predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=level)]
     if not config.verbose:
         predicates.insert(0, _not_idle_timeout_noise)
-    observer = FilteringLogObserver(cast(Any, textFileLogObserver(sys.stdout)), predicates)
-    globalLogBeginner.beginLoggingTo([cast(Any, observer)])
+    observer = FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
+    globalLogBeginner.beginLoggingTo([observer])
     try:
         await serve(reactor, config)
     except CannotListenError as exc:  # one line and status 1, not a traceback
