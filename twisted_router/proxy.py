@@ -65,6 +65,7 @@ from twisted_router.upstream import (
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
+    "BodyRelay",
     "ForwardResult",
     "StreamingProxy",
     "UpstreamBodyFailed",
@@ -72,6 +73,7 @@ __all__ = [
     "WorkerNotReady",
     "WorkerTimedOut",
     "WorkerUnreachable",
+    "upstream_headers",
 ]
 
 HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
@@ -235,7 +237,7 @@ def _client_host(request: Request) -> str:
     return host if isinstance(host, str) and host else "unknown"
 
 
-def _upstream_headers(request: Request) -> Headers:
+def upstream_headers(request: Request) -> Headers:
     """
     The headers sent to the worker: the client's own, minus everything that
     described the client's connection, plus the X-Forwarded-* trio so the
@@ -388,14 +390,14 @@ class _DownstreamRequest(Protocol):
 
 
 @implementer(IPushProducer)
-class _RelayProducer:
+class _BodyRelayProducer:
     """
     The push producer registered on the downstream request: it forwards pause
     and resume to the upstream transport (end-to-end backpressure) and tells
     the relay, which stops its idle timer while the I{client} is the slow one.
     """
 
-    def __init__(self, relay: _Relay) -> None:
+    def __init__(self, relay: BodyRelay) -> None:
         self._relay = relay
 
     def pauseProducing(self) -> None:
@@ -409,7 +411,7 @@ class _RelayProducer:
         self._relay.client_gone()
 
 
-class _Relay(TwistedProtocol):
+class BodyRelay(TwistedProtocol):
     """
     Relays the upstream response body to the downstream request.
 
@@ -477,7 +479,7 @@ class _Relay(TwistedProtocol):
             # The client is already gone: registerProducer would raise.
             self.client_gone()
             return
-        self._request.registerProducer(_RelayProducer(self), True)
+        self._request.registerProducer(_BodyRelayProducer(self), True)
         self._registered = True
         self._arm_idle()
 
@@ -502,7 +504,7 @@ class _Relay(TwistedProtocol):
         else:
             self._end(reason)
 
-    # Backpressure (called through _RelayProducer)
+    # Backpressure (called through _BodyRelayProducer)
 
     @property
     def upstream(self) -> _PushProducer | None:
@@ -662,7 +664,7 @@ class _Exchange:
         self.timed_out = False
         self.abandoned: str | None = None
         self.gone = _client_gone(request)
-        self.relay: _Relay | None = None
+        self.relay: BodyRelay | None = None
         if not self.gone:
             # notifyFinish after a disconnect would never fire, hence the check.
             request.notifyFinish().addErrback(self._on_client_gone)
@@ -878,7 +880,7 @@ class StreamingProxy:
                 acquired = True
                 if ready is not None and not ready():
                     raise WorkerNotReady(f"{worker_url} stopped being routable while the request queued")
-                headers = _upstream_headers(request)
+                headers = upstream_headers(request)
                 producer = body_producer(self._reactor, method, body_file)
                 exchange.sent = True
                 response: _Response = await exchange.wait(
@@ -968,8 +970,8 @@ class StreamingProxy:
         capture_limit: int,
         idle_timeout: float,
     ) -> ForwardResult:
-        """Send the status and headers, then stream the body through a L{_Relay}."""
-        relay = _Relay(
+        """Send the status and headers, then stream the body through a L{BodyRelay}."""
+        relay = BodyRelay(
             request,
             self._reactor,
             idle_timeout=idle_timeout,

@@ -46,13 +46,13 @@ from zope.interface import implementer
 from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
 from twisted_router.proxy import (
     HOP_BY_HOP_HEADERS,
+    BodyRelay,
     ForwardResult,
     StreamingProxy,
     UpstreamBodyFailed,
     WorkerTimedOut,
     WorkerUnreachable,
-    _Relay,
-    _upstream_headers,
+    upstream_headers,
 )
 
 WORKER = "http://worker:8000"
@@ -569,7 +569,7 @@ def test_x_forwarded_proto_https(h: Harness) -> None:
 
 
 class _FakeClientRequest:
-    """Just enough of a Request for L{_upstream_headers}."""
+    """Just enough of a Request for L{upstream_headers}."""
 
     def __init__(self, headers: dict[bytes, list[bytes]], address: Any, secure: bool = False):
         self.requestHeaders = Headers(headers)
@@ -599,7 +599,7 @@ def test_upstream_headers_unit() -> None:
         UNIXAddress(b"/run/router.sock"),
         secure=True,
     )
-    got = _upstream_headers(request)  # type: ignore[arg-type]
+    got = upstream_headers(request)  # type: ignore[arg-type]
     assert dict(got.getAllRawHeaders()) == {
         b"Accept": [b"*/*"],
         b"X-Forwarded-For": [b"1.1.1.1, 2.2.2.2, unknown"],
@@ -817,7 +817,7 @@ def test_relay_treats_potential_data_loss_as_success() -> None:
     """A body delimited by connection close (no length, not chunked) ends that way."""
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     relay.makeConnection(StringTransport())
     relay.dataReceived(b"abc")
     relay.connectionLost(Failure(PotentialDataLoss()))
@@ -983,7 +983,7 @@ class FakeDownstreamRequest:
 def test_relay_registers_upstream_as_push_producer_and_propagates_pause() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     assert request.streaming is True
@@ -1017,7 +1017,7 @@ def test_client_that_reads_nothing_for_the_timeout_is_dropped(logged: list[dict[
     clock = Clock()
     request = FakeDownstreamRequest()
     request.transport = AbortRecorder()  # type: ignore[attr-defined]
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     request.producer.pauseProducing()
@@ -1035,7 +1035,7 @@ def test_client_that_reads_nothing_for_the_timeout_is_dropped(logged: list[dict[
 def test_relay_stop_producing_from_channel_stops_upstream() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     request.channel = None  # what Request.connectionLost does
@@ -1052,7 +1052,7 @@ def test_relay_stop_producing_from_channel_stops_upstream() -> None:
 def test_relay_cancel_stops_upstream() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     relay.done.cancel()

@@ -92,12 +92,12 @@ def test_explicit_worker_id_is_kept() -> None:
 def test_idle_timeout_lines_are_dropped_unless_verbose() -> None:
     from twisted.logger import PredicateResult
 
-    from twisted_router.simulator.cli import _not_idle_timeout_noise
+    from twisted_router.simulator.cli import not_idle_timeout_noise
 
-    assert _not_idle_timeout_noise({"log_format": "Timing out client: {peer}"}) is PredicateResult.no
-    assert _not_idle_timeout_noise({"log_format": "Forcibly timing out client: {peer}"}) is PredicateResult.no
-    assert _not_idle_timeout_noise({"log_format": "listening on http://{host}:{port}"}) is PredicateResult.maybe
-    assert _not_idle_timeout_noise({}) is PredicateResult.maybe
+    assert not_idle_timeout_noise({"log_format": "Timing out client: {peer}"}) is PredicateResult.no
+    assert not_idle_timeout_noise({"log_format": "Forcibly timing out client: {peer}"}) is PredicateResult.no
+    assert not_idle_timeout_noise({"log_format": "listening on http://{host}:{port}"}) is PredicateResult.maybe
+    assert not_idle_timeout_noise({}) is PredicateResult.maybe
 
 
 # -- from_options / to_argv: the one definition of the options ---------------------------

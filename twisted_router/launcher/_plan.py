@@ -191,15 +191,22 @@ def choose_ports(
 _NVIDIA_SMI_GPU = re.compile(r"^GPU (\d+):")
 
 
-def list_nvidia_gpus() -> list[str] | None:
+def list_nvidia_gpus(
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> list[str] | None:
     """
     The GPU indices C{nvidia-smi -L} reports, or C{None} when it is not installed
     or does not work (no driver).
+
+    @param which: finds a program on C{PATH} (C{shutil.which}).
+    @param run: runs it (C{subprocess.run}).
     """
-    if shutil.which("nvidia-smi") is None:
+    if which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(
+        out = run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError):

@@ -46,12 +46,14 @@ from twisted_router.simulator.config import (
 from twisted_router.simulator.model import PROFILES
 from twisted_router.tasks import TaskType
 
+__all__ = ["PROG", "QuietSite", "build_parser", "main", "not_idle_timeout_noise", "parse_config", "serve"]
+
 PROG = "sglang-d-sim-worker"
 
 _log = Logger(namespace="twisted_router.simulator")
 
 
-class _QuietSite(Site):
+class QuietSite(Site):
     """
     A Site without the per-request access log (C{--verbose} logs requests
     instead), nor the C{Starting factory <... object at 0x...>} line.
@@ -63,7 +65,7 @@ class _QuietSite(Site):
         pass
 
 
-def _not_idle_timeout_noise(event: dict[str, Any]) -> PredicateResult:
+def not_idle_timeout_noise(event: dict[str, Any]) -> PredicateResult:
     """
     Drop C{HTTPChannel}'s "Timing out client" lines below C{--verbose}.
 
@@ -164,7 +166,7 @@ async def serve(reactor: _Reactor, config: SimulatorConfig) -> tuple[SimulatedWo
     # (5 s); Twisted's idle timeout (HTTPFactory.timeOut) is the same rule:
     # it is suspended while a request is being served and re-armed after
     # each answer.
-    site = _QuietSite(worker.resource(), timeout=config.keep_alive_timeout, reactor=reactor)
+    site = QuietSite(worker.resource(), timeout=config.keep_alive_timeout, reactor=reactor)
     port = await endpoint.listen(site)
     bound = port.getHost().port
     host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 literal, as in a URL
@@ -179,7 +181,7 @@ async def _run(reactor: _Reactor, config: SimulatorConfig) -> None:
     level = LogLevel.debug if config.verbose else LogLevel.info
     predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=level)]
     if not config.verbose:
-        predicates.insert(0, _not_idle_timeout_noise)
+        predicates.insert(0, not_idle_timeout_noise)
     observer = FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
     globalLogBeginner.beginLoggingTo([observer])
     try:
