@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from tests.support.deferreds import assert_no_result, success_result_of
+from tests.support.network import Answer, AnsweringWorkers
 from twisted_router import calls
 from twisted_router.calls import MAX_REPLY_BYTES, WorkerCaller, WorkerReply, decode_body
 from twisted_router.upstream import make_http_client
@@ -31,60 +32,9 @@ W2 = "http://w2:30000"
 W3 = "http://w3:30000"
 
 
-class Answer:
-    """What a fake worker answers: status, body, headers; or C{hang=True} for never."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: bytes | str | Any = b"",
-        *,
-        content_type: bytes = b"application/json",
-        hang: bool = False,
-        headers: dict[bytes, bytes] | None = None,
-    ) -> None:
-        self.status = status
-        if isinstance(body, bytes):
-            self.body = body
-        elif isinstance(body, str):
-            self.body = body.encode()
-        else:
-            self.body = json.dumps(body).encode()
-        self.content_type = content_type
-        self.hang = hang
-        self.headers = headers or {}
-
-
-class FakeWorkers(Resource):
-    """Several workers behind one resource, told apart by the Host header."""
-
-    isLeaf = True
-
-    def __init__(self, answers: dict[str, Answer] | None = None) -> None:
-        super().__init__()
-        self.answers = answers or {}
-        self.requests: list[Request] = []
-        self.bodies: list[bytes] = []
-        self.lost: list[Request] = []
-
-    def render(self, request: Request) -> bytes | int:
-        self.requests.append(request)
-        self.bodies.append(request.content.read())
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
-        host = request.getHeader(b"host") or b""
-        answer = self.answers.get(host.decode().split(":")[0], Answer(200, {"ok": True}))
-        if answer.hang:
-            return NOT_DONE_YET
-        request.setResponseCode(answer.status)
-        request.setHeader(b"content-type", answer.content_type)
-        for name, value in answer.headers.items():
-            request.setHeader(name, value)
-        return answer.body
-
-
 class Harness:
     def __init__(self, answers: dict[str, Answer] | None = None) -> None:
-        self.workers = FakeWorkers(answers)
+        self.workers = AnsweringWorkers(answers)
         self.agent = RequestTraversalAgent(self.workers)
         self.clock = Clock()
         self.caller = WorkerCaller(make_http_client(self.agent), self.clock)

@@ -37,6 +37,7 @@ from twisted_router.urls import WorkerURLError, normalize_worker_url
 
 __all__ = [
     "STARTUP_EXIT_LIMIT",
+    "TAIL_LINES",
     "FleetHooks",
     "LaunchFailed",
     "LauncherService",
