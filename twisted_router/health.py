@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
 from treq.client import HTTPClient
@@ -39,8 +39,6 @@ from twisted_router.upstream import (
 __all__ = ["HealthChecker", "probe_health", "refresh_capabilities"]
 
 _log = Logger()
-
-_T = TypeVar("_T")
 
 #: Largest C{/v1/models} body we read; a real one is well under 1 KiB.
 _MAX_MODELS_BODY = 1024 * 1024
