@@ -255,7 +255,6 @@ def body_producer(
     return FileBodyProducer(reactor, body, length)
 
 
-
 # --------------------------------------------------------------------------
 # Connections
 
