@@ -265,6 +265,37 @@ def test_trickling_body_times_out_and_is_aborted(
     assert len(workers.ended) == 1 and isinstance(workers.ended[0], Failure)
 
 
+def test_a_health_body_over_64_kib_fails_the_probe(
+    pool: WorkerPool,
+    workers: ProbedWorkers,
+    stub: StubTreq,
+    make_checker: Callable[..., HealthChecker],
+) -> None:
+    """The health checker reads /health as the launcher does: at most 64 KiB."""
+    w, _ = pool.add("http://a:1")
+    workers.health["a:1"] = b"x" * (64 * 1024 + 1)
+    d = make_checker().check_all()
+    stub.flush()
+    success_result_of(d)
+    assert w.last_error == f"BodyTooLarge: body larger than {64 * 1024} bytes"
+    assert w.consecutive_failures == 1
+
+
+def test_a_health_body_of_64_kib_passes(
+    pool: WorkerPool,
+    workers: ProbedWorkers,
+    stub: StubTreq,
+    make_checker: Callable[..., HealthChecker],
+) -> None:
+    w, _ = pool.add("http://a:1")
+    workers.health["a:1"] = b"x" * (64 * 1024)
+    d = make_checker().check_all()
+    stub.flush()
+    success_result_of(d)
+    assert workers.hits("a:1") == 1
+    assert (w.consecutive_failures, w.last_error) == (0, None)
+
+
 def test_exception_in_one_probe_does_not_stop_the_loop(
     pool: WorkerPool,
     workers: ProbedWorkers,
