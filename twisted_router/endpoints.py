@@ -7,6 +7,13 @@ py-spy), even when the pool then reuses a connection. Workers are a handful of
 fixed C{host:port} pairs, so their endpoints are built once and reused. IP
 literals (the usual case) get a plain TCP endpoint, so a new connection does
 not go through a name lookup in the thread pool either.
+
+With C{quiet=True} the endpoints open their connections quietly: Twisted logs
+"Starting factory" and "Stopping factory" for each new client connection,
+which for a router (and for the launcher's probes, one every half second) is
+two log lines per connection that say nothing. The factory's public C{noisy}
+flag is switched off as it is connected, so the connection pool itself is
+left exactly as Twisted made it.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
@@ -39,8 +47,10 @@ class WorkerEndpoints:
         *,
         connect_timeout: float,
         tls_policy: IPolicyForHTTPS | None = None,
+        quiet: bool = False,
     ) -> None:
         self._reactor = reactor
+        self._quiet = quiet
         self._timeout = connect_timeout
         self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
         self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
@@ -50,6 +60,8 @@ class WorkerEndpoints:
         endpoint = self._cache.get(key)
         if endpoint is None:
             endpoint = self._build(uri)
+            if self._quiet:
+                endpoint = _QuietEndpoint(endpoint)
             if len(self._cache) >= MAX_CACHED_ENDPOINTS:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = endpoint
@@ -67,3 +79,19 @@ class WorkerEndpoints:
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
+
+
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """An endpoint whose connections do not log their factory starting and stopping."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        if hasattr(protocolFactory, "noisy"):
+            protocolFactory.noisy = False
+        return self._endpoint.connect(protocolFactory)
+
+    def __repr__(self) -> str:
+        return repr(self._endpoint)

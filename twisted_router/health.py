@@ -27,10 +27,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_router.calls import describe_failure, read_body, read_limited, with_deadline
 from twisted_router.pool import Activity, Worker, WorkerPool
+from twisted_router.upstream import (
+    describe_failure,
+    discard,
+    read_body,
+    read_limited,
+    with_deadline,
+)
 
-__all__ = ["HealthChecker", "refresh_capabilities"]
+__all__ = ["HealthChecker", "probe_health", "refresh_capabilities"]
 
 _log = Logger()
 
@@ -113,8 +119,28 @@ async def refresh_capabilities(
     return True
 
 
-def _discard(data: bytes) -> None:
-    pass
+#: Largest C{/health} body we read; a real worker answers with a few bytes.
+_MAX_HEALTH_BODY = 64 * 1024
+
+
+def probe_health(http: HTTPClient, clock: IReactorTime, url: str, timeout: float) -> Deferred[int]:
+    """
+    Ask C{GET {url}/health} once; fire with the status code, or fail (with
+    C{defer.TimeoutError} after C{timeout} seconds on C{clock}).
+
+    The one probe of a worker's health: the health checker judges running
+    workers by it and the launcher decides that a loading worker is up by it,
+    so both agree on what "answers its health check" means.
+    """
+    return with_deadline(Deferred.fromCoroutine(_get_health(http, url)), timeout, clock)
+
+
+async def _get_health(http: HTTPClient, url: str) -> int:
+    response = await http.get(url + "/health", allow_redirects=False, unbuffered=True)
+    # Read the body to the end even though we ignore it: only then does the
+    # connection go back to the pool.
+    await read_body(response, discard, _MAX_HEALTH_BODY)
+    return int(response.code)
 
 
 class _Probe:
@@ -329,9 +355,7 @@ class HealthChecker(Service):
 
     def _probe(self, worker: Worker) -> Deferred[None]:
         """One probe; its Deferred never fails."""
-        d: Deferred[Any] = with_deadline(
-            Deferred.fromCoroutine(self._get_health(worker)), self.probe_timeout, self._clock
-        )
+        d: Deferred[Any] = probe_health(self._http, self._clock, worker.url, self.probe_timeout)
         probe = _Probe(d)
         self._probed_at[worker] = self._clock.seconds()
         d.addCallbacks(
@@ -349,15 +373,6 @@ class HealthChecker(Service):
 
         d.addBoth(forget)
         return d
-
-    async def _get_health(self, worker: Worker) -> int:
-        response = await self._http.get(
-            worker.url + "/health", allow_redirects=False, unbuffered=True
-        )
-        # Read the body to the end even though we ignore it: only then does
-        # the connection go back to the pool.
-        await read_body(response, _discard)
-        return int(response.code)
 
     def _is_current(self, worker: Worker) -> bool:
         """Whether a probe result still concerns a worker we should judge."""

@@ -22,7 +22,6 @@ The caller (the Klein app) gets typed outcomes so it can decide what to do:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, cast
@@ -31,7 +30,6 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredSemaphore,
-    succeed,
 )
 from twisted.internet.error import (
     ConnectError,
@@ -44,27 +42,30 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
     PotentialDataLoss,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from twisted_router.endpoints import WorkerEndpoints
+from twisted_router.upstream import (
+    BytesProducer,
+    FileBodyProducer,
+    body_producer,
+    describe_failure,
+    was_cancelled,
+)
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
-    "BytesProducer",
+    "BodyRelay",
     "ForwardResult",
     "StreamingProxy",
     "UpstreamBodyFailed",
@@ -72,8 +73,7 @@ __all__ = [
     "WorkerNotReady",
     "WorkerTimedOut",
     "WorkerUnreachable",
-    "make_agent",
-    "was_cancelled",
+    "upstream_headers",
 ]
 
 HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
@@ -102,23 +102,9 @@ never forward them.
 # (the body is fully buffered before render), while Agent cannot speak it.
 _NOT_FORWARDED_UPSTREAM = frozenset({b"content-length", b"host", b"expect"})
 
-# Methods whose empty body is sent without any Content-Length (no producer).
-_BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
-
-# Request bodies up to this size are read in one go and written synchronously;
-# Twisted keeps bodies below 100 000 bytes in memory anyway.
-_SYNC_BODY_LIMIT = 256 * 1024
-
-# The pull loop for large request bodies reads this much per read() call and at
-# most _UPLOAD_TICK_BUDGET per reactor turn, so one upload cannot starve others.
-_UPLOAD_CHUNK = 64 * 1024
-_UPLOAD_TICK_BUDGET = 4 * _UPLOAD_CHUNK
-
-
-# Structural views of the zope interfaces we call. mypy cannot type-check
-# calls through zope Interfaces without the mypy-zope plugin (their methods
-# lack C{self}), so the public signatures keep the interfaces while the code
-# talks to these Protocols.
+# The narrow parts of the reactor, the response and the transports that the
+# relay uses: the public signatures keep Twisted's interfaces, while these
+# say exactly what a test double has to provide.
 
 
 class _DelayedCall(Protocol):
@@ -218,49 +204,6 @@ class ForwardResult:
     head: bytes = b""
 
 
-def make_agent(
-    reactor: Any,
-    *,
-    max_connections: int,
-    connect_timeout: float = 10.0,
-    cached_connection_timeout: int = 4,
-) -> tuple[Agent, HTTPConnectionPool]:
-    """
-    Build the shared upstream L{Agent} with a persistent connection pool.
-
-    The pool's default of 2 cached connections per host would make almost
-    every request to a busy worker open a fresh TCP connection, hence
-    C{maxPersistentPerHost = max_connections}. The pool is returned too so the
-    service can call C{closeCachedConnections()} on shutdown (its idle timers
-    would otherwise leak).
-
-    Idle connections are dropped after C{cached_connection_timeout} seconds
-    (Twisted's default is 240) because workers run uvicorn, which closes idle
-    keep-alive connections after 5 s. A POST written onto a connection the
-    worker just closed fails before any response (Agent retries only
-    idempotent requests without a body), and that would look like an
-    unreachable worker and get a healthy worker quarantined.
-
-    @param reactor: An L{IReactorTCP} + L{IReactorTime} provider.
-    @param max_connections: Idle connections kept per worker.
-    @param connect_timeout: Seconds allowed for the TCP connect.
-    @param cached_connection_timeout: Seconds an idle pooled connection is
-        kept; keep it below the workers' keep-alive timeout.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max_connections
-    pool.cachedConnectionTimeout = cached_connection_timeout
-    pool._factory = _QuietClientFactory  # one "Starting factory" log line per connection is noise
-    agent = Agent.usingEndpointFactory(
-        reactor, WorkerEndpoints(reactor, connect_timeout=connect_timeout), pool=pool
-    )
-    return agent, pool
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
 # --------------------------------------------------------------------------
 # Header hygiene
 
@@ -294,7 +237,7 @@ def _client_host(request: Request) -> str:
     return host if isinstance(host, str) and host else "unknown"
 
 
-def _upstream_headers(request: Request) -> Headers:
+def upstream_headers(request: Request) -> Headers:
     """
     The headers sent to the worker: the client's own, minus everything that
     described the client's connection, plus the X-Forwarded-* trio so the
@@ -384,177 +327,7 @@ def _origin_form(path: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------
-# Request bodies
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A body already in memory, written synchronously: no reactor turn, no
-    cooperator, and therefore nothing scheduled that could outlive a forward.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: _Consumer) -> Deferred[None]:
-        if self._data:
-            consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IBodyProducer, IPushProducer)
-class _FileBodyProducer:
-    """
-    Streams a large (spooled-to-disk) request body on the injected reactor.
-
-    Unlike L{twisted.web.client.FileBodyProducer} this does not use the global
-    cooperator, and it never closes the file: the caller may retry the same
-    body on another worker. It reads at its own offset (seek before each read)
-    so a leftover producer from an earlier attempt cannot disturb a retry. The
-    upstream transport pauses and resumes it (upload backpressure).
-    """
-
-    def __init__(self, reactor: _Clock, body: IO[bytes], length: int) -> None:
-        self._reactor = reactor
-        self._body = body
-        self.length = length
-        self._offset = 0
-        self._consumer: _Consumer | None = None
-        self._finished: Deferred[None] | None = None
-        self._call: _DelayedCall | None = None
-        self._paused = False
-        self._stopped = False
-
-    @property
-    def active(self) -> bool:
-        """Whether the upload started and neither completed nor was stopped."""
-        return self._finished is not None and not self._finished.called and not self._stopped
-
-    def startProducing(self, consumer: _Consumer) -> Deferred[None]:
-        self._consumer = consumer
-        self._finished = Deferred()
-        self._schedule()
-        return self._finished
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._unschedule()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._schedule()
-
-    def stopProducing(self) -> None:
-        # IBodyProducer: after stopProducing the Deferred must never fire.
-        self._stopped = True
-        self._unschedule()
-
-    def _schedule(self) -> None:
-        if (
-            self._call is None
-            and self._finished is not None
-            and not self._finished.called
-            and not self._paused
-            and not self._stopped
-        ):
-            self._call = self._reactor.callLater(0, self._tick)
-
-    def _unschedule(self) -> None:
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-
-    def _tick(self) -> None:
-        self._call = None
-        assert self._consumer is not None and self._finished is not None
-        budget = _UPLOAD_TICK_BUDGET
-        while budget > 0 and not self._paused and not self._stopped:
-            remaining = self.length - self._offset
-            if remaining <= 0:
-                self._finished.callback(None)
-                return
-            try:
-                self._body.seek(self._offset)
-                data = self._body.read(min(_UPLOAD_CHUNK, remaining))
-            except Exception:
-                # E.g. the client went away and Twisted closed request.content.
-                self._stopped = True
-                self._finished.errback(Failure())
-                return
-            if not data:
-                self._stopped = True
-                self._finished.errback(
-                    Failure(ValueError(f"request body ended {remaining} bytes early"))
-                )
-                return
-            self._offset += len(data)
-            budget -= len(data)
-            self._consumer.write(data)  # may call pauseProducing synchronously
-        if self._offset >= self.length and not self._stopped and not self._finished.called:
-            self._finished.callback(None)
-            return
-        self._schedule()
-
-
-def _body_producer(
-    reactor: _Clock, method: bytes, body: IO[bytes] | None
-) -> BytesProducer | _FileBodyProducer | None:
-    """
-    Pick the cheapest correct producer for a buffered request body.
-
-    An empty body gets no producer for methods that normally carry none (no
-    C{Content-Length} at all), and a zero-length producer otherwise, so a POST
-    still says C{Content-Length: 0}.
-    """
-    if body is None:
-        length = 0
-    else:
-        try:
-            body.seek(0, io.SEEK_END)
-            length = body.tell()
-            body.seek(0)
-        except (OSError, ValueError, AttributeError):
-            # Not seekable: nothing better to do than to buffer it.
-            data = body.read()
-            return BytesProducer(data) if data or method not in _BODYLESS_METHODS else None
-    if length == 0:
-        return None if method in _BODYLESS_METHODS else BytesProducer(b"")
-    assert body is not None
-    if length <= _SYNC_BODY_LIMIT:
-        return BytesProducer(body.read(length))
-    return _FileBodyProducer(reactor, body, length)
-
-
-# --------------------------------------------------------------------------
 # Failure classification
-
-
-def _reasons(exc: BaseException) -> list[BaseException]:
-    """The wrapped causes of Twisted's C{_WrapperException}s (ResponseFailed & co)."""
-    reasons = getattr(exc, "reasons", None)
-    if not isinstance(reasons, list):
-        return []
-    return [r.value for r in reasons if isinstance(r, Failure)]
-
-
-def was_cancelled(exc: BaseException) -> bool:
-    """
-    Whether C{exc} is (or wraps) a cancellation: cancelling the Agent's
-    Deferred mid-request surfaces as C{ResponseNeverReceived([CancelledError])}.
-    """
-    return isinstance(exc, CancelledError) or any(was_cancelled(r) for r in _reasons(exc))
 
 
 _UNREACHABLE = (
@@ -567,15 +340,6 @@ _UNREACHABLE = (
     RequestTransmissionFailed,
     RequestNotSent,
 )
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason for logs and for C{str(WorkerUnreachable)}."""
-    inner = _reasons(exc)
-    if inner:
-        return f"{type(exc).__name__}: {_describe(inner[0])}"
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _abort_client(request: Request) -> None:
@@ -626,14 +390,14 @@ class _DownstreamRequest(Protocol):
 
 
 @implementer(IPushProducer)
-class _RelayProducer:
+class _BodyRelayProducer:
     """
     The push producer registered on the downstream request: it forwards pause
     and resume to the upstream transport (end-to-end backpressure) and tells
     the relay, which stops its idle timer while the I{client} is the slow one.
     """
 
-    def __init__(self, relay: _Relay) -> None:
+    def __init__(self, relay: BodyRelay) -> None:
         self._relay = relay
 
     def pauseProducing(self) -> None:
@@ -647,7 +411,7 @@ class _RelayProducer:
         self._relay.client_gone()
 
 
-class _Relay(TwistedProtocol):
+class BodyRelay(TwistedProtocol):
     """
     Relays the upstream response body to the downstream request.
 
@@ -715,7 +479,7 @@ class _Relay(TwistedProtocol):
             # The client is already gone: registerProducer would raise.
             self.client_gone()
             return
-        self._request.registerProducer(_RelayProducer(self), True)
+        self._request.registerProducer(_BodyRelayProducer(self), True)
         self._registered = True
         self._arm_idle()
 
@@ -740,7 +504,7 @@ class _Relay(TwistedProtocol):
         else:
             self._end(reason)
 
-    # Backpressure (called through _RelayProducer)
+    # Backpressure (called through _BodyRelayProducer)
 
     @property
     def upstream(self) -> _PushProducer | None:
@@ -900,7 +664,7 @@ class _Exchange:
         self.timed_out = False
         self.abandoned: str | None = None
         self.gone = _client_gone(request)
-        self.relay: _Relay | None = None
+        self.relay: BodyRelay | None = None
         if not self.gone:
             # notifyFinish after a disconnect would never fire, hence the check.
             request.notifyFinish().addErrback(self._on_client_gone)
@@ -1109,15 +873,15 @@ class StreamingProxy:
             give_up.addCallback(exchange.give_up)
         sem = self._semaphore(worker_url)
         acquired = False
-        producer: BytesProducer | _FileBodyProducer | None = None
+        producer: BytesProducer | FileBodyProducer | None = None
         try:
             try:
                 await exchange.wait(sem.acquire())
                 acquired = True
                 if ready is not None and not ready():
                     raise WorkerNotReady(f"{worker_url} stopped being routable while the request queued")
-                headers = _upstream_headers(request)
-                producer = _body_producer(self._reactor, method, body_file)
+                headers = upstream_headers(request)
+                producer = body_producer(self._reactor, method, body_file)
                 exchange.sent = True
                 response: _Response = await exchange.wait(
                     cast(Any, self._agent).request(method, url, headers, producer)
@@ -1143,7 +907,7 @@ class StreamingProxy:
                 idle_timeout=limit,
             )
         finally:
-            if isinstance(producer, _FileBodyProducer) and producer.active:
+            if isinstance(producer, FileBodyProducer) and producer.active:
                 producer.stopProducing()
             if acquired:
                 sem.release()
@@ -1185,7 +949,7 @@ class StreamingProxy:
             )
             return exc if isinstance(exc, CancelledError) else CancelledError(str(exc))
         if isinstance(exc, _UNREACHABLE):
-            reason = _describe(exc)
+            reason = describe_failure(exc)
             self._log.warn(
                 "worker {worker} unreachable: {reason}", worker=worker_url, reason=reason
             )
@@ -1206,8 +970,8 @@ class StreamingProxy:
         capture_limit: int,
         idle_timeout: float,
     ) -> ForwardResult:
-        """Send the status and headers, then stream the body through a L{_Relay}."""
-        relay = _Relay(
+        """Send the status and headers, then stream the body through a L{BodyRelay}."""
+        relay = BodyRelay(
             request,
             self._reactor,
             idle_timeout=idle_timeout,
@@ -1269,7 +1033,7 @@ class StreamingProxy:
             _abort_client(request)
             if isinstance(exc, UpstreamBodyFailed):
                 raise
-            reason = _describe(exc)
+            reason = describe_failure(exc)
             self._log.warn(
                 "worker {worker} failed mid-body after {nbytes} bytes: {reason}",
                 worker=worker_url,

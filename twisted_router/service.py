@@ -22,7 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from twisted_router.app import Router
-from twisted_router.calls import WorkerCaller, make_http_client
+from twisted_router.calls import WorkerCaller
 from twisted_router.config import RouterConfig
 from twisted_router.control import FleetController
 from twisted_router.dispatch import Dispatcher
@@ -41,8 +41,9 @@ from twisted_router.launcher import (
 from twisted_router.listener import ListenerService
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
-from twisted_router.proxy import StreamingProxy, make_agent
+from twisted_router.proxy import StreamingProxy
 from twisted_router.site import RouterSite
+from twisted_router.upstream import make_agent, make_http_client
 from twisted_router.urls import WorkerURLError
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -27,6 +28,8 @@ from zope.interface import implementer
 from tests.support.deferreds import success_result_of
 from twisted_router.config import RouterConfig
 from twisted_router.service import RouterParts, build_router
+from twisted_router.simulator.app import SimulatedWorker
+from twisted_router.simulator.config import SimulatorConfig
 
 Handler = Callable[[Request], "bytes | int"]
 
@@ -175,7 +178,10 @@ class FleetAgent:
 
 @dataclass
 class Fleet:
-    """Fake workers keyed by C{host:port}, with the agent the router uses to reach them."""
+    """
+    Fake workers keyed by C{host:port}, with the agent the router uses to reach
+    them: L{FakeWorker}s (L{add}) or simulated workers (L{add_simulator}).
+    """
 
     clock: Clock = field(default_factory=Clock)
     workers: dict[str, FakeWorker] = field(default_factory=dict)
@@ -183,6 +189,16 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.agent = FleetAgent(self)
+
+    def add_simulator(self, name: str, *, port: int = 9000, **config: Any) -> tuple[str, SimulatedWorker]:
+        """
+        A simulated worker (the real API, on the fleet's clock) at C{name:port},
+        answering as worker C{name}; C{config} are L{SimulatorConfig} fields.
+        """
+        netloc = f"{name}:{port}"
+        simulator = SimulatedWorker(SimulatorConfig(worker_id=name, **config), cast(IReactorTime, self.clock))
+        self.workers[netloc] = cast(FakeWorker, simulator.resource())
+        return f"http://{netloc}", simulator
 
     def add(self, name: str, *, port: int | None = None, task_type: str = "T2I") -> tuple[str, FakeWorker]:
         port = port if port is not None else 8000 + len(self.workers)

@@ -12,92 +12,29 @@ from typing import Any
 
 import pytest
 from treq.testing import RequestTraversalAgent
-from twisted.internet import defer, error
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    RequestTransmissionFailed,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from tests.support.deferreds import assert_no_result, success_result_of
+from tests.support.network import Answer, AnsweringWorkers
 from twisted_router import calls
-from twisted_router.calls import (
-    MAX_REPLY_BYTES,
-    BodyTooLarge,
-    WorkerCaller,
-    WorkerReply,
-    decode_body,
-    describe_failure,
-    make_http_client,
-    with_deadline,
-)
+from twisted_router.calls import MAX_REPLY_BYTES, WorkerCaller, WorkerReply, decode_body
+from twisted_router.upstream import make_http_client
 
 W1 = "http://w1:30000"
 W2 = "http://w2:30000"
 W3 = "http://w3:30000"
 
 
-class Answer:
-    """What a fake worker answers: status, body, headers; or C{hang=True} for never."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: bytes | str | Any = b"",
-        *,
-        content_type: bytes = b"application/json",
-        hang: bool = False,
-        headers: dict[bytes, bytes] | None = None,
-    ) -> None:
-        self.status = status
-        if isinstance(body, bytes):
-            self.body = body
-        elif isinstance(body, str):
-            self.body = body.encode()
-        else:
-            self.body = json.dumps(body).encode()
-        self.content_type = content_type
-        self.hang = hang
-        self.headers = headers or {}
-
-
-class FakeWorkers(Resource):
-    """Several workers behind one resource, told apart by the Host header."""
-
-    isLeaf = True
-
-    def __init__(self, answers: dict[str, Answer] | None = None) -> None:
-        super().__init__()
-        self.answers = answers or {}
-        self.requests: list[Request] = []
-        self.bodies: list[bytes] = []
-        self.lost: list[Request] = []
-
-    def render(self, request: Request) -> bytes | int:
-        self.requests.append(request)
-        self.bodies.append(request.content.read())
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
-        host = request.getHeader(b"host") or b""
-        answer = self.answers.get(host.decode().split(":")[0], Answer(200, {"ok": True}))
-        if answer.hang:
-            return NOT_DONE_YET
-        request.setResponseCode(answer.status)
-        request.setHeader(b"content-type", answer.content_type)
-        for name, value in answer.headers.items():
-            request.setHeader(name, value)
-        return answer.body
-
-
 class Harness:
     def __init__(self, answers: dict[str, Answer] | None = None) -> None:
-        self.workers = FakeWorkers(answers)
+        self.workers = AnsweringWorkers(answers)
         self.agent = RequestTraversalAgent(self.workers)
         self.clock = Clock()
         self.caller = WorkerCaller(make_http_client(self.agent), self.clock)
@@ -182,12 +119,6 @@ def test_request_method_path_body_and_content_type() -> None:
     assert h.workers.bodies == [b'{"model_path": "/m"}']
     assert request.getHeader(b"content-type") == b"application/json"
     assert request.getHeader(b"host") == b"w1:30000"
-
-
-def test_custom_content_type() -> None:
-    h = Harness()
-    success_result_of(h.call(body=b"a=1", content_type=b"application/x-www-form-urlencoded"))
-    assert h.workers.requests[0].getHeader(b"content-type") == b"application/x-www-form-urlencoded"
 
 
 def test_no_body_sends_no_content_type() -> None:
@@ -486,115 +417,3 @@ def test_decode_body() -> None:
     assert decode_body(b"[1, 2]") == [1, 2]
     assert decode_body(b"not json") == "not json"
     assert decode_body(b"") == ""
-
-
-# -- describe_failure --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "timeout", "expected"),
-    [
-        (defer.TimeoutError(), 5.0, "timed out after 5s"),
-        (defer.TimeoutError(), 2.5, "timed out after 2.5s"),
-        (defer.TimeoutError(), None, "timed out"),
-        (error.TimeoutError(), 3.0, "timed out after 3s"),
-        (TimeoutError(), None, "timed out"),
-        (error.ConnectionRefusedError(), None, "connection refused"),
-        (error.DNSLookupError("w1"), None, "DNS lookup failed"),
-        (error.NoRouteError(), None, "no route to host"),
-        (error.TCPTimedOutError(), None, "connect timed out"),
-        (CancelledError(), None, "cancelled"),
-        (error.ConnectionLost(), None, "connection lost"),
-        (error.ConnectionDone(), None, "connection lost"),
-        (ValueError("bad thing"), None, "ValueError: bad thing"),
-        (RuntimeError(), None, "RuntimeError"),
-        (BodyTooLarge("body larger than 8 bytes"), None, "BodyTooLarge: body larger than 8 bytes"),
-    ],
-)
-def test_describe_failure(exc: BaseException, timeout: float | None, expected: str) -> None:
-    assert describe_failure(exc, timeout) == expected
-    assert describe_failure(Failure(exc), timeout) == expected
-
-
-def test_describe_generic_connect_error() -> None:
-    text = describe_failure(error.ConnectError(string="host unreachable"))
-    assert text.startswith("connection failed: ")
-    assert "host unreachable" in text
-
-
-def test_describe_nested_response_never_received() -> None:
-    exc = ResponseNeverReceived([Failure(CancelledError())])
-    assert describe_failure(Failure(exc)) == "no response: cancelled"
-
-
-def test_describe_nested_timeout_uses_the_timeout() -> None:
-    exc = ResponseNeverReceived([Failure(defer.TimeoutError())])
-    assert describe_failure(exc, 7) == "no response: timed out after 7s"
-
-
-def test_describe_response_failed_with_several_causes() -> None:
-    exc = ResponseFailed([Failure(error.ConnectionLost()), Failure(ValueError("bad chunk"))])
-    assert describe_failure(exc) == "response interrupted: connection lost; ValueError: bad chunk"
-
-
-def test_describe_request_transmission_failed() -> None:
-    assert describe_failure(RequestTransmissionFailed([])) == "request not sent"
-    assert (
-        describe_failure(RequestTransmissionFailed([Failure(error.ConnectionRefusedError())]))
-        == "request not sent: connection refused"
-    )
-
-
-def test_describe_deeply_nested() -> None:
-    inner = ResponseFailed([Failure(error.ConnectionDone())])
-    exc = ResponseNeverReceived([Failure(inner)])
-    assert describe_failure(exc) == "no response: response interrupted: connection lost"
-
-
-def test_describe_long_messages_are_shortened_to_one_line() -> None:
-    text = describe_failure(ValueError("line one\n   line two\t" + "x" * 500))
-    assert "\n" not in text
-    assert text.startswith("ValueError: line one line two x")
-    assert len(text) == 200
-    assert text.endswith("...")
-
-
-# -- with_deadline -----------------------------------------------------------------
-
-
-def test_with_deadline_passes_results_through_and_cancels_its_timer() -> None:
-    clock = Clock()
-    inner: Deferred[str] = Deferred()
-    d = with_deadline(inner, 5, clock)
-    assert len(clock.getDelayedCalls()) == 1
-    inner.callback("done")
-    assert success_result_of(d) == "done"
-    assert clock.getDelayedCalls() == []
-
-
-def test_with_deadline_passes_failures_through_before_it_expires() -> None:
-    clock = Clock()
-    d = with_deadline(fail(ValueError("nope")), 5, clock)
-    failure: list[Failure] = []
-    d.addErrback(failure.append)
-    assert failure[0].check(ValueError)
-    assert clock.getDelayedCalls() == []
-
-
-def test_with_deadline_turns_any_failure_after_expiry_into_a_timeout() -> None:
-    clock = Clock()
-    cancelled: list[Deferred[Any]] = []
-
-    def cancel(d: Deferred[Any]) -> None:
-        cancelled.append(d)
-        d.errback(ResponseNeverReceived([Failure(CancelledError())]))
-
-    inner: Deferred[Any] = Deferred(cancel)
-    d = with_deadline(inner, 1.5, clock)
-    clock.advance(1.5)
-    assert cancelled == [inner]
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    assert failures[0].check(defer.TimeoutError)
-    assert str(failures[0].value) == "timed out after 1.5s"
-    assert clock.getDelayedCalls() == []

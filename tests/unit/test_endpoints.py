@@ -44,3 +44,15 @@ def test_https_workers_get_tls() -> None:
     plain = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.1:30000/"))
     tls = factory.endpointForURI(URI.fromBytes(b"https://10.0.0.1:30000/"))
     assert tls is not plain and not isinstance(tls, TCP4ClientEndpoint)
+
+
+def test_quiet_endpoints_connect_factories_that_do_not_log_their_start() -> None:
+    reactor = MemoryReactorClock()
+    factory = WorkerEndpoints(reactor, connect_timeout=2.5, quiet=True)
+    endpoint = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.1:30000/"))
+    assert factory.endpointForURI(URI.fromBytes(b"http://10.0.0.1:30000/health")) is endpoint
+    client = Factory.forProtocol(Protocol)
+    endpoint.connect(client)
+    assert client.noisy is False
+    host, port, _, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("10.0.0.1", 30000, 2.5)

@@ -7,118 +7,23 @@ resource that plays several workers at once, told apart by the C{Host} header.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.support.deferreds import assert_no_result, success_result_of
-from twisted_router.health import HealthChecker, describe_failure, refresh_capabilities
+from tests.support.network import Behaviour, ProbedWorkers, RefusingClient, model_card
+from twisted_router.health import HealthChecker, refresh_capabilities
 from twisted_router.pool import Worker, WorkerPool
 
 INTERVAL = 10.0
 TIMEOUT = 5.0
-
-
-def card(task_type: object = "T2V", model_id: object = "Wan-AI/Wan2.1-T2V-1.3B") -> bytes:
-    return json.dumps(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_id,
-                    "object": "model",
-                    "created": 1760000000,
-                    "owned_by": "sglang",
-                    "root": model_id,
-                    "task_type": task_type,
-                    "num_gpus": 1,
-                }
-            ],
-        }
-    ).encode()
-
-
-#: What a fake worker does on one path: a status code, a body (200), "hang"
-#: (never answers), or "trickle" (headers and a bit of body, then nothing).
-Behaviour = int | bytes | str
-
-
-class FakeWorkers(Resource):
-    """Several fake workers behind one resource, dispatched on the Host header."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.health: dict[str, Behaviour] = {}
-        self.models: dict[str, Behaviour] = {}
-        self.seen: list[tuple[str, str]] = []
-        self.hanging: list[Request] = []
-        #: How each hanging request ended (a Failure when the client went away).
-        self.ended: list[object] = []
-
-    def hits(self, host: str, path: str = "/health") -> int:
-        return self.seen.count((host, path))
-
-    def render_GET(self, request: Request) -> bytes | int:
-        host = (request.getHeader("host") or "").lower()
-        path = request.path.decode()
-        self.seen.append((host, path))
-        if path == "/health":
-            behaviour = self.health.get(host, b'{"status":"ok"}')
-        elif path == "/v1/models":
-            behaviour = self.models.get(host, card())
-        else:
-            request.setResponseCode(404)
-            return b'{"detail":"Not Found"}'
-        if behaviour in ("hang", "trickle"):
-            self.hanging.append(request)
-            request.notifyFinish().addBoth(self.ended.append)
-        if behaviour == "hang":
-            return NOT_DONE_YET
-        if behaviour == "trickle":
-            request.setHeader(b"content-length", b"1000")
-            request.write(b"{")
-            return NOT_DONE_YET
-        if isinstance(behaviour, int):
-            request.setResponseCode(behaviour)
-            return b"Internal Server Error"
-        assert isinstance(behaviour, bytes)
-        request.setHeader(b"content-type", b"application/json")
-        return behaviour
-
-
-class Network:
-    """
-    The HTTP client handed to the code under test: StubTreq, plus hosts that
-    refuse connections and hosts whose request call itself raises.
-    """
-
-    def __init__(self, stub: StubTreq) -> None:
-        self.stub = stub
-        self.refused: set[str] = set()
-        self.broken: set[str] = set()
-
-    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
-        host = urlsplit(url).netloc
-        if host in self.broken:
-            raise RuntimeError("client exploded")
-        if host in self.refused:
-            return fail(ConnectionRefusedError())
-        return self.stub.get(url, **kwargs)
 
 
 @pytest.fixture
@@ -132,18 +37,18 @@ def pool(clock: Clock) -> WorkerPool:
 
 
 @pytest.fixture
-def workers() -> FakeWorkers:
-    return FakeWorkers()
+def workers() -> ProbedWorkers:
+    return ProbedWorkers()
 
 
 @pytest.fixture
-def stub(workers: FakeWorkers) -> StubTreq:
+def stub(workers: ProbedWorkers) -> StubTreq:
     return StubTreq(workers)
 
 
 @pytest.fixture
-def net(stub: StubTreq) -> Network:
-    return Network(stub)
+def net(stub: StubTreq) -> RefusingClient:
+    return RefusingClient(stub)
 
 
 @pytest.fixture
@@ -153,7 +58,7 @@ def quarantined() -> list[tuple[Worker, str]]:
 
 @pytest.fixture
 def make_checker(
-    pool: WorkerPool, net: Network, clock: Clock, quarantined: list[tuple[Worker, str]]
+    pool: WorkerPool, net: RefusingClient, clock: Clock, quarantined: list[tuple[Worker, str]]
 ) -> Iterator[Callable[..., HealthChecker]]:
     made: list[HealthChecker] = []
 
@@ -187,7 +92,7 @@ def messages(events: list[LogEvent] | Any) -> list[str]:
 
 
 def test_probes_routable_workers_at_start_and_every_interval(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a, _ = pool.add("http://a:1")
     b, _ = pool.add("http://b:1")
@@ -210,7 +115,7 @@ def test_probes_routable_workers_at_start_and_every_interval(
 
 def test_quarantine_after_exactly_threshold_failures(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
     quarantined: list[tuple[Worker, str]],
@@ -246,7 +151,7 @@ def test_quarantine_after_exactly_threshold_failures(
 
 
 def test_threshold_of_one(
-    pool: WorkerPool, net: Network, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, net: RefusingClient, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     net.refused.add("a:1")
@@ -255,7 +160,7 @@ def test_threshold_of_one(
 
 
 def test_success_resets_the_count(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.health["a:1"] = 500
@@ -274,7 +179,7 @@ def test_success_resets_the_count(
 
 
 def test_non_200_success_codes_count_as_failures(
-    pool: WorkerPool, workers: FakeWorkers, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.health["a:1"] = 204
@@ -283,7 +188,7 @@ def test_non_200_success_codes_count_as_failures(
 
 
 def test_connection_refused_reason(
-    pool: WorkerPool, net: Network, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, net: RefusingClient, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     net.refused.add("a:1")
@@ -294,7 +199,7 @@ def test_connection_refused_reason(
 
 def test_probe_that_never_answers_times_out(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     stub: StubTreq,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
@@ -323,7 +228,7 @@ def test_probe_that_never_answers_times_out(
 
 def test_hung_probe_delays_but_does_not_stop_the_loop(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
     quarantined: list[tuple[Worker, str]],
@@ -342,7 +247,7 @@ def test_hung_probe_delays_but_does_not_stop_the_loop(
 
 def test_trickling_body_times_out_and_is_aborted(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     stub: StubTreq,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
@@ -360,10 +265,41 @@ def test_trickling_body_times_out_and_is_aborted(
     assert len(workers.ended) == 1 and isinstance(workers.ended[0], Failure)
 
 
+def test_a_health_body_over_64_kib_fails_the_probe(
+    pool: WorkerPool,
+    workers: ProbedWorkers,
+    stub: StubTreq,
+    make_checker: Callable[..., HealthChecker],
+) -> None:
+    """The health checker reads /health as the launcher does: at most 64 KiB."""
+    w, _ = pool.add("http://a:1")
+    workers.health["a:1"] = b"x" * (64 * 1024 + 1)
+    d = make_checker().check_all()
+    stub.flush()
+    success_result_of(d)
+    assert w.last_error == f"BodyTooLarge: body larger than {64 * 1024} bytes"
+    assert w.consecutive_failures == 1
+
+
+def test_a_health_body_of_64_kib_passes(
+    pool: WorkerPool,
+    workers: ProbedWorkers,
+    stub: StubTreq,
+    make_checker: Callable[..., HealthChecker],
+) -> None:
+    w, _ = pool.add("http://a:1")
+    workers.health["a:1"] = b"x" * (64 * 1024)
+    d = make_checker().check_all()
+    stub.flush()
+    success_result_of(d)
+    assert workers.hits("a:1") == 1
+    assert (w.consecutive_failures, w.last_error) == (0, None)
+
+
 def test_exception_in_one_probe_does_not_stop_the_loop(
     pool: WorkerPool,
-    workers: FakeWorkers,
-    net: Network,
+    workers: ProbedWorkers,
+    net: RefusingClient,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
 ) -> None:
@@ -385,7 +321,7 @@ def test_exception_in_one_probe_does_not_stop_the_loop(
 
 def test_bug_in_bookkeeping_is_logged_and_the_loop_survives(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
     monkeypatch: pytest.MonkeyPatch,
@@ -408,7 +344,7 @@ def test_bug_in_bookkeeping_is_logged_and_the_loop_survives(
 
 def test_failing_quarantine_hook_is_logged_and_the_loop_survives(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
 ) -> None:
@@ -435,7 +371,7 @@ def test_a_round_never_fails_even_if_the_pool_does() -> None:
     clock = Clock()
     checker = HealthChecker(
         BrokenPool(),
-        StubTreq(FakeWorkers()),
+        StubTreq(ProbedWorkers()),
         clock,
         interval=1,
         failure_threshold=1,  # type: ignore[arg-type]
@@ -453,7 +389,7 @@ def test_check_all_with_no_workers(make_checker: Callable[..., HealthChecker]) -
 
 
 def test_stop_service_stops_the_loop(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     pool.add("http://a:1")
     checker = make_checker()
@@ -470,7 +406,7 @@ def test_stop_service_stops_the_loop(
 
 def test_stop_service_cancels_probes_in_flight_without_counting_them(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     stub: StubTreq,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
@@ -489,7 +425,7 @@ def test_stop_service_cancels_probes_in_flight_without_counting_them(
 
 
 def test_restart_after_stop(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     pool.add("http://a:1")
     checker = make_checker()
@@ -503,7 +439,7 @@ def test_restart_after_stop(
 
 def test_worker_removed_mid_probe_is_ignored(
     pool: WorkerPool,
-    workers: FakeWorkers,
+    workers: ProbedWorkers,
     clock: Clock,
     make_checker: Callable[..., HealthChecker],
     quarantined: list[tuple[Worker, str]],
@@ -522,7 +458,7 @@ def test_worker_removed_mid_probe_is_ignored(
 
 
 def test_worker_quarantined_by_operator_mid_probe_is_left_alone(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.health["a:1"] = "hang"
@@ -534,7 +470,7 @@ def test_worker_quarantined_by_operator_mid_probe_is_left_alone(
 
 
 def test_manual_check_does_not_probe_a_worker_twice(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.health["a:1"] = "hang"
@@ -546,7 +482,7 @@ def test_manual_check_does_not_probe_a_worker_twice(
     assert w.consecutive_failures == 1
 
 
-def test_constructor_validates(pool: WorkerPool, net: Network, clock: Clock) -> None:
+def test_constructor_validates(pool: WorkerPool, net: RefusingClient, clock: Clock) -> None:
     with pytest.raises(ValueError, match="interval"):
         HealthChecker(pool, net, clock, interval=0, failure_threshold=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold"):
@@ -566,10 +502,10 @@ def test_constructor_validates(pool: WorkerPool, net: Network, clock: Clock) -> 
 
 
 def test_missing_capabilities_are_fetched_after_the_first_good_probe(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
-    workers.models["a:1"] = card("TI2V", "Wan-AI/Wan2.2-TI2V-5B")
+    workers.models["a:1"] = model_card("TI2V", "Wan-AI/Wan2.2-TI2V-5B")
     make_checker().startService()
     assert w.task_type == "TI2V" and w.model_id == "Wan-AI/Wan2.2-TI2V-5B"
     assert w.video_support
@@ -578,7 +514,7 @@ def test_missing_capabilities_are_fetched_after_the_first_good_probe(
 
 
 def test_unreadable_capabilities_are_not_refetched_every_round(
-    pool: WorkerPool, workers: FakeWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, clock: Clock, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.models["a:1"] = b"garbage"
@@ -591,14 +527,14 @@ def test_unreadable_capabilities_are_not_refetched_every_round(
     workers.health["a:1"] = 503
     clock.advance(INTERVAL)
     workers.health["a:1"] = b"{}"
-    workers.models["a:1"] = card("T2I", "Qwen/Qwen-Image")
+    workers.models["a:1"] = model_card("T2I", "Qwen/Qwen-Image")
     clock.advance(INTERVAL)
     assert workers.hits("a:1", "/v1/models") == 2
     assert w.task_type == "T2I" and not w.video_support
 
 
 def test_known_capabilities_are_not_refetched(
-    pool: WorkerPool, workers: FakeWorkers, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     pool.set_capabilities(w, task_type="T2I", model_id="m")
@@ -607,7 +543,7 @@ def test_known_capabilities_are_not_refetched(
 
 
 def test_capability_fetch_can_be_disabled(
-    pool: WorkerPool, workers: FakeWorkers, make_checker: Callable[..., HealthChecker]
+    pool: WorkerPool, workers: ProbedWorkers, make_checker: Callable[..., HealthChecker]
 ) -> None:
     w, _ = pool.add("http://a:1")
     make_checker(fetch_missing_capabilities=False).startService()
@@ -618,27 +554,27 @@ def test_capability_fetch_can_be_disabled(
 # -- refresh_capabilities -------------------------------------------------------------
 
 
-def refresh(pool: WorkerPool, w: Worker, net: Network, clock: Clock) -> Deferred[bool]:
+def refresh(pool: WorkerPool, w: Worker, net: RefusingClient, clock: Clock) -> Deferred[bool]:
     return Deferred.fromCoroutine(refresh_capabilities(pool, w, net, clock, timeout=TIMEOUT))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("body", "task_type", "model_id"),
     [
-        (card("T2V", "Wan-AI/Wan2.1-T2V-1.3B"), "T2V", "Wan-AI/Wan2.1-T2V-1.3B"),
-        (card("T2I", "Qwen/Qwen-Image"), "T2I", "Qwen/Qwen-Image"),
-        (card("I2M", "tencent/Hunyuan3D-2"), "I2M", "tencent/Hunyuan3D-2"),
-        (card("t2v ", "/models/local"), "T2V", "/models/local"),
-        (card(None, "m"), None, "m"),
-        (card(7, ["x"]), None, None),
+        (model_card("T2V", "Wan-AI/Wan2.1-T2V-1.3B"), "T2V", "Wan-AI/Wan2.1-T2V-1.3B"),
+        (model_card("T2I", "Qwen/Qwen-Image"), "T2I", "Qwen/Qwen-Image"),
+        (model_card("I2M", "tencent/Hunyuan3D-2"), "I2M", "tencent/Hunyuan3D-2"),
+        (model_card("t2v ", "/models/local"), "T2V", "/models/local"),
+        (model_card(None, "m"), None, "m"),
+        (model_card(7, ["x"]), None, None),
         (b'{"data":[{"id":"m"}]}', None, "m"),
         (b'{"data":[{"id":"a","task_type":"I2V"},{"id":"b","task_type":"T2I"}]}', "I2V", "a"),
     ],
 )
 def test_refresh_capabilities_parses_the_card(
     pool: WorkerPool,
-    workers: FakeWorkers,
-    net: Network,
+    workers: ProbedWorkers,
+    net: RefusingClient,
     clock: Clock,
     body: bytes,
     task_type: str | None,
@@ -670,8 +606,8 @@ def test_refresh_capabilities_parses_the_card(
 )
 def test_refresh_capabilities_tolerates_garbage(
     pool: WorkerPool,
-    workers: FakeWorkers,
-    net: Network,
+    workers: ProbedWorkers,
+    net: RefusingClient,
     clock: Clock,
     behaviour: Behaviour,
 ) -> None:
@@ -684,7 +620,7 @@ def test_refresh_capabilities_tolerates_garbage(
     assert any("could not read capabilities of worker http://a:1" in m for m in messages(events))
 
 
-def test_refresh_capabilities_refused(pool: WorkerPool, net: Network, clock: Clock) -> None:
+def test_refresh_capabilities_refused(pool: WorkerPool, net: RefusingClient, clock: Clock) -> None:
     w, _ = pool.add("http://a:1")
     net.refused.add("a:1")
     with capturedLogs() as events:
@@ -692,14 +628,14 @@ def test_refresh_capabilities_refused(pool: WorkerPool, net: Network, clock: Clo
     assert any("connection refused" in m for m in messages(events))
 
 
-def test_refresh_capabilities_client_raises(pool: WorkerPool, net: Network, clock: Clock) -> None:
+def test_refresh_capabilities_client_raises(pool: WorkerPool, net: RefusingClient, clock: Clock) -> None:
     w, _ = pool.add("http://a:1")
     net.broken.add("a:1")
     assert success_result_of(refresh(pool, w, net, clock)) is False
 
 
 def test_refresh_capabilities_times_out(
-    pool: WorkerPool, workers: FakeWorkers, net: Network, clock: Clock
+    pool: WorkerPool, workers: ProbedWorkers, net: RefusingClient, clock: Clock
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.models["a:1"] = "hang"
@@ -713,37 +649,9 @@ def test_refresh_capabilities_times_out(
 
 
 def test_refresh_capabilities_refuses_huge_bodies(
-    pool: WorkerPool, workers: FakeWorkers, net: Network, clock: Clock
+    pool: WorkerPool, workers: ProbedWorkers, net: RefusingClient, clock: Clock
 ) -> None:
     w, _ = pool.add("http://a:1")
     workers.models["a:1"] = b'{"data":[{"id":"' + b"x" * (2 * 1024 * 1024) + b'"}]}'
     assert success_result_of(refresh(pool, w, net, clock)) is False
     assert w.model_id is None
-
-
-# -- describe_failure --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (ConnectionRefusedError(), "connection refused"),
-        (DNSLookupError("nope"), "DNS lookup failed"),
-        (defer.TimeoutError(), "timed out after 5s"),
-        (TimeoutError(), "timed out after 5s"),
-        (
-            ResponseNeverReceived([Failure(ConnectionRefusedError())]),
-            "no response: connection refused",
-        ),
-        (ResponseFailed([]), "response interrupted"),
-        (ValueError("bad\nthing"), "ValueError: bad thing"),
-        (RuntimeError(), "RuntimeError"),
-    ],
-)
-def test_describe_failure(exc: BaseException, expected: str) -> None:
-    assert describe_failure(Failure(exc), timeout=5.0) == expected
-    assert describe_failure(exc, timeout=5.0) == expected
-
-
-def test_describe_failure_is_short() -> None:
-    assert len(describe_failure(ValueError("x" * 10_000))) <= 200

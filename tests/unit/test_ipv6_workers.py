@@ -9,7 +9,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from tests.support.fleet import Fleet, RouterHarness
-from twisted_router.calls import make_http_client
+from twisted_router.upstream import make_http_client
 
 
 @implementer(IAgent)

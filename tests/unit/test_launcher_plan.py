@@ -26,6 +26,7 @@ from twisted_router.launcher import (
     SimulatedWorker,
     assign_gpus,
     choose_ports,
+    list_nvidia_gpus,
     plan_fleet,
     port_is_free,
     process_group_argv,
@@ -177,17 +178,14 @@ def test_no_gpu_source_at_all_is_refused() -> None:
         assign_gpus(local(), {}, lambda: None)
 
 
-def test_nvidia_smi_output_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from twisted_router.launcher import _plan
-
+def test_nvidia_smi_output_is_parsed() -> None:
     out = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)\n"
-    monkeypatch.setattr(_plan.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr(
-        _plan.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=out, stderr="")
-    )
-    assert _plan.list_nvidia_gpus() == ["0", "1"]
-    monkeypatch.setattr(_plan.shutil, "which", lambda name: None)
-    assert _plan.list_nvidia_gpus() is None
+
+    def run(*a: Any, **k: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(a, 0, stdout=out, stderr="")
+
+    assert list_nvidia_gpus(which=lambda name: "/usr/bin/nvidia-smi", run=run) == ["0", "1"]
+    assert list_nvidia_gpus(which=lambda name: None, run=run) is None
 
 
 # -- ports ------------------------------------------------------------------------------

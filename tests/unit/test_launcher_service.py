@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import (
     CannotListenError,
-    ConnectionRefusedError,
     ProcessDone,
     ProcessExitedAlready,
     ProcessTerminated,
@@ -34,9 +33,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
+from tests.support.network import HealthAnswers
 from twisted_router.config import RouterConfig
 from twisted_router.launcher import (
     STARTUP_EXIT_LIMIT,
+    TAIL_LINES,
     LauncherConfig,
     LauncherService,
     LaunchFailed,
@@ -45,7 +46,6 @@ from twisted_router.launcher import (
     describe_exit,
     plan_fleet,
 )
-from twisted_router.launcher._service import TAIL_LINES
 
 URL0 = "http://127.0.0.1:10090"
 URL1 = "http://127.0.0.1:10092"
@@ -172,30 +172,6 @@ class FakeProcessReactor(Clock):
 
 
 @dataclass
-class FakeResponse:
-    code: int
-    length: int = 0
-
-
-class FakeHealth:
-    """C{GET /health}: refused until a worker is marked up, then its status code."""
-
-    def __init__(self) -> None:
-        self.up: dict[str, int] = {}
-        self.hang: set[str] = set()
-        self.calls: list[str] = []
-
-    def get(self, url: str, **kwargs: Any) -> Deferred[FakeResponse]:
-        self.calls.append(url)
-        base = url.removesuffix("/health")
-        if base in self.hang:
-            return Deferred()
-        if base in self.up:
-            return succeed(FakeResponse(self.up[base]))
-        return fail(ConnectionRefusedError())
-
-
-@dataclass
 class FakeRouter:
     """The router's two launcher hooks, recorded; C{hold} keeps worker_ready pending."""
 
@@ -221,7 +197,7 @@ class Harness:
     reactor: FakeProcessReactor
     table: FakeProcessTable
     router: FakeRouter
-    http: FakeHealth
+    http: HealthAnswers
     service: LauncherService
     failures: list[Failure]
 
@@ -260,7 +236,7 @@ def harness(
     )
     plan = plan_fleet(config, environ={"PATH": "/bin"}, is_port_free=lambda host, port: True, python="/py")
     router = FakeRouter()
-    http = FakeHealth()
+    http = HealthAnswers()
     failures: list[Failure] = []
     service = LauncherService(
         plan, router, reactor, http, on_failure=failures.append,  # type: ignore[arg-type]

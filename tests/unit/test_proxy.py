@@ -12,7 +12,6 @@ delayed call behind and that nothing was logged as an error (e.g. Twisted's
 from __future__ import annotations
 
 import io
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,7 +28,7 @@ from twisted.internet.error import (
     TCPTimedOutError,
 )
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -47,16 +46,13 @@ from zope.interface import implementer
 from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
 from twisted_router.proxy import (
     HOP_BY_HOP_HEADERS,
+    BodyRelay,
     ForwardResult,
     StreamingProxy,
     UpstreamBodyFailed,
     WorkerTimedOut,
     WorkerUnreachable,
-    _body_producer,
-    _FileBodyProducer,
-    _Relay,
-    _upstream_headers,
-    make_agent,
+    upstream_headers,
 )
 
 WORKER = "http://worker:8000"
@@ -573,7 +569,7 @@ def test_x_forwarded_proto_https(h: Harness) -> None:
 
 
 class _FakeClientRequest:
-    """Just enough of a Request for L{_upstream_headers}."""
+    """Just enough of a Request for L{upstream_headers}."""
 
     def __init__(self, headers: dict[bytes, list[bytes]], address: Any, secure: bool = False):
         self.requestHeaders = Headers(headers)
@@ -603,7 +599,7 @@ def test_upstream_headers_unit() -> None:
         UNIXAddress(b"/run/router.sock"),
         secure=True,
     )
-    got = _upstream_headers(request)  # type: ignore[arg-type]
+    got = upstream_headers(request)  # type: ignore[arg-type]
     assert dict(got.getAllRawHeaders()) == {
         b"Accept": [b"*/*"],
         b"X-Forwarded-For": [b"1.1.1.1, 2.2.2.2, unknown"],
@@ -650,59 +646,6 @@ def test_empty_body(h: Harness, method: str, content_length: list[bytes] | None)
     assert h.upstream.bodies == [b""]
     up.finish()
     h.pump()
-
-
-def test_body_producer_kinds_and_file_is_never_closed() -> None:
-    clock = Clock()
-    assert _body_producer(clock, b"GET", io.BytesIO()) is None
-    empty_post = _body_producer(clock, b"POST", io.BytesIO())
-    assert empty_post is not None and empty_post.length == 0
-    small = _body_producer(clock, b"POST", io.BytesIO(b"abc"))
-    assert small is not None and small.length == 3
-
-    with tempfile.TemporaryFile() as f:
-        f.write(b"x" * 300_000)
-        f.seek(123)  # forward() must rewind
-        big = _body_producer(clock, b"POST", f)
-        assert isinstance(big, _FileBodyProducer)
-        assert big.length == 300_000
-        written: list[bytes] = []
-
-        class Consumer:
-            def write(self, data: bytes) -> None:
-                written.append(data)
-
-        done = big.startProducing(Consumer())
-        big.pauseProducing()
-        clock.advance(0)
-        assert written == []  # paused: nothing read
-        big.resumeProducing()
-        while clock.getDelayedCalls():
-            clock.advance(0)
-        success_result_of(done)
-        assert b"".join(written) == b"x" * 300_000
-        assert not f.closed  # a retry can read it again
-
-
-def test_file_producer_stop_leaves_nothing_scheduled() -> None:
-    clock = Clock()
-    with tempfile.TemporaryFile() as f:
-        f.write(b"y" * 600_000)
-        producer = _FileBodyProducer(clock, f, 600_000)
-        written: list[bytes] = []
-
-        class Consumer:
-            def write(self, data: bytes) -> None:
-                written.append(data)
-                producer.stopProducing()  # e.g. the upstream connection went away
-
-        done = producer.startProducing(Consumer())
-        assert producer.active
-        clock.advance(0)
-        assert len(written) == 1
-        assert not producer.active
-        assert clock.getDelayedCalls() == []
-        assert_no_result(done)  # IBodyProducer: never fires after stopProducing
 
 
 @pytest.mark.parametrize("partial_upload", [False, True])
@@ -874,7 +817,7 @@ def test_relay_treats_potential_data_loss_as_success() -> None:
     """A body delimited by connection close (no length, not chunked) ends that way."""
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     relay.makeConnection(StringTransport())
     relay.dataReceived(b"abc")
     relay.connectionLost(Failure(PotentialDataLoss()))
@@ -1040,7 +983,7 @@ class FakeDownstreamRequest:
 def test_relay_registers_upstream_as_push_producer_and_propagates_pause() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     assert request.streaming is True
@@ -1074,7 +1017,7 @@ def test_client_that_reads_nothing_for_the_timeout_is_dropped(logged: list[dict[
     clock = Clock()
     request = FakeDownstreamRequest()
     request.transport = AbortRecorder()  # type: ignore[attr-defined]
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     request.producer.pauseProducing()
@@ -1092,7 +1035,7 @@ def test_client_that_reads_nothing_for_the_timeout_is_dropped(logged: list[dict[
 def test_relay_stop_producing_from_channel_stops_upstream() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     request.channel = None  # what Request.connectionLost does
@@ -1109,7 +1052,7 @@ def test_relay_stop_producing_from_channel_stops_upstream() -> None:
 def test_relay_cancel_stops_upstream() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     relay.done.cancel()
@@ -1231,18 +1174,6 @@ def test_slot_released_after_unreachable_and_semaphores_dropped(
 
 # --------------------------------------------------------------------------
 # Agent factory and validation
-
-
-def test_make_agent_configures_a_persistent_pool() -> None:
-    reactor = MemoryReactorClock()
-    agent, pool = make_agent(reactor, max_connections=64, connect_timeout=3.0)
-    assert pool.persistent is True
-    assert pool.maxPersistentPerHost == 64
-    assert pool.cachedConnectionTimeout == 4  # below uvicorn's 5 s keep-alive
-    assert agent._pool is pool
-    agent.request(b"GET", b"http://127.0.0.1:9000/x")
-    host, port, _, timeout, _ = reactor.tcpClients[0]
-    assert (host, port, timeout) == ("127.0.0.1", 9000, 3.0)
 
 
 def test_constructor_validates() -> None:

@@ -14,13 +14,13 @@ from twisted.web.client import ResponseDone
 
 from tests.support.deferreds import assert_no_result, failure_result_of
 from tests.unit.test_proxy import FakeDownstreamRequest
-from twisted_router.proxy import _Relay
+from twisted_router.proxy import BodyRelay
 
 
-def _draining_relay() -> tuple[Clock, FakeDownstreamRequest, _Relay, StringTransport]:
+def _draining_relay() -> tuple[Clock, FakeDownstreamRequest, BodyRelay, StringTransport]:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     relay.drain_if_abandoned = True
     upstream = StringTransport()
     relay.makeConnection(upstream)
@@ -61,7 +61,7 @@ def test_a_drain_is_bounded_in_time_even_if_the_worker_keeps_trickling() -> None
 def test_without_drain_mode_a_leaving_client_stops_the_worker_at_once() -> None:
     clock = Clock()
     request = FakeDownstreamRequest()
-    relay = _Relay(request, clock, idle_timeout=5)
+    relay = BodyRelay(request, clock, idle_timeout=5)
     upstream = StringTransport()
     relay.makeConnection(upstream)
     request.channel = None

@@ -10,7 +10,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 
 from twisted_router.launcher._lines import strip_timestamp
-from twisted_router.simulator.cli import _QuietSite
+from twisted_router.simulator.cli import QuietSite
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_a_workers_own_leading_timestamp_is_dropped(line: str, relayed: str) -> 
 
 
 def test_the_simulators_site_does_not_log_starting_factory() -> None:
-    site = _QuietSite(Resource())
+    site = QuietSite(Resource())
     with capturedLogs() as events:
         site.doStart()
         site.doStop()

@@ -7,17 +7,15 @@ Range downloads and the merged video list.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.fleet import FakeWorker, Fleet, RouterHarness
+from tests.support.fleet import Fleet, RouterHarness
 from twisted_router.pool import Activity
 from twisted_router.simulator.app import SimulatedWorker
-from twisted_router.simulator.config import SimulatorConfig
 from twisted_router.simulator.model import TaskType
 
 
@@ -29,10 +27,8 @@ def _fleet_of_simulators(
     harness = RouterHarness(fleet, timeout=30.0)
     urls, sims = [], []
     for i in range(n):
-        netloc = f"sim{i}:9000"
-        sim = SimulatedWorker(SimulatorConfig(worker_id=f"sim{i}", **config), cast(IReactorTime, fleet.clock))
-        fleet.workers[netloc] = cast(FakeWorker, sim.resource())
-        urls.append(f"http://{netloc}")
+        url, sim = fleet.add_simulator(f"sim{i}", **config)
+        urls.append(url)
         sims.append(sim)
     return harness, urls, sims
 

@@ -92,9 +92,42 @@ def test_explicit_worker_id_is_kept() -> None:
 def test_idle_timeout_lines_are_dropped_unless_verbose() -> None:
     from twisted.logger import PredicateResult
 
-    from twisted_router.simulator.cli import _not_idle_timeout_noise
+    from twisted_router.simulator.cli import not_idle_timeout_noise
 
-    assert _not_idle_timeout_noise({"log_format": "Timing out client: {peer}"}) is PredicateResult.no
-    assert _not_idle_timeout_noise({"log_format": "Forcibly timing out client: {peer}"}) is PredicateResult.no
-    assert _not_idle_timeout_noise({"log_format": "listening on http://{host}:{port}"}) is PredicateResult.maybe
-    assert _not_idle_timeout_noise({}) is PredicateResult.maybe
+    assert not_idle_timeout_noise({"log_format": "Timing out client: {peer}"}) is PredicateResult.no
+    assert not_idle_timeout_noise({"log_format": "Forcibly timing out client: {peer}"}) is PredicateResult.no
+    assert not_idle_timeout_noise({"log_format": "listening on http://{host}:{port}"}) is PredicateResult.maybe
+    assert not_idle_timeout_noise({}) is PredicateResult.maybe
+
+
+# -- from_options / to_argv: the one definition of the options ---------------------------
+
+
+def test_to_argv_rebuilds_the_config_through_the_command_line() -> None:
+    config = SimulatorConfig(
+        host="0.0.0.0", port=0, model_path="/m", task_type=TaskType.TI2V, num_gpus=2, step_ms=12.5,
+        default_steps=50, fail_update=True, disabled_endpoints=("/a", "/b"), api_version="upstream",
+        rollout_format="json", weights_prefixes=("/ckpt/",), verbose=True,
+    )
+    assert parse_config(config.to_argv()) == config
+
+
+def test_to_argv_writes_defaults_only_when_asked() -> None:
+    config = SimulatorConfig(port=1, seed=0, step_ms=2.0)
+    assert config.to_argv() == ["--host", "127.0.0.1", "--port", "1", "--step-ms", "2.0"]
+    assert config.to_argv(explicit=("seed", "fail_update", "model_path")) == [
+        "--host", "127.0.0.1", "--port", "1", "--step-ms", "2.0", "--seed", "0",
+    ]
+
+
+def test_from_options_takes_option_names_and_refuses_unknown_ones() -> None:
+    config = SimulatorConfig.from_options(
+        {"task_type": "t2v", "disable_endpoint": ["/x"], "weights_prefix": ("/p",), "default_steps": None}
+    )
+    assert config == SimulatorConfig(task_type=TaskType.T2V, disabled_endpoints=("/x",), weights_prefixes=("/p",))
+    with pytest.raises(ValueError, match="unknown simulator option"):
+        SimulatorConfig.from_options({"disabled_endpoints": ("/x",)})
+    with pytest.raises(ValueError, match="task-type must be one of"):
+        SimulatorConfig.from_options({"task_type": "T2X"})
+    with pytest.raises(ValueError, match="fail-rate"):
+        SimulatorConfig.from_options({"fail_rate": 2.0})

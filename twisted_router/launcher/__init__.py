@@ -33,6 +33,7 @@ from twisted_router.launcher._plan import (
 )
 from twisted_router.launcher._service import (
     STARTUP_EXIT_LIMIT,
+    TAIL_LINES,
     FleetHooks,
     LauncherService,
     LaunchFailed,
@@ -44,6 +45,7 @@ __all__ = [
     "BACKENDS",
     "SIMULATOR_OPTIONS",
     "STARTUP_EXIT_LIMIT",
+    "TAIL_LINES",
     "FleetHooks",
     "FleetPlan",
     "LaunchFailed",

@@ -24,6 +24,9 @@ from typing import Any
 import yaml
 
 from twisted_router.config import ConfigError
+from twisted_router.simulator.config import OPTIONS as SIMULATOR_OPTION_TABLE
+from twisted_router.simulator.config import SimulatorConfig
+from twisted_router.tasks import TaskType
 
 __all__ = [
     "BACKENDS",
@@ -39,36 +42,13 @@ __all__ = [
 #: The process backends: real C{sglang serve} workers, or CPU simulators.
 BACKENDS = ("local", "simulated")
 
-#: The simulator's options a launcher file may set, with their value kinds.
-#: C{host} and C{port} are missing on purpose: the launcher chooses them.
-SIMULATOR_OPTIONS: Mapping[str, str] = {
-    "model_path": "str",
-    "task_type": "task",
-    "num_gpus": "int",
-    "step_ms": "float",
-    "base_ms": "float",
-    "speed": "float",
-    "default_steps": "int",
-    "startup_delay": "float",
-    "fail_rate": "float",
-    "fail_update": "bool",
-    "seed": "int",
-    "image_bytes": "int",
-    "video_bytes": "int",
-    "update_ms": "float",
-    "sleep_ms": "float",
-    "keep_alive_timeout": "float",
-    "worker_id": "str",
-    "output_path": "str",
-    "disable_endpoint": "str_list",
-    "api_version": "str",
-    "rollout_format": "str",
-    "warmup_seconds": "float",
-    "weights_prefix": "str_list",
-    "verbose": "bool",
-}
-
-_TASK_TYPES = ("T2V", "I2V", "TI2V", "T2I", "I2I", "TI2I", "I2M")
+#: The simulator's options a launcher file may set (see
+#: L{twisted_router.simulator.config.OPTIONS}). C{host} and C{port} are
+#: missing on purpose: the launcher chooses them.
+SIMULATOR_OPTIONS: tuple[str, ...] = tuple(
+    option.name for option in SIMULATOR_OPTION_TABLE if option.name not in ("host", "port")
+)
+_SIMULATOR_KINDS: Mapping[str, str] = {option.name: option.kind for option in SIMULATOR_OPTION_TABLE}
 
 
 class LauncherConfigError(ConfigError):
@@ -314,7 +294,7 @@ def _restart(value: Any, where: str) -> RestartPolicy:
 
 
 def _simulator_value(name: str, value: Any, where: str) -> Any:
-    kind = SIMULATOR_OPTIONS[name]
+    kind = _SIMULATOR_KINDS[name]
     if kind == "int":
         return _int(value, where)
     if kind == "float":
@@ -323,8 +303,8 @@ def _simulator_value(name: str, value: Any, where: str) -> Any:
         return _bool(value, where)
     if kind == "task":
         text = _str(value, where).strip().upper()
-        if text not in _TASK_TYPES:
-            raise LauncherConfigError(f"{where}: must be one of {', '.join(_TASK_TYPES)}, got {_show(value)}")
+        if text not in TaskType.__members__:
+            raise LauncherConfigError(f"{where}: must be one of {', '.join(TaskType.__members__)}, got {_show(value)}")
         return text
     if kind == "str_list":
         items = value if isinstance(value, list) else [value]
@@ -348,18 +328,8 @@ def _simulator_options(data: Mapping[Any, Any], where: str, *, allow: Sequence[s
 
 def _check_simulator_ranges(options: Mapping[str, Any], where: str) -> None:
     """Let the simulator's own config judge the values, so a bad one fails here and not in every worker."""
-    from twisted_router.simulator.config import SimulatorConfig
-    from twisted_router.simulator.model import TaskType
-
-    kwargs = {name: value for name, value in options.items() if name not in ("task_type", "disable_endpoint", "weights_prefix")}
-    if "task_type" in options:
-        kwargs["task_type"] = TaskType[options["task_type"]]
-    if "disable_endpoint" in options:
-        kwargs["disabled_endpoints"] = tuple(options["disable_endpoint"])
-    if "weights_prefix" in options:
-        kwargs["weights_prefixes"] = tuple(options["weights_prefix"])
     try:
-        SimulatorConfig(**kwargs)
+        SimulatorConfig.from_options(options)
     except ValueError as exc:
         raise LauncherConfigError(f"{where}: {exc}") from None
 

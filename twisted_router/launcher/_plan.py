@@ -22,7 +22,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted_router.launcher._config import SIMULATOR_OPTIONS, LauncherConfig, LauncherConfigError
+from twisted_router.launcher._config import LauncherConfig, LauncherConfigError
+from twisted_router.simulator.config import SimulatorConfig
 from twisted_router.urls import WorkerURLError, normalize_worker_url
 
 if TYPE_CHECKING:
@@ -190,15 +191,22 @@ def choose_ports(
 _NVIDIA_SMI_GPU = re.compile(r"^GPU (\d+):")
 
 
-def list_nvidia_gpus() -> list[str] | None:
+def list_nvidia_gpus(
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> list[str] | None:
     """
     The GPU indices C{nvidia-smi -L} reports, or C{None} when it is not installed
     or does not work (no driver).
+
+    @param which: finds a program on C{PATH} (C{shutil.which}).
+    @param run: runs it (C{subprocess.run}).
     """
-    if shutil.which("nvidia-smi") is None:
+    if which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(
+        out = run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError):
@@ -274,24 +282,12 @@ def _local_argv(sglang: str, config: LauncherConfig, index: int, port: int) -> t
 
 
 def _simulated_argv(python: str, config: LauncherConfig, index: int, port: int) -> tuple[str, ...]:
-    options = config.simulated[index]
-    argv = [python, "-m", "twisted_router.simulator", "--host", config.worker_host, "--port", str(port)]
+    options = dict(config.simulated[index].options)
     if config.model is not None and options.get("model_path") is None:
-        argv += ["--model-path", config.model]
-    for name, kind in SIMULATOR_OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if kind == "bool":
-            if value:
-                argv.append(flag)
-        elif kind == "str_list":
-            for item in value:
-                argv += [flag, item]
-        else:
-            argv += [flag, str(value)]
-    return (*argv, *config.worker_extra_args)
+        options["model_path"] = config.model
+    simulator = SimulatorConfig.from_options({**options, "host": config.worker_host, "port": port})
+    argv = simulator.to_argv(explicit=options)
+    return (python, "-m", "twisted_router.simulator", *argv, *config.worker_extra_args)
 
 
 def process_group_argv(argv: Sequence[str], *, python: str, parent_pid: int) -> list[str]:

@@ -27,16 +27,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from twisted_router.calls import describe_failure, make_http_client, read_body, with_deadline
+from twisted_router.health import probe_health
 from twisted_router.launcher._lines import strip_timestamp
 from twisted_router.launcher._plan import FleetPlan, WorkerSpec, process_group_argv
 from twisted_router.launcher._supervisor import WorkerMonitor, describe_exit
+from twisted_router.upstream import describe_failure, make_agent, make_http_client
 from twisted_router.urls import WorkerURLError, normalize_worker_url
 
 __all__ = [
     "STARTUP_EXIT_LIMIT",
+    "TAIL_LINES",
     "FleetHooks",
     "LaunchFailed",
     "LauncherService",
@@ -105,10 +106,6 @@ class _Managed:
     @property
     def url(self) -> str:
         return self.spec.url
-
-
-def _discard(data: bytes) -> None:
-    pass
 
 
 class LauncherService(Service):
@@ -383,20 +380,11 @@ class LauncherService(Service):
         m.poll = None
         if m.starts != attempt or m.phase != "starting" or self._stopping:
             return
-        d = with_deadline(
-            Deferred.fromCoroutine(self._health(m.url)), self._probe_timeout, self._clock
-        )
+        d = probe_health(self._http, self._clock, m.url, self._probe_timeout)
         m.inflight = d
         d.addCallbacks(
             self._health_answered, self._health_failed, callbackArgs=(m, attempt), errbackArgs=(m, attempt)
         )
-
-    async def _health(self, url: str) -> int:
-        # No treq timeout: it would use the global reactor; _poll bounds the
-        # whole probe on the injected clock instead.
-        response = await self._http.get(url + "/health", allow_redirects=False, unbuffered=True)
-        await read_body(response, _discard, 64 * 1024)
-        return int(response.code)
 
     def _health_answered(self, code: int, m: _Managed, attempt: int) -> None:
         m.inflight = None
@@ -611,12 +599,6 @@ def _url_key(url: str) -> str:
         return url
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Probes open a connection every half second: "Starting factory" lines for each would drown the log."""
-
-    noisy = False
-
-
 def make_launcher_service(
     plan: FleetPlan,
     hooks: FleetHooks,
@@ -633,10 +615,7 @@ def make_launcher_service(
     half second to a worker that is still loading, and a pool would only keep
     sockets (and timers) open after the router stops.
     """
-    clock: Any = reactor
-    pool = HTTPConnectionPool(clock, persistent=False)
-    pool._factory = _QuietClientFactory
-    agent = Agent(clock, connectTimeout=2, pool=pool)
+    agent, _ = make_agent(reactor, max_connections=1, persistent=False, connect_timeout=2)
     service = LauncherService(
         plan, hooks, reactor, make_http_client(agent), on_failure=on_failure, start_after=start_after
     )

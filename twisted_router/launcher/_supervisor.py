@@ -1,9 +1,9 @@
-# -*- test-case-name: tests.unit.test_launcher_supervisor -*-
+# -*- test-case-name: tests.unit.test_launcher_service,tests.unit.test_launcher_safety -*-
 """
 Running worker processes: Twisted's L{ProcessMonitor}, taught about process groups.
 
 C{ProcessMonitor} already spawns processes on the reactor, restarts them with
-backoff and escalates SIGTERM to SIGKILL when stopping them. Three things it
+backoff and escalates SIGTERM to SIGKILL when stopping them. Four things it
 does not do, and a GPU fleet needs, are added here:
 
   - it signals only the process it spawned, but C{sglang serve} forks
@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.runner.procmon import LoggingProtocol, ProcessMonitor
@@ -140,6 +141,17 @@ def _signal_name(sig: int) -> str:
     return signal.Signals(sig).name.removeprefix("SIG")
 
 
+@dataclass(frozen=True)
+class _Spawn:
+    """How to start one supervised process (what C{addProcess} was given)."""
+
+    args: list[str]
+    uid: int | None
+    gid: int | None
+    env: dict[str, str]
+    cwd: str | None
+
+
 class WorkerMonitor(ProcessMonitor):
     """
     A C{ProcessMonitor} whose processes are process-group leaders (see the
@@ -149,6 +161,12 @@ class WorkerMonitor(ProcessMonitor):
     the process its own group leader (see
     L{twisted_router.launcher.process_group_argv}); stop everything with
     L{stop_all}, whose Deferred fires once every group is gone.
+
+    It spawns processes itself (its own protocol, a group per worker), so it
+    keeps its own record of what C{addProcess} was given and its own
+    references to the reactor rather than reading C{ProcessMonitor}'s
+    private attributes; the rest of C{ProcessMonitor}'s state it uses
+    (C{protocols}, C{timeStarted}, C{delay}, C{murder}, C{restart}) is public.
 
     @param killpg: C{os.killpg}, replaceable in tests.
     """
@@ -166,6 +184,9 @@ class WorkerMonitor(ProcessMonitor):
         reap_interval: float = 0.1,
     ) -> None:
         super().__init__(reactor)
+        self._spawner = reactor
+        self._time = IReactorTime(reactor)
+        self._spawns: dict[str, _Spawn] = {}
         self.threshold = restart.threshold  # type: ignore[assignment]  # typeshed says int; any number works
         self.minRestartDelay = restart.min_delay  # type: ignore[assignment]
         self.maxRestartDelay = restart.max_delay  # type: ignore[assignment]
@@ -182,17 +203,38 @@ class WorkerMonitor(ProcessMonitor):
 
     # -- spawning --------------------------------------------------------------------
 
+    def addProcess(
+        self,
+        name: str,
+        args: Sequence[str],
+        uid: int | None = None,
+        gid: int | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        """C{ProcessMonitor.addProcess}; C{env=None} is an empty environment, as there."""
+        if name in self._spawns:
+            raise KeyError(f"remove {name} first")
+        environment = dict(env or {})
+        self._spawns[name] = _Spawn(list(args), uid, gid, environment, cwd)
+        super().addProcess(name, list(args), uid, gid, environment, cwd)
+
+    def removeProcess(self, name: str) -> None:
+        """C{ProcessMonitor.removeProcess}: stop supervising C{name} (and stop its process)."""
+        super().removeProcess(name)
+        del self._spawns[name]
+
     def startProcess(self, name: str) -> None:
         """C{ProcessMonitor.startProcess}, with the launcher's protocol."""
         if name in self.protocols:
             return
-        process = self._processes[name]
+        process = self._spawns[name]
         proto = _WorkerProcess(self, name)
         self.protocols[name] = proto
-        self.timeStarted[name] = self._clock.seconds()
+        self.timeStarted[name] = self._time.seconds()
         self._ready.discard(name)
         try:
-            self._reactor.spawnProcess(
+            self._spawner.spawnProcess(
                 proto,
                 process.args[0],
                 process.args,
@@ -229,7 +271,7 @@ class WorkerMonitor(ProcessMonitor):
 
     def do_not_restart(self, name: str) -> None:
         """Stop supervising C{name}: its current process is not restarted when it exits (nor stopped here)."""
-        if name in self._processes:
+        if name in self._spawns:
             self.removeProcess(name)
 
     def _started(self, proto: _WorkerProcess) -> None:
@@ -278,7 +320,7 @@ class WorkerMonitor(ProcessMonitor):
         """SIGTERM the group now, SIGKILL it after C{killTime} seconds unless it is gone by then."""
         self._signal(proto, signal.SIGTERM)
         if not self._terminating(proto.name):
-            self.murder[proto.name] = self._clock.callLater(self.killTime, self._kill, proto)
+            self.murder[proto.name] = self._time.callLater(self.killTime, self._kill, proto)
 
     def _kill(self, proto: _WorkerProcess) -> None:
         self.log.warn(
@@ -286,12 +328,12 @@ class WorkerMonitor(ProcessMonitor):
             name=proto.name,
             seconds=self.killTime,
         )
-        self._killed_at[proto.name] = self._clock.seconds()
+        self._killed_at[proto.name] = self._time.seconds()
         self._signal(proto, signal.SIGKILL)
 
     def stopProcess(self, name: str) -> None:
         """Stop a worker: SIGTERM to its process group, SIGKILL after C{killTime}."""
-        if name not in self._processes:
+        if name not in self._spawns:
             raise KeyError(f"Unrecognized process name: {name}")
         proto = self.protocols.get(name)
         if not isinstance(proto, _WorkerProcess) or proto.exited:
@@ -302,7 +344,7 @@ class WorkerMonitor(ProcessMonitor):
 
     def _leader_exited(self, proto: _WorkerProcess, reason: Failure) -> None:
         name = proto.name
-        if not self._restart_enabled and name in self._processes:
+        if not self._restart_enabled and name in self._spawns:
             self.removeProcess(name)
         self._events.process_exited(name, reason)
         # What the worker started is now orphaned and may hold GPUs and the
@@ -315,11 +357,11 @@ class WorkerMonitor(ProcessMonitor):
         name = proto.name
         self._reaping.pop(name, None)
         killed_at = self._killed_at.get(name)
-        patience_left = killed_at is None or self._clock.seconds() - killed_at < _AFTER_KILL_PATIENCE
+        patience_left = killed_at is None or self._time.seconds() - killed_at < _AFTER_KILL_PATIENCE
         if self._group_alive(proto.pid) and patience_left:
             if killed_at is None and not self._terminating(name):
                 self._terminate(proto)
-            self._reaping[name] = self._clock.callLater(self._reap_interval, self._reap, proto, reason)
+            self._reaping[name] = self._time.callLater(self._reap_interval, self._reap, proto, reason)
             return
         if not patience_left:
             self.log.warn(
@@ -347,7 +389,7 @@ class WorkerMonitor(ProcessMonitor):
         self.protocols.pop(name, None)
         became_ready = name in self._ready
         self._ready.discard(name)
-        now = self._clock.seconds()
+        now = self._time.seconds()
         ran = now - self.timeStarted.get(name, now)
         if became_ready and ran >= self.threshold:
             delay = 0.0
@@ -355,8 +397,8 @@ class WorkerMonitor(ProcessMonitor):
         else:
             delay = self.delay.get(name, self.minRestartDelay)
             self.delay[name] = min(delay * 2, self.maxRestartDelay)
-        if self.running and name in self._processes:
-            self.restart[name] = self._clock.callLater(delay, self.startProcess, name)
+        if self.running and name in self._spawns:
+            self.restart[name] = self._time.callLater(delay, self.startProcess, name)
             self._events.process_restart_scheduled(name, delay)
         self._check_stopped()
 

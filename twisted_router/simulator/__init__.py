@@ -13,8 +13,24 @@ C{queue} (the GPU queue), C{state} (sleep, weights, faults), C{app} (the
 Klein app), C{config}, C{cli}, C{testing} (an in-memory harness for tests).
 """
 
-from twisted_router.simulator.app import SimulatedWorker
-from twisted_router.simulator.config import SimulatorConfig
-from twisted_router.simulator.model import TaskType
+from typing import Any
 
 __all__ = ["SimulatedWorker", "SimulatorConfig", "TaskType"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the router's launcher reads the simulator's
+    # options (config) without loading the simulated worker's web app.
+    if name == "SimulatedWorker":
+        from twisted_router.simulator.app import SimulatedWorker
+
+        return SimulatedWorker
+    if name == "SimulatorConfig":
+        from twisted_router.simulator.config import SimulatorConfig
+
+        return SimulatorConfig
+    if name == "TaskType":
+        from twisted_router.tasks import TaskType
+
+        return TaskType
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

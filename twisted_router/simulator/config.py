@@ -2,24 +2,118 @@
 """
 The simulated worker's configuration: one frozen object, validated once.
 
-The same object is built by the command line (L{twisted_router.simulator.cli})
-and by tests (L{twisted_router.simulator.testing}), so defaults live here and
-nowhere else. Defaults are chosen for tests: a default request takes a few
-milliseconds of (fake or real) time and payloads are a few kB.
+The same object is built by the command line (L{twisted_router.simulator.cli}),
+by the router's launcher (from a YAML file, then handed to the worker process
+as flags) and by tests (L{twisted_router.simulator.testing}), so the options,
+their defaults, their flags and their help live here and nowhere else:
+L{OPTIONS} lists them, L{SimulatorConfig.from_options} builds a config from
+option values (parsed flags or YAML), and L{SimulatorConfig.to_argv} turns a
+config back into the flags that rebuild it. Defaults are chosen for tests: a
+default request takes a few milliseconds of (fake or real) time and payloads
+are a few kB.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from twisted_router.simulator.model import PROFILES, ModelProfile, TaskType
+from twisted_router.simulator.model import PROFILES, ModelProfile
+from twisted_router.tasks import TaskType
+
+__all__ = ["API_VERSIONS", "OPTIONS", "ROLLOUT_FORMATS", "Option", "SimulatorConfig"]
 
 #: The worker versions the simulator can imitate (see docs/worker-api.md).
 API_VERSIONS = ("pinned", "upstream")
 
 #: Bodies of C{/rollout/generate}: upstream's current msgpack, or its earlier JSON.
 ROLLOUT_FORMATS = ("msgpack", "json")
+
+
+@dataclass(frozen=True)
+class Option:
+    """
+    One option of the simulated worker.
+
+    @ivar name: its name in option mappings and launcher files; the flag is
+        C{--name} with dashes.
+    @ivar attribute: the L{SimulatorConfig} attribute it sets.
+    @ivar kind: C{str}, C{int}, C{float}, C{bool} (a flag without a value),
+        C{task} (a L{TaskType} name) or C{str_list} (a repeatable flag).
+    @ivar help: the C{--help} text; C{%(default)s} is the default.
+    @ivar metavar: the value's name in C{--help}, for repeatable flags.
+    """
+
+    name: str
+    attribute: str
+    kind: str
+    help: str
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _option(name: str, kind: str, help: str, *, attribute: str | None = None, metavar: str | None = None) -> Option:
+    return Option(name, attribute or name, kind, help, metavar)
+
+
+#: Every option, in C{--help} order.
+OPTIONS: tuple[Option, ...] = (
+    _option("host", "str", "interface to listen on (default: %(default)s)"),
+    _option("port", "int", "TCP port, 0 for any free one (default: %(default)s)"),
+    _option("model_path", "str",
+            "served model id/path reported by /v1/models (default: the task type's usual model)"),
+    _option("task_type", "task", "model task type (default: %(default)s)"),
+    _option("num_gpus", "int", "reported in the model card; does not change speed (default: %(default)s)"),
+    _option("step_ms", "float", "ms per denoising step of one 1024x1024 frame (default: %(default)s)"),
+    _option("base_ms", "float", "fixed ms added to every generation (default: %(default)s)"),
+    _option("speed", "float", "divides every generation time; 2 = twice as fast (default: %(default)s)"),
+    _option("default_steps", "int",
+            "steps when a request gives none (default: 8 for T2I, I2I and I2M; "
+            "4 for TI2I and the video task types)"),
+    _option("startup_delay", "float",
+            "seconds before the port opens, like model loading (default: %(default)s)"),
+    _option("fail_rate", "float",
+            "probability 0..1 that a generation fails with a text/plain 500 (default: %(default)s)"),
+    _option("fail_update", "bool", "make /update_weights_from_disk fail with the real 'rolled back' 400"),
+    _option("seed", "int", "seed of the failure draws (default: %(default)s)"),
+    _option("image_bytes", "int", "size of every generated image file (default: %(default)s)"),
+    _option("video_bytes", "int", "size of every generated MP4 (default: %(default)s)"),
+    _option("update_ms", "float", "GPU time of a weight update (default: %(default)s)"),
+    _option("sleep_ms", "float", "GPU time of a release or resume that changes state (default: %(default)s)"),
+    _option("worker_id", "str",
+            "value of the X-Worker-Id header on every answer (default: HOST:PORT once bound)"),
+    _option("output_path", "str",
+            "directory named in file_path fields; nothing is written (default: %(default)s)"),
+    _option("disable_endpoint", "str_list",
+            "answer this exact path with 404, like a version without it (repeatable), "
+            "e.g. --disable-endpoint /rollout/generate",
+            attribute="disabled_endpoints", metavar="PATH"),
+    _option("keep_alive_timeout", "float",
+            "seconds before an idle keep-alive connection is closed, like uvicorn's "
+            "--timeout-keep-alive (default: %(default)s)"),
+    _option("api_version", "str",
+            "worker version to imitate: 'pinned' (the RL fork: /v1/diffusion/generate) or "
+            "'upstream' (/rollout/generate, /server_info, /model_info) (default: %(default)s)"),
+    _option("rollout_format", "str",
+            "body of /rollout/generate: msgpack with raw tensor bytes (upstream now) or "
+            "JSON with base64 tensors (earlier upstream) (default: %(default)s)"),
+    _option("warmup_seconds", "float",
+            "after the port opens, /health answers 503 for this long, like upstream's "
+            "warm-up (default: %(default)s)"),
+    _option("weights_prefix", "str_list",
+            "accept weight updates from model paths starting with PREFIX (repeatable); "
+            "paths that exist on disk and the served model are always accepted, others are "
+            "the real 400",
+            attribute="weights_prefixes", metavar="PREFIX"),
+    _option("verbose", "bool", "log every request and debug events"),
+)
+
+_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -155,3 +249,57 @@ class SimulatorConfig:
     def steps(self) -> int:
         """Denoising steps of a request that names none."""
         return self.default_steps or self.profile.default_steps
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SimulatorConfig:
+        """
+        The config that C{options} (option name to value, as parsed from the
+        command line or read from a launcher file) describe; options not given
+        keep their defaults, and a C{None} value counts as not given.
+
+        @raise ValueError: an unknown option, or a value the config refuses
+            (the message names the option as its flag does).
+        """
+        unknown = sorted(set(options) - set(_BY_NAME))
+        if unknown:
+            raise ValueError(f"unknown simulator option(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for name, value in options.items():
+            if value is None:
+                continue
+            option = _BY_NAME[name]
+            if option.kind == "task" and not isinstance(value, TaskType):
+                text = str(value).strip().upper()
+                if text not in TaskType.__members__:
+                    raise ValueError(f"task-type must be one of {', '.join(TaskType.__members__)}, got {value!r}")
+                value = TaskType[text]
+            elif option.kind == "str_list":
+                value = tuple(value)
+            values[option.attribute] = value
+        return cls(**values)
+
+    def to_argv(self, explicit: Iterable[str] = ()) -> list[str]:
+        """
+        The flags that rebuild this config: C{--host} and C{--port} always,
+        then every other option whose value is not the default, or whose name
+        is in C{explicit} (so a command line shows what its launcher file
+        said, defaults included), in L{OPTIONS} order.
+        """
+        shown = {"host", "port", *explicit}
+        defaults = SimulatorConfig()
+        argv: list[str] = []
+        for option in OPTIONS:
+            value = getattr(self, option.attribute)
+            if value is None or (option.name not in shown and value == getattr(defaults, option.attribute)):
+                continue
+            if option.kind == "bool":
+                if value:
+                    argv.append(option.flag)
+            elif option.kind == "str_list":
+                for item in value:
+                    argv += [option.flag, item]
+            elif option.kind == "task":
+                argv += [option.flag, value.name]
+            else:
+                argv += [option.flag, str(value)]
+        return argv

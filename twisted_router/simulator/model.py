@@ -16,56 +16,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
-
-class TaskType(Enum):
-    """
-    The seven C{ModelTaskType} names of the real worker (§3.1).
-
-    C{/v1/models} reports the name; the router decides video capability from
-    it, so the simulator must only ever report one of these.
-    """
-
-    T2V = "T2V"
-    I2V = "I2V"
-    TI2V = "TI2V"
-    T2I = "T2I"
-    I2I = "I2I"
-    TI2I = "TI2I"
-    I2M = "I2M"
-
-    @property
-    def is_image_gen(self) -> bool:
-        """C{True} for the image-generation types (the real C{is_image_gen})."""
-        return self in IMAGE_GEN_TASKS
-
-    @property
-    def requires_image_input(self) -> bool:
-        """C{True} when a generation without an input image is a validation error."""
-        return self in REQUIRES_IMAGE_TASKS
-
-    @property
-    def accepts_image_input(self) -> bool:
-        """C{True} when an input image is allowed at all."""
-        return self in ACCEPTS_IMAGE_TASKS
-
-    @property
-    def data_type(self) -> str:
-        """C{"image"}, C{"video"} or C{"mesh"}: what the pipeline writes to disk."""
-        if self.is_image_gen:
-            return "image"
-        if self is TaskType.I2M:
-            return "mesh"
-        return "video"
-
-
-IMAGE_GEN_TASKS = frozenset({TaskType.T2I, TaskType.I2I, TaskType.TI2I})
-REQUIRES_IMAGE_TASKS = frozenset({TaskType.I2V, TaskType.I2I, TaskType.I2M})
-ACCEPTS_IMAGE_TASKS = frozenset(
-    {TaskType.I2V, TaskType.I2I, TaskType.TI2I, TaskType.TI2V, TaskType.I2M}
-)
+from twisted_router.tasks import TaskType
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
@@ -30,10 +29,9 @@ T = TypeVar("T")
 
 class Clock(Protocol):
     """
-    The two L{IReactorTime} methods the simulator uses, as a typing protocol.
-
-    Without the mypy-zope plugin mypy cannot call methods of an interface
-    type; L{as_clock} converts at the boundary, once.
+    The two L{IReactorTime} methods the simulator uses, as a typing protocol:
+    all a caller (a reactor, C{task.Clock}, a test double) has to provide.
+    L{as_clock} converts at the boundary, once.
     """
 
     def seconds(self) -> float: ...
@@ -84,8 +82,6 @@ class GpuQueue:
     already handed the request to its scheduler and the GPU does the work
     anyway. Only the answer is dropped.
     """
-
-    _log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
         """
