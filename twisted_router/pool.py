@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
+from twisted_router.tasks import IMAGE_TASK_TYPES, VIDEO_INCAPABLE_TASK_TYPES
 from twisted_router.urls import (
     WorkerURLError,
     display_id_for,
@@ -30,20 +31,12 @@ from twisted_router.urls import (
 )
 
 __all__ = [
-    "IMAGE_TASK_TYPES",
-    "VIDEO_INCAPABLE_TASK_TYPES",
     "Activity",
     "Lease",
     "UnknownWorker",
     "Worker",
     "WorkerPool",
 ]
-
-#: Task types (C{/v1/models} C{data[0].task_type}) whose workers cannot serve
-#: C{/v1/videos}: the image types, and C{I2M} (image-to-mesh), which an
-#: earlier router wrongly counted as video-capable.
-VIDEO_INCAPABLE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I", "I2M"})
-
 
 class Activity(Enum):
     """
@@ -93,9 +86,6 @@ _DESCRIPTIONS = {
 
 #: A URL whose "//" after the scheme was merged into one slash.
 _MERGED_SCHEME = re.compile(r"^(https?):/(?!/)", re.IGNORECASE)
-
-#: Task types of image models: image endpoints prefer these workers.
-IMAGE_TASK_TYPES = frozenset({"T2I", "I2I", "TI2I"})
 
 
 @dataclass(eq=False)

@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twisted_router.pool import (
-    VIDEO_INCAPABLE_TASK_TYPES,
     Activity,
     UnknownWorker,
     Worker,
     WorkerPool,
 )
+from twisted_router.tasks import VIDEO_INCAPABLE_TASK_TYPES
 from twisted_router.urls import BlockedWorkerURL, WorkerURLError, worker_id_for
 
 
