@@ -299,11 +299,15 @@ class Dispatcher:
                 # round: a hung worker is quarantined, and this request (which
                 # got nothing from it) is retried elsewhere, once.
                 if self.probe_unanswered is not None and not retried_after_hang:
-                    if not await self.probe_unanswered(worker):
+                    if not await self.probe_unanswered(worker) and not _client_gone(request):
                         retried_after_hang = True
                         tried.add(worker.url)
                         last_failure = f"{worker.display_id}: {timed_out}"
                         continue
+                if _client_gone(request):
+                    # An abandoned generation kept as load until now: nobody is
+                    # left to answer, so end like any client that went away.
+                    raise CancelledError()
                 raise WorkerTimedOutError(f"Worker request failed: {worker.display_id}: {timed_out}")
             return Dispatched(worker, result)
 
@@ -322,3 +326,8 @@ class Dispatcher:
                 self._pool.record_request_failure(worker, str(exc))
                 raise
         return Dispatched(worker, result)
+
+
+def _client_gone(request: Request) -> bool:
+    """The client's connection is closed (Twisted marks the request when it is lost)."""
+    return bool(getattr(request, "_disconnected", False))

@@ -7,6 +7,7 @@ counting it until the worker has finished it, bounded by --timeout.
 from __future__ import annotations
 
 from twisted.internet.defer import CancelledError
+from twisted.logger import capturedLogs
 from twisted.web._newclient import ResponseNeverReceived
 
 from tests.support.deferreds import failure_result_of, success_result_of
@@ -47,8 +48,11 @@ def test_an_abandoned_request_whose_worker_never_answers_is_released_after_the_t
     h.clock.advance(29)
     h.pump()
     assert worker.active_requests == 1
-    h.clock.advance(1)  # --timeout without response headers
-    h.pump()
-    h.clock.advance(1)  # and the probe it triggers
-    h.pump()
+    with capturedLogs() as events:
+        h.clock.advance(1)  # --timeout without response headers
+        h.pump()
+        h.clock.advance(1)  # and the probe it triggers
+        h.pump()
     assert worker.active_requests == 0
+    # Nobody is left to answer: the router ends the request quietly, no traceback.
+    assert [e for e in events if e.get("log_failure") is not None or e.get("isError")] == []
