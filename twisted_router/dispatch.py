@@ -50,7 +50,7 @@ from twisted_router.errors import (
     WorkerTimedOutError,
 )
 from twisted_router.fleet import unavailable
-from twisted_router.policies import RoutingPolicy
+from twisted_router.policies import LeastWork, RoutingPolicy
 from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.proxy import (
     ForwardResult,
@@ -318,9 +318,9 @@ class Dispatcher:
                 candidates = fallback
             reserved = False
             if self._max_inflight > 0 and work is not None and fallback is None:
-                roomy = [w for w in candidates if self._has_room(w)]
-                if roomy and not self._waiting:
-                    worker = chooser.choose(roomy, work)
+                placed = None if self._waiting else self._place(chooser, candidates, work, {})
+                if placed is not None:
+                    worker = placed
                 else:
                     if ticket is None:
                         ticket = self._ticket(work)
@@ -572,20 +572,60 @@ class Dispatcher:
         finally:
             self._draining = False
 
+    def _place(
+        self, chooser: RoutingPolicy, candidates: list[Worker], work: float, backlog: dict[Worker, float]
+    ) -> Worker | None:
+        """
+        The worker with a free slot that a request of C{work} units should
+        go to now, or C{None} if it should wait.
+
+        Other policies take any candidate with room. C{least-work} looks at
+        every candidate, full ones included: when a full worker would still
+        finish the request first (a fast worker with a job to go beats an
+        idle one four times slower), the request waits for it rather than
+        being sent to a worker with room that would finish it later; the
+        queue hands the slot over when it frees. C{backlog} is work already
+        promised to full workers by requests ahead of this one in the queue
+        (a list schedule: each request, in queue order, goes to the worker
+        that would finish it first given everything ahead of it).
+        """
+        roomy = [w for w in candidates if self._has_room(w)]
+        if not roomy:
+            return None
+        if not isinstance(chooser, LeastWork):
+            return chooser.choose(roomy, work)
+
+        def finish(w: Worker) -> float:
+            return (w.predicted_work + backlog.get(w, 0.0) + work) * w.speed.seconds_per_unit
+
+        best = min(finish(w) for w in roomy)
+        full = [w for w in candidates if not self._has_room(w)]
+        if full:
+            waiting_for = min(full, key=finish)
+            if finish(waiting_for) < best * (1 - 1e-9):
+                backlog[waiting_for] = backlog.get(waiting_for, 0.0) + work
+                return None
+        return chooser.choose(roomy, work)
+
     def _drain_once(self) -> None:
         open_workers = [w for w in self._pool.routable() if self._has_room(w)]
         skipped: list[tuple[QueueKey, _Queued]] = []
+        backlog: dict[Worker, float] = {}
         try:
             while open_workers and self._queue:
                 item = heapq.heappop(self._queue)
                 entry = item[1]
                 if entry.done:
                     continue
-                fitting = [w for w in open_workers if entry.fits(w)]
-                if not fitting:
+                if not any(entry.fits(w) for w in open_workers):
                     skipped.append(item)  # e.g. a video while only image workers have room
                     continue
-                worker = entry.chooser.choose(fitting, entry.work)
+                candidates = [w for w in self._pool.routable(video=entry.video) if entry.fits(w)]
+                placed = self._place(entry.chooser, candidates, entry.work, backlog)
+                if placed is None:
+                    skipped.append(item)  # waits for a better worker that is full now
+                    continue
+                worker = placed
                 self._leave(entry)
                 self._reserved[worker] = self._reserved.get(worker, 0) + 1
                 entry.granted.callback(worker)  # the request takes its lease now

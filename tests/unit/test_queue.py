@@ -346,3 +346,41 @@ def test_options() -> None:
 def test_bad_options(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         RouterConfig(**kwargs)
+
+
+# -- least-work: waiting for a faster worker ------------------------------------------------
+
+
+def test_least_work_waits_for_a_full_fast_worker_rather_than_an_idle_slow_one() -> None:
+    """
+    Fast worker (0.1 s/unit) busy with 10 units, slow one (0.4 s/unit) idle,
+    three 10-unit requests: in queue order, each goes where it would finish
+    first given those ahead of it: fast at 2 s, fast at 3 s, then (4 s on
+    either) the idle slow worker; the first two wait for the fast one.
+    """
+    h, (fast, slow) = holding(2, 1, routing_algorithm="least-work")
+    worker_fast, worker_slow = h.pool.workers()
+    worker_fast.speed.seconds_per_unit = 0.1
+    worker_slow.speed.seconds_per_unit = 0.4
+    worker_fast.speed.samples = worker_slow.speed.samples = 1
+    h.pool.quarantine(worker_slow, "kept out for the first request")
+    post(h, steps=10)
+    h.pool.readmit(worker_slow)  # back, idle
+    post(h, steps=10)
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 0, 1)  # waits for the fast worker
+    post(h, steps=10)
+    post(h, steps=10)
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 2)
+    answer(fast.held.pop(0))
+    h.pump()
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 1)
+
+
+def test_other_policies_take_any_worker_with_room() -> None:
+    h, (fast, slow) = holding(2, 1, routing_algorithm="least-request")
+    worker_fast, worker_slow = h.pool.workers()
+    worker_fast.speed.seconds_per_unit = 0.1
+    worker_slow.speed.seconds_per_unit = 0.4
+    post(h, steps=10)
+    post(h, steps=10)
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 0)
