@@ -427,6 +427,9 @@ class Dispatcher:
                 # A video creation returns before the work is done: only
                 # synchronous generations measure the worker's speed.
                 worker.speed.observe(sent, self._clock.seconds(), work)
+                for other in self._pool.workers():
+                    if other.speed.samples == 0:
+                        other.speed.adopt(worker.speed)
             return Dispatched(worker, result)
 
     @property

@@ -166,3 +166,17 @@ def test_model_card_num_gpus_seeds_speed() -> None:
     w, _ = pool.add("http://a:1")
     pool.set_capabilities(w, task_type="T2I", model_id="m", num_gpus=4)
     assert w.speed.seconds_per_unit == DEFAULT_SECONDS_PER_UNIT / 4
+
+
+def test_first_completion_teaches_the_unlearned_workers_its_scale() -> None:
+    """A seed 100× off must not make the first worker to finish look 100× faster than its peers."""
+    h, (w0, w1) = make(2, routing_algorithm="least-work")
+    w0.hold(b"POST", b"/v1/images/generations")
+    h.client.post("http://router/v1/images/generations", json=IMAGE_10)
+    h.pump()
+    h.clock.advance(0.02)
+    answer(w0.held.pop(), {"id": "x", "data": []})
+    h.pump()
+    first, second = h.pool.workers()
+    assert first.speed.seconds_per_unit == 0.002
+    assert (second.speed.seconds_per_unit, second.speed.samples) == (0.002, 0)
