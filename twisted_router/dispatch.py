@@ -272,6 +272,7 @@ class Dispatcher:
         capture: int = 0,
         policy: RoutingPolicy | None = None,
         work: float | None = None,
+        on_answer: Callable[[Worker, ForwardResult], None] | None = None,
     ) -> Dispatched:
         """
         Send the request to one routable worker and stream its answer back.
@@ -280,6 +281,8 @@ class Dispatcher:
             (L{twisted_router.cost}); C{None} for anything else. It is
             counted on the worker while the request is in flight, and a
             successful synchronous generation teaches the worker's speed.
+        @param on_answer: called with the worker and the result once the
+            answer has been relayed, while the lease is still held.
 
         A worker that cannot be reached is quarantined at once and the request
         goes to the next one, so a dead worker never costs a request that a
@@ -412,6 +415,10 @@ class Dispatcher:
                     unanswered.discard(give_up)
                     if not unanswered and self._unanswered.get(worker) is unanswered:
                         del self._unanswered[worker]
+                if timed_out is None and on_answer is not None:
+                    # Still holding the lease: what the answer starts (a video
+                    # job) is counted before the slot is seen to be free.
+                    on_answer(worker, result)
             if timed_out is not None:
                 # Slow or hung? Ask at once rather than at the next health
                 # round: a hung worker is quarantined, and this request (which

@@ -168,7 +168,9 @@ class JobOwners:
     def job_started(self, worker: Worker, job: Any, work: float | None) -> None:
         """
         A video job was created on C{worker} (C{job} is the creation answer):
-        count its C{work} there until it finishes.
+        count its C{work} there until it finishes. Called while the
+        creation's lease is still held, so the job takes the slot over
+        without a moment in which the worker looks free.
         """
         if self._clock is None or work is None or not isinstance(job, dict):
             return
@@ -176,9 +178,11 @@ class JobOwners:
         status = job.get("status")
         if job_id is None or job_id in self._running or (isinstance(status, str) and status in FINISHED_STATES):
             return
+        # Called while the creation's lease (with this job's work) is still
+        # held: the worker's predicted work already includes the job once.
+        hold = JOB_WORK_SLACK * worker.predicted_work * worker.speed.seconds_per_unit + JOB_WORK_GRACE
         worker.add_work(work)
         worker.running_jobs += 1
-        hold = JOB_WORK_SLACK * worker.predicted_work * worker.speed.seconds_per_unit + JOB_WORK_GRACE
         expiry = self._clock.callLater(min(hold, JOB_WORK_MAX_HOLD), self._expired, job_id)
         self._running[job_id] = _RunningJob(worker, work, expiry)
 

@@ -384,3 +384,17 @@ def test_other_policies_take_any_worker_with_room() -> None:
     post(h, steps=10)
     post(h, steps=10)
     assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 0)
+
+
+def test_a_created_video_job_keeps_its_slot_without_a_gap() -> None:
+    """The creation's lease is handed to the running job without a moment in which a queued request could take it."""
+    h, (w0,) = make(1, task_types=("T2V",), max_inflight_per_worker=1)
+    w0.hold(b"POST", b"/v1/videos")
+    first = post(h, path=b"/v1/videos", num_frames=8)
+    post(h, path=b"/v1/videos", num_frames=8)
+    assert (len(w0.held), queued(h)) == (1, 1)
+    answer(w0.held.pop(0), {"id": "job-1", "object": "video", "status": "queued"})
+    h.pump()
+    assert success_result_of(first).code == 200
+    worker = h.pool.workers()[0]
+    assert (worker.running_jobs, worker.active_requests, len(w0.held), queued(h)) == (1, 0, 0, 1)
