@@ -14,7 +14,7 @@ from twisted.web.server import Request
 from tests.support.fleet import make_router as make
 from twisted_router.cost import DEFAULT_SECONDS_PER_UNIT
 from twisted_router.health import _parse_model_card
-from twisted_router.jobs import JOB_WORK_GRACE
+from twisted_router.jobs import JOB_POLL_MAX, JOB_POLL_MIN, JOB_WORK_GRACE
 from twisted_router.pool import WorkerPool
 
 
@@ -130,15 +130,58 @@ def test_deleted_video_job_stops_counting() -> None:
     assert h.parts.jobs.running_jobs == 0
 
 
-def test_unpolled_video_job_expires() -> None:
+def test_the_router_polls_a_running_job_itself() -> None:
     h, (w0, w1) = video_router()
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: json.dumps({"id": "w0-3", "status": "in_progress"}).encode())
+    h.json("POST", "/v1/videos", json=VIDEO)
+    owner = h.pool.get("w0:8000")
+    assert owner is not None and owner.predicted_work == 80.0
+    polls = lambda: sum(1 for s in w0.seen if s.request.path == b"/v1/videos/w0-3")  # noqa: E731
+    predicted = 80.0 * DEFAULT_SECONDS_PER_UNIT  # 22.9 s
+    h.clock.advance(predicted - 0.1)
+    h.pump()
+    assert polls() == 0
+    h.clock.advance(0.2)
+    h.pump()
+    assert polls() == 1
+    assert owner.predicted_work == 80.0  # still in progress: asked again later, less often
+    h.clock.advance(JOB_POLL_MIN * 2)
+    h.pump()
+    assert polls() == 2
+    del w0.handlers[(b"GET", b"/v1/videos/w0-3")]  # the fake now answers "completed"
+    h.clock.advance(JOB_POLL_MIN * 4)
+    h.pump()
+    assert polls() == 3
+    assert (owner.predicted_work, owner.running_jobs) == (0.0, 0)
+    h.clock.advance(JOB_POLL_MAX * 2)
+    h.pump()
+    assert polls() == 3  # no more polls once finished
+
+
+def test_a_job_the_worker_no_longer_has_stops_counting() -> None:
+    h, (w0, w1) = video_router()
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: (r.setResponseCode(404), b'{"detail": "not found"}')[1])
+    h.json("POST", "/v1/videos", json=VIDEO)
+    owner = h.pool.get("w0:8000")
+    assert owner is not None
+    h.clock.advance(JOB_POLL_MAX)
+    h.pump()
+    assert (owner.predicted_work, owner.running_jobs) == (0.0, 0)
+
+
+def test_unpolled_video_job_expires() -> None:
+    """Even when the worker keeps saying "in progress" (or does not answer)."""
+    h, (w0, w1) = video_router()
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: json.dumps({"id": "w0-3", "status": "in_progress"}).encode())
     h.json("POST", "/v1/videos", json=VIDEO)
     owner = h.pool.get("w0:8000")
     assert owner is not None and owner.predicted_work == 80.0
     hold = 3.0 * 80.0 * DEFAULT_SECONDS_PER_UNIT + JOB_WORK_GRACE
     h.clock.advance(hold - 1.0)
+    h.pump()
     assert owner.predicted_work == 80.0
     h.clock.advance(2.0)
+    h.pump()
     assert (owner.predicted_work, owner.running_jobs) == (0.0, 0)
     assert h.parts.jobs.running_jobs == 0
 
