@@ -330,7 +330,15 @@ class SpeedEstimate:
         service = self.service_time(sent, completed)
         if self._last_completion is None or completed > self._last_completion:
             self._last_completion = completed
-        if work <= 0 or service <= 0:
+        self.observe_service(service, work)
+
+    def observe_service(self, service: float, work: float) -> None:
+        """
+        A generation of C{work} units took the worker C{service} seconds of
+        its own time, as the worker itself reports it (a finished video job's
+        C{inference_time_s}): no queueing correction needed.
+        """
+        if not (work > 0 and service > 0 and math.isfinite(service)):
             return
         sample = service / work
         if self.samples == 0:

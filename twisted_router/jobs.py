@@ -232,10 +232,23 @@ class JobOwners:
             )
         self._job_over(job_id)
 
-    def _job_over(self, job_id: str) -> None:
+    def _job_over(self, job_id: str, job: dict[str, Any] | None = None) -> None:
+        """
+        The job ended (C{job}: its last state, when known): its work no longer
+        counts on its worker, and a completed job's C{inference_time_s} (the
+        worker's own measure of its service time) teaches the worker's speed,
+        so a fleet that only makes videos learns too.
+        """
         running = self._running.pop(job_id, None)
         if running is None:
             return
+        spent = job.get("inference_time_s") if job is not None else None
+        if job is not None and job.get("status") == "completed" and isinstance(spent, (int, float)):
+            if not isinstance(spent, bool):
+                running.worker.speed.observe_service(float(spent), running.work)
+                for other in self._pool.workers():
+                    if other.speed.samples == 0:
+                        other.speed.adopt(running.worker.speed)
         if running.expiry.active():
             running.expiry.cancel()
         if running.poll is not None and running.poll.active():
@@ -285,7 +298,7 @@ class JobOwners:
             finished = isinstance(status, str) and status in FINISHED_STATES
             self.videos.remember(job_id, worker.url, finished=finished)
             if finished:
-                self._job_over(job_id)
+                self._job_over(job_id, job)
 
     def learn_job_list(self, worker: Worker, answer: Any) -> None:
         """Remember the owner of every job in one worker's job-list page."""

@@ -316,3 +316,13 @@ def test_seed_rescales_an_adopted_prior() -> None:
     estimate = SpeedEstimate(seconds_per_unit=0.02)
     estimate.seed(4)
     assert estimate.seconds_per_unit == pytest.approx(0.005)
+
+
+def test_reported_service_time_is_taken_as_is() -> None:
+    estimate = SpeedEstimate()
+    estimate.observe_service(8.0, 80.0)
+    assert estimate.seconds_per_unit == pytest.approx(0.1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        estimate.observe_service(bad, 80.0)
+    estimate.observe_service(5.0, 0.0)
+    assert (estimate.seconds_per_unit, estimate.samples) == (pytest.approx(0.1), 1)

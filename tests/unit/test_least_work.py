@@ -223,3 +223,22 @@ def test_first_completion_teaches_the_unlearned_workers_its_scale() -> None:
     first, second = h.pool.workers()
     assert first.speed.seconds_per_unit == 0.002
     assert (second.speed.seconds_per_unit, second.speed.samples) == (0.002, 0)
+
+
+def test_a_completed_job_teaches_speed_from_its_inference_time() -> None:
+    h, (w0, w1) = video_router()
+    done = {"id": "w0-3", "status": "completed", "inference_time_s": 4.0}
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: json.dumps(done).encode())
+    h.json("POST", "/v1/videos", json=VIDEO)
+    h.json("GET", "/v1/videos/w0-3")
+    first, second = h.pool.workers()
+    assert (first.speed.seconds_per_unit, first.speed.samples) == (0.05, 1)  # 4 s for 80 units
+    assert (second.speed.seconds_per_unit, second.speed.samples) == (0.05, 0)  # adopted
+    failed = {"id": "w1-3", "status": "failed", "inference_time_s": 0.1}
+    w1.on(b"GET", b"/v1/videos/w1-3", lambda r: json.dumps(failed).encode())
+    _, job = h.json("POST", "/v1/videos", json=VIDEO)
+    assert job["id"] == "w1-3"
+    assert second.running_jobs == 1
+    h.json("GET", "/v1/videos/w1-3")
+    assert second.running_jobs == 0
+    assert second.speed.samples == 0  # a failure says nothing about speed
