@@ -25,6 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from twisted_router.control import BroadcastReport, FleetController, Refit
+from twisted_router.cost import predict_work
 from twisted_router.dispatch import Dispatcher
 from twisted_router.errors import BadRequest, NotFound, RouterError, answer_json
 from twisted_router.fleet import Fleet, unavailable
@@ -33,7 +34,7 @@ from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from twisted_router.metrics import RouterMetrics
 from twisted_router.policies import LeastRequest
 from twisted_router.pool import Worker, WorkerPool
-from twisted_router.proxy import UpstreamBodyFailed
+from twisted_router.proxy import ForwardResult, UpstreamBodyFailed
 from twisted_router.urls import WorkerURLError
 
 __all__ = ["Router", "memory_status", "parse_refit", "refit_status"]
@@ -97,8 +98,20 @@ class Router:
     async def images_edits(self, request: Request) -> None:
         await self._generate_image(request, path=None)
 
+    def _work(self, request: Request, route: bytes) -> float | None:
+        """The predicted work of a generation to C{route}, when the dispatcher weighs work."""
+        if not self._dispatcher.weighs_work:
+            return None
+        return predict_work(route, request.getHeader(b"content-type"), request.content)
+
     async def _generate_image(self, request: Request, *, path: bytes | None) -> None:
-        out = await self._dispatcher.dispatch(request, image=True, path=path, capture=IMAGE_CAPTURE_LIMIT)
+        out = await self._dispatcher.dispatch(
+            request,
+            image=True,
+            path=path,
+            capture=IMAGE_CAPTURE_LIMIT,
+            work=self._work(request, request.path),
+        )
         self._jobs.learn_images(out.worker, out.result)
 
     @app.route("/v1/images/<image_id>/content", methods=["GET", "HEAD"])
@@ -110,11 +123,11 @@ class Router:
 
     @app.route("/v1/diffusion/generate", methods=["POST"])
     async def diffusion_generate(self, request: Request) -> None:
-        await self._dispatcher.dispatch(request)
+        await self._dispatcher.dispatch(request, work=self._work(request, b"/v1/diffusion/generate"))
 
     @app.route("/rollout/generate", methods=["POST"])
     async def rollout_generate(self, request: Request) -> None:
-        await self._dispatcher.dispatch(request)
+        await self._dispatcher.dispatch(request, work=self._work(request, b"/rollout/generate"))
 
     # ------------------------------------------------------------------ videos
 
@@ -127,8 +140,18 @@ class Router:
         await self._create_video(request, path=_with_query(request, b"/v1/videos"))
 
     async def _create_video(self, request: Request, *, path: bytes | None) -> None:
-        out = await self._dispatcher.dispatch(request, video=True, path=path, capture=JOB_CAPTURE_LIMIT)
-        self._jobs.learn_job(out.worker, parse_json(out.result.captured))
+        work = self._work(request, b"/v1/videos")
+
+        def created(worker: Worker, result: ForwardResult) -> None:
+            # Inside the creation's lease, so the job takes over its slot without a gap.
+            job = parse_json(result.captured)
+            self._jobs.learn_job(worker, job)
+            if 200 <= result.status < 300:
+                self._jobs.job_started(worker, job, work)
+
+        await self._dispatcher.dispatch(
+            request, video=True, path=path, capture=JOB_CAPTURE_LIMIT, work=work, on_answer=created
+        )
 
     async def _video_request(self, request: Request, video_id: str, *, path: bytes | None = None) -> None:
         owner = await self._video_owner(video_id)
@@ -198,7 +221,12 @@ class Router:
         return answer_json(
             request,
             200 if healthy else 503,
-            {"status": "healthy" if healthy else "unhealthy", **counts, **self._control.status()},
+            {
+                "status": "healthy" if healthy else "unhealthy",
+                **counts,
+                **self._control.status(),
+                **self._dispatcher.queue_status(),
+            },
         )
 
     @app.route("/metrics", methods=["GET"])
@@ -229,7 +257,8 @@ class Router:
 
     @app.route("/workers", methods=["GET"])
     def list_worker_payloads(self, request: Request) -> bytes:
-        return answer_json(request, 200, {"workers": [w.payload() for w in self._pool.workers()]})
+        queue = {**self._dispatcher.queue_status(), "max_inflight_per_worker": self._dispatcher.max_inflight_per_worker}
+        return answer_json(request, 200, {"workers": [w.payload() for w in self._pool.workers()], "queue": queue})
 
     @app.route("/workers/<path:worker_key>", methods=["GET"])
     def get_worker(self, request: Request, worker_key: str) -> bytes:
@@ -330,6 +359,8 @@ class Router:
             return b""  # the proxy aborted the client connection: nothing more may be written
         if failure.check(RouterError) and not request.startedWriting:  # type: ignore[attr-defined]
             error: RouterError = failure.value
+            for name, value in error.headers.items():
+                request.setHeader(name, value)
             return answer_json(request, error.status, {"error": error.message})
         if request.startedWriting:  # type: ignore[attr-defined]
             # Part of an answer is out: a JSON error appended to it would corrupt

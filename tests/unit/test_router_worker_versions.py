@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import TestCase
 
 import msgpack
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.fleet import Fleet, RouterHarness
 from twisted_router.pool import Activity
@@ -59,7 +59,7 @@ def _post_json(harness: RouterHarness, path: str, body: Any) -> tuple[Any, bytes
     )
 
 
-class WarmUpTests(SynchronousTestCase):
+class WarmUpTests(TestCase):
     def test_a_warming_worker_stays_starting_until_health_is_200(self) -> None:
         harness, (url,), _ = _fleet_of_simulators(1, api_version="upstream", warmup_seconds=20)
         worker, _ = harness.parts.fleet.register(url)
@@ -76,7 +76,7 @@ class WarmUpTests(SynchronousTestCase):
         self.assertEqual(worker.task_type, "T2I")
 
 
-class MissingEndpointTests(SynchronousTestCase):
+class MissingEndpointTests(TestCase):
     def test_sleep_on_a_fleet_without_sleep_is_501_and_quarantines_nobody(self) -> None:
         harness, urls, _ = _fleet_of_simulators(
             2, disabled_endpoints=("/release_memory_occupation", "/resume_memory_occupation"),
@@ -93,7 +93,7 @@ class MissingEndpointTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
 
 
-class MissingNativeEndpointTests(SynchronousTestCase):
+class MissingNativeEndpointTests(TestCase):
     def test_the_other_versions_native_endpoint_is_a_relayed_404(self) -> None:
         for version, missing in (("pinned", "/rollout/generate"), ("upstream", "/v1/diffusion/generate")):
             harness, urls, _ = _fleet_of_simulators(1, api_version=version)
@@ -103,7 +103,7 @@ class MissingNativeEndpointTests(SynchronousTestCase):
             self.assertEqual([w.is_dead for w in harness.pool.workers()], [False], version)
 
 
-class RelayTests(SynchronousTestCase):
+class RelayTests(TestCase):
     def test_msgpack_rollout_is_relayed_untouched_with_its_headers(self) -> None:
         harness, (url,), sims = _fleet_of_simulators(1, api_version="upstream")
         harness.register(url)
@@ -137,7 +137,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(part.headers.getRawHeaders(b"etag"), whole.headers.getRawHeaders(b"etag"))
 
 
-class MergedVideoListTests(SynchronousTestCase):
+class MergedVideoListTests(TestCase):
     def test_merge_follows_the_worker_order_rules(self) -> None:
         harness, urls, _ = _fleet_of_simulators(2, task_type=TaskType.T2V)
         for url in urls:
