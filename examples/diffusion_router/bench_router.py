@@ -457,6 +457,12 @@ class Outcome:
     error: str | None = None
 
 
+#: Workload mode's warm-up request: one large image of few steps, so its time is GPU time.
+WARMUP_PAYLOAD: dict[str, Any] = {
+    "prompt": "warm-up", "size": "1024x1024", "num_inference_steps": 4, "response_format": "b64_json",
+}
+
+
 def load_workload(path: str) -> list[dict[str, Any]]:
     """
     The requests of a workload file, in arrival order.
@@ -553,18 +559,24 @@ def workload_mode(args: argparse.Namespace) -> int:
                    "--task-type", args.task_type]
     router_args = shlex.split(args.router_args)
     videos = sum(1 for i in items if i["kind"] == "video")
+    warmup = args.warmup or 0
     print(f"machine: {machine()}")
     print(
         f"workload: {len(items)} requests ({videos} video jobs) from {args.workload}, over "
         f"{max(float(i.get('at', 0)) for i in items):.2f}s of arrivals; {len(speeds)} {args.task_type} workers "
         f"(speeds {', '.join(f'{v:g}' for v in speeds)}; --step-ms {args.step_ms}), routing "
         f"{args.routing_algorithm} {shlex.join(router_args)}, router started "
-        f"{'by demo.py' if args.router_launcher == 'demo' else 'as python -m twisted_router'}"
+        f"{'by demo.py' if args.router_launcher == 'demo' else 'as python -m twisted_router'}, "
+        f"{warmup} warm-up requests ({WARMUP_PAYLOAD['size']}, {WARMUP_PAYLOAD['num_inference_steps']} steps)"
     )
     with fleet() as procs:
         workers = procs.workers([(f"w{i}", [*worker_args, "--speed", str(v)]) for i, v in enumerate(speeds)])
         router = procs.router(workers, "--routing-algorithm", args.routing_algorithm, *router_args,
                               launcher=args.router_launcher)
+        if warmup:
+            # What a router that has been serving a while knows: each worker's speed, from a few
+            # completions. One connection per worker, so every worker gets some.
+            drive("warm-up", router.url, WARMUP_PAYLOAD, len(workers), warmup, args.duration)
         served0 = generations_per_worker(workers)
         cpu0 = cpu_seconds(router.pid)
         outcomes = run_workload(router.url, items, args.poll_interval, args.duration)
@@ -594,6 +606,7 @@ def workload_mode(args: argparse.Namespace) -> int:
             "routing_algorithm": args.routing_algorithm,
             "router_args": router_args,
             "router_launcher": args.router_launcher,
+            "warmup_requests": warmup,
             "requests": len(outcomes),
             "video_requests": videos,
             "completed_requests": len(done),
@@ -734,7 +747,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one simulated worker per value, with that --speed (1 = normal, 0.5 = half "
                         "as fast); overrides --workers")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="warm-up requests before each measured run (default: 4 x concurrency, at least 50)")
+                        help="warm-up requests before each measured run (default: 4 x concurrency, at least 50; "
+                        "none in workload mode)")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the run straight at one worker (request mode)")
     parser.add_argument("--router-launcher", choices=["module", "demo"], default="module",

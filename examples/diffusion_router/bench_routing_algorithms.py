@@ -267,7 +267,8 @@ class Scenario:
         if self.workload is not None:
             if workload_file is None:
                 raise ValueError(f"scenario {self.name} needs its workload file")
-            return [*argv, "--workload", str(workload_file), "--task-type", self.task_type, "--duration", "600"]
+            return [*argv, "--workload", str(workload_file), "--task-type", self.task_type, "--duration", "600",
+                    "--warmup", str(WARMUP_PER_WORKER * len(self.worker_speeds))]
         requests = self.quick_requests if quick else self.requests
         return [
             *argv,
@@ -279,6 +280,11 @@ class Scenario:
             "--no-direct",
         ]
 
+
+#: Warm-up requests per worker before a workload (bench_router.py's: 1024², 4 steps, one
+#: connection per worker): the router starts the batch knowing roughly how fast each worker is,
+#: as it would after the previous batch of an RL loop.
+WARMUP_PER_WORKER = 2
 
 #: Poisson scenario: simulated time runs at Qwen-Image's real speed (286 ms per 1024² step on an
 #: H100, twisted_router.simulator.model.service_seconds), scaled down by POISSON_TIME_SCALE so

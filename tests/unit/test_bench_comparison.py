@@ -219,6 +219,7 @@ def test_workload_scenarios_pass_their_file_and_queue_options(bench: ModuleType,
     assert argv[argv.index("--routing-algorithm") + 1] == "least-work"
     assert argv[argv.index("--router-args") + 1] == "--max-inflight-per-worker 1 --max-queue 4096"
     assert argv[argv.index("--task-type") + 1] == "TI2V"  # serves the batch's images and videos
+    assert argv[argv.index("--warmup") + 1] == "8"  # two per worker: the router has seen each one work
     with pytest.raises(ValueError):
         scenario.bench_argv("least-request", tmp_path / "o.json", quick=True)
 
