@@ -25,6 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from twisted_router.control import BroadcastReport, FleetController, Refit
+from twisted_router.cost import predict_work
 from twisted_router.dispatch import Dispatcher
 from twisted_router.errors import BadRequest, NotFound, RouterError, answer_json
 from twisted_router.fleet import Fleet, unavailable
@@ -97,8 +98,20 @@ class Router:
     async def images_edits(self, request: Request) -> None:
         await self._generate_image(request, path=None)
 
+    def _work(self, request: Request, route: bytes) -> float | None:
+        """The predicted work of a generation to C{route}, when the dispatcher weighs work."""
+        if not self._dispatcher.weighs_work:
+            return None
+        return predict_work(route, request.getHeader(b"content-type"), request.content)
+
     async def _generate_image(self, request: Request, *, path: bytes | None) -> None:
-        out = await self._dispatcher.dispatch(request, image=True, path=path, capture=IMAGE_CAPTURE_LIMIT)
+        out = await self._dispatcher.dispatch(
+            request,
+            image=True,
+            path=path,
+            capture=IMAGE_CAPTURE_LIMIT,
+            work=self._work(request, request.path),
+        )
         self._jobs.learn_images(out.worker, out.result)
 
     @app.route("/v1/images/<image_id>/content", methods=["GET", "HEAD"])
@@ -110,11 +123,11 @@ class Router:
 
     @app.route("/v1/diffusion/generate", methods=["POST"])
     async def diffusion_generate(self, request: Request) -> None:
-        await self._dispatcher.dispatch(request)
+        await self._dispatcher.dispatch(request, work=self._work(request, b"/v1/diffusion/generate"))
 
     @app.route("/rollout/generate", methods=["POST"])
     async def rollout_generate(self, request: Request) -> None:
-        await self._dispatcher.dispatch(request)
+        await self._dispatcher.dispatch(request, work=self._work(request, b"/rollout/generate"))
 
     # ------------------------------------------------------------------ videos
 
@@ -127,8 +140,14 @@ class Router:
         await self._create_video(request, path=_with_query(request, b"/v1/videos"))
 
     async def _create_video(self, request: Request, *, path: bytes | None) -> None:
-        out = await self._dispatcher.dispatch(request, video=True, path=path, capture=JOB_CAPTURE_LIMIT)
-        self._jobs.learn_job(out.worker, parse_json(out.result.captured))
+        work = self._work(request, b"/v1/videos")
+        out = await self._dispatcher.dispatch(
+            request, video=True, path=path, capture=JOB_CAPTURE_LIMIT, work=work
+        )
+        job = parse_json(out.result.captured)
+        self._jobs.learn_job(out.worker, job)
+        if 200 <= out.result.status < 300:
+            self._jobs.job_started(out.worker, job, work)
 
     async def _video_request(self, request: Request, video_id: str, *, path: bytes | None = None) -> None:
         owner = await self._video_owner(video_id)

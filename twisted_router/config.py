@@ -23,7 +23,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_LEVEL_ALIASES = {"warn": "warning"}
 #: The Twisted level each name logs at: Twisted has no level below debug.
 _TWISTED_LEVELS = {"warning": "warn", "trace": "debug"}
-ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two")
+ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two", "least-work")
 
 
 class ConfigError(ValueError):

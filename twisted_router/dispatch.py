@@ -177,9 +177,15 @@ class Dispatcher:
         path: bytes | None = None,
         capture: int = 0,
         policy: RoutingPolicy | None = None,
+        work: float | None = None,
     ) -> Dispatched:
         """
         Send the request to one routable worker and stream its answer back.
+
+        @param work: the predicted work units of a generation
+            (L{twisted_router.cost}); C{None} for anything else. It is
+            counted on the worker while the request is in flight, and a
+            successful synchronous generation teaches the worker's speed.
 
         A worker that cannot be reached is quarantined at once and the request
         goes to the next one, so a dead worker never costs a request that a
@@ -214,7 +220,7 @@ class Dispatcher:
                 if fallback is None:
                     continue  # waited for a busy worker: look again
                 candidates = fallback
-            worker = chooser.choose(candidates)
+            worker = chooser.choose(candidates, work or 0.0)
             sent_version: list[str | None] = [worker.weight_version]
 
             def ready(worker: Worker = worker, sent_version: list[str | None] = sent_version) -> bool:
@@ -238,7 +244,8 @@ class Dispatcher:
             unanswered = self._unanswered.setdefault(worker, set())
             unanswered.add(give_up)
             timed_out: WorkerTimedOut | None = None
-            with self._pool.lease(worker):
+            sent = self._clock.seconds()
+            with self._pool.lease(worker, work or 0.0):
                 try:
                     result = await self._proxy.forward(
                         request,
@@ -305,7 +312,20 @@ class Dispatcher:
                         last_failure = f"{worker.display_id}: {timed_out}"
                         continue
                 raise WorkerTimedOutError(f"Worker request failed: {worker.display_id}: {timed_out}")
+            if work and not video and 200 <= result.status < 300:
+                # A video creation returns before the work is done: only
+                # synchronous generations measure the worker's speed.
+                worker.speed.observe(sent, self._clock.seconds(), work)
             return Dispatched(worker, result)
+
+    @property
+    def weighs_work(self) -> bool:
+        """
+        Whether requests' work is predicted: only when something uses it
+        (the C{least-work} policy), so the other policies' request path does
+        not parse bodies.
+        """
+        return self._policy.name == "least-work"
 
     async def forward_to(
         self, request: Request, worker: Worker, *, path: bytes | None = None, capture: int = 0

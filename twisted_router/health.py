@@ -41,9 +41,9 @@ class _BadModelCard(Exception):
     """A worker's C{/v1/models} answer has no usable model card."""
 
 
-def _parse_model_card(body: bytes) -> tuple[str | None, str | None]:
+def _parse_model_card(body: bytes) -> tuple[str | None, str | None, int | None]:
     """
-    C{(task_type, model_id)} from a C{/v1/models} body. A real worker serves
+    C{(task_type, model_id, num_gpus)} from a C{/v1/models} body. A real worker serves
     exactly one card; anything not shaped like a list of cards is refused.
     """
     try:
@@ -58,10 +58,12 @@ def _parse_model_card(body: bytes) -> tuple[str | None, str | None]:
     model_id = card.get("id")
     task_type = (task_type.strip().upper() or None) if isinstance(task_type, str) else None
     model_id = model_id if isinstance(model_id, str) and model_id else None
-    return task_type, model_id
+    num_gpus = card.get("num_gpus")
+    num_gpus = num_gpus if isinstance(num_gpus, int) and not isinstance(num_gpus, bool) and num_gpus > 0 else None
+    return task_type, model_id, num_gpus
 
 
-async def _fetch_capabilities(http: HTTPClient, url: str) -> tuple[str | None, str | None]:
+async def _fetch_capabilities(http: HTTPClient, url: str) -> tuple[str | None, str | None, int | None]:
     response = await http.get(url + "/v1/models", allow_redirects=False, unbuffered=True)
     body = await read_limited(response, _MAX_MODELS_BODY)
     if response.code != 200:
@@ -87,7 +89,7 @@ async def refresh_capabilities(
     """
     try:
         d = Deferred.fromCoroutine(_fetch_capabilities(http, worker.url))
-        task_type, model_id = await with_deadline(d, timeout, clock)
+        task_type, model_id, num_gpus = await with_deadline(d, timeout, clock)
     except Exception as e:  # never raise: the caller only wants to know if it worked
         reason = str(e) if isinstance(e, _BadModelCard) else describe_failure(Failure(), timeout)
         _log.warn(
@@ -98,7 +100,7 @@ async def refresh_capabilities(
         return False
     try:
         changed = (worker.task_type, worker.model_id) != (task_type, model_id)
-        pool.set_capabilities(worker, task_type=task_type, model_id=model_id)
+        pool.set_capabilities(worker, task_type=task_type, model_id=model_id, num_gpus=num_gpus)
     except Exception:
         _log.failure("recording capabilities of worker {worker} failed", worker=worker.url)
         return False

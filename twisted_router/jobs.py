@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_router.affinity import FINISHED_STATES, OwnerMap
@@ -48,6 +49,14 @@ LOOKUP_TIMEOUT = 5.0
 _IMAGE_URL = re.compile(r"/v1/images/([^/?#]+)/content")
 #: The worker serialises its image answer with C{id} first: {"id": "<uuid>", "created": ..., "data": [...]}.
 _LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
+#: A video job's predicted work stops counting on its worker this long
+#: after its predicted finish (3× its predicted time behind the work already
+#: there, plus a minute), if no poll has shown it finished by then: a client
+#: that never polls must not hold a worker's share forever.
+JOB_WORK_SLACK = 3.0
+JOB_WORK_GRACE = 60.0
+#: ... and never longer than this.
+JOB_WORK_MAX_HOLD = 6 * 3600.0
 #: The keys of a job-list page that describe the page, not the fleet's list.
 _PAGE_KEYS = ("data", "first_id", "last_id", "has_more")
 
@@ -107,21 +116,97 @@ def _is_job_page(body: Any) -> bool:
     return isinstance(body, dict) and isinstance(body.get("data"), list)
 
 
+def _job_id(job: dict[str, Any]) -> str | None:
+    for key in ("id", "video_id", "job_id"):
+        job_id = job.get(key)
+        if isinstance(job_id, str) and job_id:
+            return job_id
+    return None
+
+
+class _RunningJob:
+    """A video job counted as outstanding work on its worker."""
+
+    def __init__(self, worker: Worker, work: float, expiry: IDelayedCall) -> None:
+        self.worker = worker
+        self.work = work
+        self.expiry = expiry
+
+
 class JobOwners:
     """
     The owners of images and video jobs: learned from relayed answers, kept
     in bounded maps, and looked up by asking the workers when forgotten.
+
+    Also the video jobs still running: a job's creation returns at once while
+    its worker works on it for minutes, so its predicted work stays on the
+    worker (C{predicted_work}, C{running_jobs}) until a relayed poll or list
+    shows it finished, it is deleted, or it expires (L{JOB_WORK_SLACK}).
     """
 
     log = Logger()
 
     def __init__(
-        self, pool: WorkerPool, caller: WorkerCaller, *, max_video_jobs: int, max_image_ids: int
+        self,
+        pool: WorkerPool,
+        caller: WorkerCaller,
+        *,
+        max_video_jobs: int,
+        max_image_ids: int,
+        clock: IReactorTime | None = None,
     ) -> None:
+        """@param clock: for the expiry of running jobs' work; without one, job work is not tracked."""
         self._pool = pool
         self._caller = caller
+        self._clock = clock
         self.videos = OwnerMap(max_video_jobs)
         self.images = OwnerMap(max_image_ids)
+        self._running: dict[str, _RunningJob] = {}
+
+    # ------------------------------------------------------------------ running jobs' work
+
+    def job_started(self, worker: Worker, job: Any, work: float | None) -> None:
+        """
+        A video job was created on C{worker} (C{job} is the creation answer):
+        count its C{work} there until it finishes.
+        """
+        if self._clock is None or work is None or not isinstance(job, dict):
+            return
+        job_id = _job_id(job)
+        status = job.get("status")
+        if job_id is None or job_id in self._running or (isinstance(status, str) and status in FINISHED_STATES):
+            return
+        worker.add_work(work)
+        worker.running_jobs += 1
+        hold = JOB_WORK_SLACK * worker.predicted_work * worker.speed.seconds_per_unit + JOB_WORK_GRACE
+        expiry = self._clock.callLater(min(hold, JOB_WORK_MAX_HOLD), self._expired, job_id)
+        self._running[job_id] = _RunningJob(worker, work, expiry)
+
+    def _expired(self, job_id: str) -> None:
+        running = self._running.get(job_id)
+        if running is not None:
+            self.log.info(
+                "video job {job} on {worker} not seen finished in time; its work no longer counts there",
+                job=job_id,
+                worker=running.worker.display_id,
+            )
+        self._job_over(job_id)
+
+    def _job_over(self, job_id: str) -> None:
+        running = self._running.pop(job_id, None)
+        if running is None:
+            return
+        if running.expiry.active():
+            running.expiry.cancel()
+        worker = running.worker
+        worker.add_work(-running.work)
+        worker.running_jobs = max(0, worker.running_jobs - 1)
+        self._pool.slot_free(worker)
+
+    @property
+    def running_jobs(self) -> int:
+        """Video jobs whose work is counted on their worker now."""
+        return len(self._running)
 
     # ------------------------------------------------------------------ learning
 
@@ -152,13 +237,13 @@ class JobOwners:
         """Remember who owns a job from a worker's job object (creation or poll answer)."""
         if not isinstance(job, dict):
             return
-        for key in ("id", "video_id", "job_id"):
-            job_id = job.get(key)
-            if isinstance(job_id, str) and job_id:
-                status = job.get("status")
-                finished = isinstance(status, str) and status in FINISHED_STATES
-                self.videos.remember(job_id, worker.url, finished=finished)
-                return
+        job_id = _job_id(job)
+        if job_id is not None:
+            status = job.get("status")
+            finished = isinstance(status, str) and status in FINISHED_STATES
+            self.videos.remember(job_id, worker.url, finished=finished)
+            if finished:
+                self._job_over(job_id)
 
     def learn_job_list(self, worker: Worker, answer: Any) -> None:
         """Remember the owner of every job in one worker's job-list page."""
@@ -169,6 +254,7 @@ class JobOwners:
     def forget_video(self, video_id: str) -> None:
         """The job was deleted on its worker."""
         self.videos.forget(video_id)
+        self._job_over(video_id)
 
     # ------------------------------------------------------------------ lookup
 

@@ -5,7 +5,8 @@ Routing policies: which of the routable workers gets the next request.
 Pure functions of the candidates (plus a little memory of their own, such as
 a rotation counter); they never change a worker, so a policy can be swapped
 or called speculatively without side effects on the pool. The caller passes
-a non-empty list of routable workers and takes the lease itself.
+a non-empty list of routable workers and the request's predicted work (which
+only L{LeastWork} uses), and takes the lease itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted_router.pool import Worker
 __all__ = [
     "POLICY_NAMES",
     "LeastRequest",
+    "LeastWork",
     "PowerOfTwo",
     "RandomChoice",
     "RoundRobin",
@@ -27,7 +29,7 @@ __all__ = [
     "make_policy",
 ]
 
-POLICY_NAMES = ("least-request", "round-robin", "random", "power-of-two")
+POLICY_NAMES = ("least-request", "round-robin", "random", "power-of-two", "least-work")
 
 
 class RoutingPolicy(Protocol):
@@ -35,10 +37,11 @@ class RoutingPolicy(Protocol):
 
     name: str
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], work: float = 0.0) -> Worker:
         """
         @param candidates: non-empty, all routable, in a stable order
             (registration order).
+        @param work: the request's predicted work units (L{twisted_router.cost}).
         @return: one of C{candidates}.
         """
 
@@ -65,7 +68,7 @@ class LeastRequest:
         self._last_chosen: WeakKeyDictionary[Worker, int] = WeakKeyDictionary()
         self._sequence = 0
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], work: float = 0.0) -> Worker:
         _require(candidates)
         least = min(w.active_requests for w in candidates)
         tied = [w for w in candidates if w.active_requests == least]
@@ -88,7 +91,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], work: float = 0.0) -> Worker:
         _require(candidates)
         chosen = candidates[self._next % len(candidates)]
         self._next += 1
@@ -103,7 +106,7 @@ class RandomChoice:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], work: float = 0.0) -> Worker:
         _require(candidates)
         return self._rng.choice(candidates)
 
@@ -121,7 +124,7 @@ class PowerOfTwo:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], work: float = 0.0) -> Worker:
         _require(candidates)
         if len(candidates) == 1:
             return candidates[0]
@@ -129,6 +132,45 @@ class PowerOfTwo:
         if second.active_requests < first.active_requests:
             return second
         return first
+
+
+class LeastWork:
+    """
+    The worker that would finish this request first: the earliest predicted
+    finish time C{(outstanding predicted work + this request's work) ×
+    seconds per unit}, from each worker's C{predicted_work} and learned
+    C{speed} (L{twisted_router.cost.SpeedEstimate}).
+
+    Counting work instead of requests is what keeps a slow worker from
+    getting an equal share of a batch, and a worker with one 81-frame video
+    from looking as free as one with a 512² image. Adding this request's own
+    work matters only between workers of different speeds: a large job goes
+    to a fast worker even when a slow one is idle, if the fast one would
+    still finish it first. Ties (within a relative 1e-9) go to the tied
+    worker chosen least recently, as in L{LeastRequest}.
+    """
+
+    name = "least-work"
+
+    def __init__(self) -> None:
+        self._last_chosen: WeakKeyDictionary[Worker, int] = WeakKeyDictionary()
+        self._sequence = 0
+
+    @staticmethod
+    def finish_time(worker: Worker, work: float) -> float:
+        """Seconds until C{worker} would finish a request of C{work} units sent now."""
+        return (worker.predicted_work + work) * worker.speed.seconds_per_unit
+
+    def choose(self, candidates: Sequence[Worker], work: float = 0.0) -> Worker:
+        _require(candidates)
+        finish = [self.finish_time(w, work) for w in candidates]
+        earliest = min(finish)
+        tolerance = abs(earliest) * 1e-9
+        tied = [w for w, t in zip(candidates, finish, strict=True) if t <= earliest + tolerance]
+        chosen = min(tied, key=lambda w: self._last_chosen.get(w, -1))
+        self._last_chosen[chosen] = self._sequence
+        self._sequence += 1
+        return chosen
 
 
 def make_policy(name: str, rng: random.Random | None = None) -> RoutingPolicy:
@@ -149,4 +191,6 @@ def make_policy(name: str, rng: random.Random | None = None) -> RoutingPolicy:
         return RandomChoice(rng)
     if key == "power-of-two":
         return PowerOfTwo(rng)
+    if key == "least-work":
+        return LeastWork()
     raise ValueError(f"unknown routing policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")

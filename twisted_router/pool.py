@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
+from twisted_router.cost import SpeedEstimate
 from twisted_router.urls import (
     WorkerURLError,
     display_id_for,
@@ -137,6 +138,14 @@ class Worker:
     @ivar total_requests: requests ever dispatched to it.
     @ivar failed_requests: dispatched requests that failed in transport
         (unreachable, dropped, timed out), as recorded by the dispatcher.
+    @ivar predicted_work: work units (L{twisted_router.cost}) of the
+        generations outstanding on it: those in flight (taken and given back
+        by L{WorkerPool.lease} with the count) and the video jobs it is
+        still running (L{twisted_router.jobs.JobOwners}).
+    @ivar running_jobs: video jobs created on it that the router has not
+        yet seen finish; they count against C{--max-inflight-per-worker}
+        like requests in flight, since the worker is busy with them.
+    @ivar speed: its learned speed (L{SpeedEstimate}).
     """
 
     url: str
@@ -160,6 +169,9 @@ class Worker:
     registered_at: float = field(default_factory=time.time)
     last_probe_ok_at: float | None = None
     last_error: str | None = None
+    predicted_work: float = 0.0
+    running_jobs: int = 0
+    speed: SpeedEstimate = field(default_factory=SpeedEstimate)
 
     @classmethod
     def for_url(cls, url: str, *, registered_at: float | None = None) -> Worker:
@@ -240,7 +252,22 @@ class Worker:
             "last_error": self.last_error,
             "registered_at": self.registered_at,
             "last_probe_ok_at": self.last_probe_ok_at,
+            "predicted_work": round(self.predicted_work, 3),
+            "running_jobs": self.running_jobs,
+            "speed": round(self.speed.units_per_second, 6),
+            "speed_samples": self.speed.samples,
         }
+
+    @property
+    def outstanding(self) -> int:
+        """Requests in flight plus video jobs running: what C{--max-inflight-per-worker} bounds."""
+        return self.active_requests + self.running_jobs
+
+    def add_work(self, work: float) -> None:
+        """Count C{work} more (or, negative, fewer) outstanding units; never below zero."""
+        self.predicted_work = max(0.0, self.predicted_work + work)
+        if self.predicted_work < 1e-9:
+            self.predicted_work = 0.0  # float residue of many additions and subtractions
 
 
 class UnknownWorker(KeyError):
@@ -263,10 +290,15 @@ class Lease:
     C{__exit__} or L{release}, whichever comes first, on every path: normal
     exit, exception, C{GeneratorExit}/cancellation of an enclosing coroutine.
     A leaked count would make least-request avoid a healthy worker forever.
+
+    @ivar work: predicted work units of the request, counted in the worker's
+        C{predicted_work} exactly as long as the in-flight count.
     """
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, work: float = 0.0, on_release: Callable[[Worker], None] | None = None) -> None:
         self.worker = worker
+        self.work = work
+        self._on_release = on_release
         self._entered = False
         self._released = False
 
@@ -276,6 +308,7 @@ class Lease:
         self._entered = True
         self.worker.active_requests += 1
         self.worker.total_requests += 1
+        self.worker.add_work(self.work)
         return self.worker
 
     def __exit__(
@@ -301,6 +334,9 @@ class Lease:
         self._released = True
         # Never below zero, even if something else has already reset it.
         self.worker.active_requests = max(0, self.worker.active_requests - 1)
+        self.worker.add_work(-self.work)
+        if self._on_release is not None:
+            self._on_release(self.worker)
 
 
 class WorkerPool:
@@ -316,6 +352,7 @@ class WorkerPool:
         # dicts keep insertion order, which is the registration order.
         self._workers: dict[str, Worker] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._release_listeners: list[Callable[[Worker], None]] = []
         self._batch_depth = 0
         self._changed_in_batch = False
 
@@ -465,12 +502,26 @@ class WorkerPool:
 
     # -- load -----------------------------------------------------------
 
-    def lease(self, worker: Worker) -> Lease:
+    def lease(self, worker: Worker, work: float = 0.0) -> Lease:
         """
-        Count one in-flight request on C{worker} for the duration of a
-        C{with} block (see L{Lease}). Works on a worker removed meanwhile.
+        Count one in-flight request on C{worker} (and its C{work} units) for
+        the duration of a C{with} block (see L{Lease}). Works on a worker
+        removed meanwhile. The release listeners hear of each release.
         """
-        return Lease(worker)
+        return Lease(worker, work, self.slot_free if self._release_listeners else None)
+
+    def on_slot_free(self, listener: Callable[[Worker], None]) -> None:
+        """
+        Call C{listener} with the worker each time a lease is given back or
+        a video job on it ends: a request slot on it is free (the
+        router-side queue sends its next request there).
+        """
+        self._release_listeners.append(listener)
+
+    def slot_free(self, worker: Worker) -> None:
+        """Tell the slot listeners that C{worker} has one more free slot."""
+        for listener in list(self._release_listeners):
+            listener(worker)
 
     def record_request_failure(self, worker: Worker, reason: str) -> None:
         """
@@ -584,11 +635,15 @@ class WorkerPool:
         return True
 
     def set_capabilities(
-        self, worker: Worker, *, task_type: str | None, model_id: str | None
+        self, worker: Worker, *, task_type: str | None, model_id: str | None, num_gpus: int | None = None
     ) -> None:
-        """Record what the worker's C{/v1/models} card says it serves."""
+        """
+        Record what the worker's C{/v1/models} card says it serves, and seed
+        its speed from its GPU count until it has completed a generation.
+        """
         worker.task_type = task_type
         worker.model_id = model_id
+        worker.speed.seed(num_gpus)
 
     def counts(self) -> dict[str, int]:
         """The numbers C{GET /health} reports."""

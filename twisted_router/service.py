@@ -103,7 +103,9 @@ def build_router(
     fleet = Fleet(
         pool=pool, control=control, caller=caller, refresh_capabilities=refresh, timeout=config.timeout
     )
-    jobs = JobOwners(pool, caller, max_video_jobs=config.max_video_jobs, max_image_ids=config.max_image_ids)
+    jobs = JobOwners(
+        pool, caller, max_video_jobs=config.max_video_jobs, max_image_ids=config.max_image_ids, clock=reactor
+    )
     router = Router(
         pool=pool, fleet=fleet, dispatcher=dispatcher, jobs=jobs, control=control, timeout=config.timeout
     )

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from twisted_router.policies import (
     POLICY_NAMES,
     LeastRequest,
+    LeastWork,
     PowerOfTwo,
     RandomChoice,
     RoundRobin,
@@ -49,6 +50,8 @@ def snapshot(ws: list[Worker]) -> list[dict[str, object]]:
         ("round-robin", RoundRobin),
         ("random", RandomChoice),
         ("power-of-two", PowerOfTwo),
+        ("least-work", LeastWork),
+        ("Least_Work", LeastWork),
         ("Least_Request", LeastRequest),
         (" ROUND_ROBIN ", RoundRobin),
     ],
@@ -60,7 +63,7 @@ def test_make_policy(name: str, cls: type) -> None:
 
 
 def test_policy_names_match() -> None:
-    assert POLICY_NAMES == ("least-request", "round-robin", "random", "power-of-two")
+    assert POLICY_NAMES == ("least-request", "round-robin", "random", "power-of-two", "least-work")
     assert [make_policy(n).name for n in POLICY_NAMES] == list(POLICY_NAMES)
 
 
@@ -227,3 +230,54 @@ def test_power_of_two_never_picks_the_strict_maximum(loads: list[int], seed: int
     top = max(loads)
     if loads.count(top) == 1:
         assert policy.choose(ws).active_requests < top
+
+
+# -- least-work ------------------------------------------------------------------
+
+
+def speedy(*specs: tuple[float, float]) -> list[Worker]:
+    """Workers with (outstanding predicted work, seconds per unit)."""
+    ws = workers(*([0] * len(specs)))
+    for w, (work, spu) in zip(ws, specs, strict=True):
+        w.predicted_work = work
+        w.speed.seconds_per_unit = spu
+    return ws
+
+
+def test_least_work_earliest_finish() -> None:
+    # a: 100 units at 0.1 s = 10 s; b: 10 units at 0.5 s = 5 s; c: idle but slow.
+    a, b, c = speedy((100.0, 0.1), (10.0, 0.5), (0.0, 2.0))
+    policy = LeastWork()
+    assert policy.choose([a, b, c], work=1.0) is c  # c: 2 s; b: 5.5 s; a: 10.1 s
+    # A large job goes to a busier fast worker when it would finish there first.
+    assert policy.choose([a, b, c], work=50.0) is a  # a: 15 s; b: 30 s; c: 100 s
+
+
+def test_least_work_counts_work_not_requests() -> None:
+    a, b = speedy((50.0, 0.1), (5.0, 0.1))
+    a.active_requests, b.active_requests = 1, 5  # least-request would pick a
+    assert LeastWork().choose([a, b], work=10.0) is b
+
+
+def test_least_work_ties_share_evenly() -> None:
+    ws = speedy((0.0, 0.1), (0.0, 0.1), (0.0, 0.1))
+    policy = LeastWork()
+    counts = Counter(policy.choose(ws, work=10.0).url for _ in range(30))
+    assert sorted(counts.values()) == [10, 10, 10]
+
+
+def test_least_work_batch_splits_by_speed() -> None:
+    """64 equal jobs placed one by one (each counted where it went): shares follow speed 1:1:1:0.25."""
+    ws = speedy((0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 4.0))
+    policy = LeastWork()
+    for _ in range(64):
+        policy.choose(ws, work=10.0).predicted_work += 10.0
+    shares = [round(w.predicted_work / 10) for w in ws]
+    assert shares[3] in (4, 5)
+    assert sum(shares) == 64
+    assert max(shares[:3]) - min(shares[:3]) <= 1
+
+
+def test_least_work_finish_time() -> None:
+    (w,) = speedy((30.0, 0.2))
+    assert LeastWork.finish_time(w, 20.0) == pytest.approx(10.0)
