@@ -217,7 +217,12 @@ class Router:
         return answer_json(
             request,
             200 if healthy else 503,
-            {"status": "healthy" if healthy else "unhealthy", **counts, **self._control.status()},
+            {
+                "status": "healthy" if healthy else "unhealthy",
+                **counts,
+                **self._control.status(),
+                **self._dispatcher.queue_status(),
+            },
         )
 
     @app.route("/metrics", methods=["GET"])
@@ -248,7 +253,8 @@ class Router:
 
     @app.route("/workers", methods=["GET"])
     def list_worker_payloads(self, request: Request) -> bytes:
-        return answer_json(request, 200, {"workers": [w.payload() for w in self._pool.workers()]})
+        queue = {**self._dispatcher.queue_status(), "max_inflight_per_worker": self._dispatcher.max_inflight_per_worker}
+        return answer_json(request, 200, {"workers": [w.payload() for w in self._pool.workers()], "queue": queue})
 
     @app.route("/workers/<path:worker_key>", methods=["GET"])
     def get_worker(self, request: Request, worker_key: str) -> bytes:
@@ -349,6 +355,8 @@ class Router:
             return b""  # the proxy aborted the client connection: nothing more may be written
         if failure.check(RouterError) and not request.startedWriting:  # type: ignore[attr-defined]
             error: RouterError = failure.value
+            for name, value in error.headers.items():
+                request.setHeader(name, value)
             return answer_json(request, error.status, {"error": error.message})
         if request.startedWriting:  # type: ignore[attr-defined]
             # Part of an answer is out: a JSON error appended to it would corrupt

@@ -59,6 +59,9 @@ class RouterConfig:
     max_request_body: int = 256 * 1024 * 1024
     max_image_ids: int = 10_000
     shutdown_grace: float = 180.0
+    max_inflight_per_worker: int = 0
+    max_queue: int = 1024
+    queue_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -111,6 +114,14 @@ class RouterConfig:
             raise ConfigError(f"--max-request-body must be at least 1 byte, got {self.max_request_body}")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:
             raise ConfigError("--max-video-jobs and --max-image-ids must be at least 1")
+        if self.max_inflight_per_worker < 0:
+            raise ConfigError(
+                f"--max-inflight-per-worker must be 0 (no queue) or more, got {self.max_inflight_per_worker}"
+            )
+        if self.max_queue < 1:
+            raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if not _positive_finite(self.queue_timeout):
+            raise ConfigError(f"--queue-timeout must be a positive number of seconds, got {self.queue_timeout}")
         if not (math.isfinite(self.shutdown_grace) and self.shutdown_grace >= 0):
             raise ConfigError(f"--shutdown-grace must be 0 or a positive number of seconds, got {self.shutdown_grace}")
 
@@ -148,6 +159,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -272,6 +290,28 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long requests in flight may take to finish before the router stops",
     )
+    parser.add_argument(
+        "--max-inflight-per-worker",
+        type=_non_negative_int,
+        default=defaults.max_inflight_per_worker,
+        metavar="N",
+        help="at most N generations outstanding per worker; the rest wait in the router and go to the "
+        "first worker with room (0: no router-side queue)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=defaults.max_queue,
+        metavar="M",
+        help="generations that may wait in the router-side queue; more are answered 429 with Retry-After",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=_positive_float,
+        default=defaults.queue_timeout,
+        metavar="SECONDS",
+        help="how long a generation may wait in the router-side queue before a 504",
+    )
     parser.add_argument("--verbose", action="store_true", help="log at debug level, including every request")
     parser.add_argument(
         "--log-level",
@@ -306,4 +346,7 @@ def config_from_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser
         max_request_body=ns.max_request_body,
         max_image_ids=ns.max_image_ids,
         shutdown_grace=ns.shutdown_grace,
+        max_inflight_per_worker=ns.max_inflight_per_worker,
+        max_queue=ns.max_queue,
+        queue_timeout=ns.queue_timeout,
     )

@@ -16,17 +16,24 @@ The rules a request lives by, from arrival to its answer's first byte:
     catch-up, wake) or suspect, the request waits for the pool to change,
     up to C{--timeout}, rather than failing;
   - a worker still starting is tried only when nothing else can serve and
-    the fleet still runs its start-up weights.
+    the fleet still runs its start-up weights;
+  - with C{--max-inflight-per-worker N}, a generation is sent only to a
+    worker with fewer than N outstanding (in flight, or video jobs running);
+    the others wait in the router-side queue and are sent, the moment a slot
+    frees up, to the best worker at that moment (late binding). See
+    L{Dispatcher} and C{docs/scheduling.md}.
 
-When no worker can answer, a L{RouterError} says why. This is where a
-router-side queue will go: everything that decides when and where a request
-is sent lives here, and nothing here knows about routes.
+When no worker can answer, a L{RouterError} says why. Everything that
+decides when and where a request is sent lives here, and nothing here knows
+about routes.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -34,7 +41,14 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from twisted_router.control import FleetController
-from twisted_router.errors import NoWorkers, WorkerFailed, WorkerTimedOutError
+from twisted_router.errors import (
+    NoWorkers,
+    QueueFull,
+    QueueTimedOut,
+    RouterError,
+    WorkerFailed,
+    WorkerTimedOutError,
+)
 from twisted_router.fleet import unavailable
 from twisted_router.policies import RoutingPolicy
 from twisted_router.pool import Activity, Worker, WorkerPool
@@ -48,7 +62,61 @@ from twisted_router.proxy import (
     WorkerUnreachable,
 )
 
-__all__ = ["Dispatched", "Dispatcher"]
+__all__ = ["QUEUE_BATCH_WINDOW", "Dispatched", "Dispatcher", "QueueKey", "queue_key"]
+
+#: Requests that join the queue within this many seconds of the first one of
+#: their group form one batch, ordered longest predicted job first; batches
+#: are served in arrival order (see L{queue_key}).
+QUEUE_BATCH_WINDOW = 1.0
+
+#: The order of the router-side queue: smaller first.
+QueueKey = tuple[int, float, int]
+
+
+def queue_key(batch: int, work: float, seq: int) -> QueueKey:
+    """
+    Where a queued request stands: by batch (arrival groups, oldest first),
+    then longest predicted job first, then arrival order.
+
+    Longest-processing-time-first is what brings a batch of mixed jobs close
+    to the lower bound (a long job started last leaves the other workers idle
+    while it finishes); applied across all of an open-loop stream, it would
+    let long jobs overtake short ones that arrived much earlier. So it applies
+    within a batch: requests that joined the queue within
+    L{QUEUE_BATCH_WINDOW} of their batch's first one. Between batches, and for
+    equal work, the queue is first come, first served.
+    """
+    return (batch, -work, seq)
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A generation's place in the queue, kept across its retries."""
+
+    key: QueueKey
+    since: float
+
+
+@dataclass(eq=False)
+class _Queued:
+    """One generation waiting in the router-side queue for a slot on a worker."""
+
+    ticket: _Ticket
+    work: float
+    video: bool
+    image_only: bool
+    tried: set[str]
+    chooser: RoutingPolicy
+    granted: Deferred[Worker] = field(default_factory=Deferred)
+    done: bool = False
+
+    def fits(self, worker: Worker) -> bool:
+        """Whether this request may go to C{worker} (given it is routable)."""
+        return (
+            (not self.video or worker.video_support)
+            and (not self.image_only or worker.image_model)
+            and worker.url not in self.tried
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +152,9 @@ class Dispatcher:
         control: FleetController,
         clock: IReactorTime,
         timeout: float,
+        max_inflight_per_worker: int = 0,
+        max_queue: int = 1024,
+        queue_timeout: float = 600.0,
     ) -> None:
         """
         @param control: whose C{changed} signal wakes requests waiting for a
@@ -91,6 +162,12 @@ class Dispatcher:
             may be tried.
         @param timeout: C{--timeout}: how long a request may wait for
             response headers, and for a busy worker.
+        @param max_inflight_per_worker: C{--max-inflight-per-worker}: 0 sends
+            every request at once (no router-side queue).
+        @param max_queue: C{--max-queue}: generations that may wait; more
+            are answered 429.
+        @param queue_timeout: C{--queue-timeout}: how long a generation may
+            wait in the queue (across its retries) before a 504.
         """
         self._pool = pool
         self._policy = policy
@@ -102,6 +179,23 @@ class Dispatcher:
         #: Per worker, the forwards still waiting for response headers, so a
         #: worker found hung can hand them to another worker at once.
         self._unanswered: dict[Worker, set[Deferred[str]]] = {}
+        self._max_inflight = max_inflight_per_worker
+        self._max_queue = max_queue
+        self._queue_timeout = queue_timeout
+        #: The router-side queue: a heap of (key, entry); entries that left
+        #: (granted, cancelled, timed out) are dropped when they surface.
+        self._queue: list[tuple[QueueKey, _Queued]] = []
+        self._waiting = 0
+        self._seq = 0
+        self._batch = 0
+        self._batch_started = -math.inf
+        #: Slots handed to a queued request that has not taken its lease yet.
+        self._reserved: dict[Worker, int] = {}
+        self._draining = False
+        self._drain_again = False
+        if self._max_inflight > 0:
+            pool.on_slot_free(lambda _worker: self._drain())
+            pool.on_change(self._pool_changed)
 
     def abandon_unanswered(self, worker: Worker, reason: str) -> None:
         """
@@ -203,6 +297,7 @@ class Dispatcher:
         last_failure: str | None = None
         retried_after_hang = False
         deadline = self._clock.seconds() + self._timeout
+        ticket: _Ticket | None = None
         while True:
             if getattr(request, "channel", None) is None and tried:
                 raise CancelledError("client gone; not retried")
@@ -211,6 +306,7 @@ class Dispatcher:
                 for w in self._pool.routable(video=video)
                 if w.url not in tried and (not image_only or w.image_model)
             ]
+            fallback: list[Worker] | None = None
             if not candidates:
                 if last_failure is not None:
                     raise WorkerFailed(f"Worker request failed: {last_failure}")
@@ -220,7 +316,20 @@ class Dispatcher:
                 if fallback is None:
                     continue  # waited for a busy worker: look again
                 candidates = fallback
-            worker = chooser.choose(candidates, work or 0.0)
+            reserved = False
+            if self._max_inflight > 0 and work is not None and fallback is None:
+                roomy = [w for w in candidates if self._has_room(w)]
+                if roomy and not self._waiting:
+                    worker = chooser.choose(roomy, work)
+                else:
+                    if ticket is None:
+                        ticket = self._ticket(work)
+                    worker = await self._wait_in_queue(
+                        ticket, work=work, video=video, image_only=image_only, tried=tried, chooser=chooser
+                    )
+                    reserved = True
+            else:
+                worker = chooser.choose(candidates, work or 0.0)
             sent_version: list[str | None] = [worker.weight_version]
 
             def ready(worker: Worker = worker, sent_version: list[str | None] = sent_version) -> bool:
@@ -246,6 +355,8 @@ class Dispatcher:
             timed_out: WorkerTimedOut | None = None
             sent = self._clock.seconds()
             with self._pool.lease(worker, work or 0.0):
+                if reserved:
+                    self._unreserve(worker)  # the lease holds the slot from here
                 try:
                     result = await self._proxy.forward(
                         request,
@@ -322,10 +433,180 @@ class Dispatcher:
     def weighs_work(self) -> bool:
         """
         Whether requests' work is predicted: only when something uses it
-        (the C{least-work} policy), so the other policies' request path does
-        not parse bodies.
+        (the C{least-work} policy, or the queue, which orders by work and
+        queues only generations), so otherwise the request path parses no
+        bodies.
         """
-        return self._policy.name == "least-work"
+        return self._policy.name == "least-work" or self._max_inflight > 0
+
+    # ------------------------------------------------------------------ the router-side queue
+
+    def _has_room(self, worker: Worker) -> bool:
+        return worker.outstanding + self._reserved.get(worker, 0) < self._max_inflight
+
+    def _unreserve(self, worker: Worker) -> None:
+        left = self._reserved.get(worker, 0) - 1
+        if left > 0:
+            self._reserved[worker] = left
+        else:
+            self._reserved.pop(worker, None)
+
+    def _ticket(self, work: float) -> _Ticket:
+        """
+        A place in the queue for a generation that has not queued before
+        (L{queue_key}). A retried request keeps its ticket, and is let in
+        even when the queue is full: it was admitted already.
+
+        @raise QueueFull: C{--max-queue} requests are waiting already.
+        """
+        if self._waiting >= self._max_queue:
+            raise QueueFull(
+                f"the router's queue is full ({self._max_queue} requests waiting; --max-queue)",
+                retry_after=self._retry_after(),
+            )
+        now = self._clock.seconds()
+        if now - self._batch_started > QUEUE_BATCH_WINDOW:
+            self._batch += 1
+            self._batch_started = now
+        self._seq += 1
+        return _Ticket(queue_key(self._batch, work, self._seq), now)
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained: all the work waiting or outstanding over the fleet's speed."""
+        workers = self._pool.routable()
+        speed = sum(w.speed.units_per_second for w in workers)
+        work = sum(w.predicted_work for w in workers) + sum(e.work for _, e in self._queue if not e.done)
+        if speed <= 0:
+            return 60
+        return int(min(3600.0, max(1.0, math.ceil(work / speed))))
+
+    async def _wait_in_queue(
+        self,
+        ticket: _Ticket,
+        *,
+        work: float,
+        video: bool,
+        image_only: bool,
+        tried: set[str],
+        chooser: RoutingPolicy,
+    ) -> Worker:
+        """
+        Wait in the queue until a slot on a worker that fits is handed over
+        (reserved for this request: take the lease at once).
+
+        @raise QueueTimedOut: it waited C{--queue-timeout} in all.
+        @raise CancelledError: the client went away (it left the queue).
+        @raise RouterError: no worker that could serve it is left.
+        """
+        remaining = ticket.since + self._queue_timeout - self._clock.seconds()
+        if remaining <= 0:
+            raise QueueTimedOut(self._timed_out_message())
+        entry = _Queued(ticket, work, video, image_only, tried, chooser)
+
+        def leave(_: Deferred[Worker]) -> None:
+            self._leave(entry)  # the client went away: the request leaves the queue
+
+        entry.granted = Deferred(leave)
+        heapq.heappush(self._queue, (ticket.key, entry))
+        self._waiting += 1
+
+        def expire() -> None:
+            if self._leave(entry):
+                entry.granted.errback(QueueTimedOut(self._timed_out_message()))
+
+        timer = self._clock.callLater(remaining, expire)
+        try:
+            self._drain()
+            return await entry.granted
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _timed_out_message(self) -> str:
+        return f"Request timed out waiting in the router's queue for {self._queue_timeout:g}s (--queue-timeout)"
+
+    def _leave(self, entry: _Queued) -> bool:
+        """Take C{entry} out of the queue (lazily); C{False} if it had already left."""
+        if entry.done:
+            return False
+        entry.done = True
+        self._waiting -= 1
+        if len(self._queue) > 2 * self._waiting + 64:
+            # Many left from the middle (hang-ups, timeouts): compact.
+            self._queue = [item for item in self._queue if not item[1].done]
+            heapq.heapify(self._queue)
+        return True
+
+    def _pool_changed(self) -> None:
+        """
+        A worker became routable or stopped being so: send what can go now,
+        and fail the queued requests that no worker is left to serve.
+        """
+        self._drain()
+        for _, entry in list(self._queue):
+            if entry.done:
+                continue
+            fits = [w for w in self._pool.workers() if entry.fits(w)]
+            if not any(w.routable or w.coming_back for w in fits) and self._leave(entry):
+                error: RouterError = unavailable(self._pool, video=entry.video, image_only=entry.image_only)
+                entry.granted.errback(error)
+
+    def _drain(self) -> None:
+        """
+        Hand free slots to queued requests, best first, each to the best
+        worker for it at this moment. Re-entrant calls (a granted request
+        that fails at once frees its slot again) are folded into this one.
+        """
+        if not self._waiting:
+            return
+        if self._draining:
+            self._drain_again = True
+            return
+        self._draining = True
+        try:
+            again = True
+            while again:
+                self._drain_again = False
+                self._drain_once()
+                again = self._drain_again and self._waiting > 0
+        finally:
+            self._draining = False
+
+    def _drain_once(self) -> None:
+        open_workers = [w for w in self._pool.routable() if self._has_room(w)]
+        skipped: list[tuple[QueueKey, _Queued]] = []
+        try:
+            while open_workers and self._queue:
+                item = heapq.heappop(self._queue)
+                entry = item[1]
+                if entry.done:
+                    continue
+                fitting = [w for w in open_workers if entry.fits(w)]
+                if not fitting:
+                    skipped.append(item)  # e.g. a video while only image workers have room
+                    continue
+                worker = entry.chooser.choose(fitting, entry.work)
+                self._leave(entry)
+                self._reserved[worker] = self._reserved.get(worker, 0) + 1
+                entry.granted.callback(worker)  # the request takes its lease now
+                open_workers = [w for w in open_workers if w.routable and self._has_room(w)]
+        finally:
+            for item in skipped:
+                heapq.heappush(self._queue, item)
+
+    def queue_status(self) -> dict[str, float | int]:
+        """C{queued_requests} and C{oldest_queued_wait} (seconds), for C{/health} and C{/workers}."""
+        now = self._clock.seconds()
+        waits = [now - e.ticket.since for _, e in self._queue if not e.done]
+        return {
+            "queued_requests": self._waiting,
+            "oldest_queued_wait": round(max(waits), 3) if waits else 0.0,
+        }
+
+    @property
+    def max_inflight_per_worker(self) -> int:
+        """C{--max-inflight-per-worker} (0: no router-side queue)."""
+        return self._max_inflight
 
     async def forward_to(
         self, request: Request, worker: Worker, *, path: bytes | None = None, capture: int = 0

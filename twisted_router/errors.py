@@ -28,6 +28,8 @@ __all__ = [
     "Conflict",
     "NoWorkers",
     "NotFound",
+    "QueueFull",
+    "QueueTimedOut",
     "RouterError",
     "WorkerFailed",
     "WorkerTimedOutError",
@@ -48,6 +50,11 @@ class RouterError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        """Extra response headers of the answer."""
+        return {}
 
     def __str__(self) -> str:
         return self.message
@@ -85,6 +92,30 @@ class NoWorkers(RouterError):
 
 class WorkerTimedOutError(RouterError):
     """The worker sent no response headers within C{--timeout} (504)."""
+
+    status = 504
+
+
+class QueueFull(RouterError):
+    """
+    The router-side queue is full (429): the client should retry after
+    C{retry_after} seconds (sent as C{Retry-After}, the convention of
+    production gateways), when the queue has had time to drain.
+    """
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"retry-after": str(self.retry_after).encode()}
+
+
+class QueueTimedOut(RouterError):
+    """A request waited in the router-side queue longer than C{--queue-timeout} (504)."""
 
     status = 504
 

@@ -99,6 +99,9 @@ def build_router(
         control=control,
         clock=reactor,
         timeout=config.timeout,
+        max_inflight_per_worker=config.max_inflight_per_worker,
+        max_queue=config.max_queue,
+        queue_timeout=config.queue_timeout,
     )
     fleet = Fleet(
         pool=pool, control=control, caller=caller, refresh_capabilities=refresh, timeout=config.timeout

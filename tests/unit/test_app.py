@@ -38,6 +38,8 @@ def test_health_with_no_workers_is_503() -> None:
         "busy_workers": 0,
         "weight_version": "0",
         "model_path": None,
+        "queued_requests": 0,
+        "oldest_queued_wait": 0.0,
     }
 
 

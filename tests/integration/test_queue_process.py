@@ -1,0 +1,46 @@
+"""
+The router-side queue with real processes: a batch through a router with
+C{--max-inflight-per-worker 1} and C{least-work} over simulated workers of
+different C{--speed}; every request answered 200, the queue empties, no
+in-flight count or predicted work is left behind, and the slow worker gets
+fewer of the requests (late binding: it frees its slot less often).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from tests.integration.test_router_process import call, sim, wait_for_workers
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Processes
+
+
+def test_a_batch_through_the_queue_all_answered_and_the_queue_empties(processes: Processes) -> None:
+    workers = processes.workers(
+        sim("fast-a", "--step-ms", "5", "--speed", "1"),
+        sim("fast-b", "--step-ms", "5", "--speed", "1"),
+        sim("slow", "--step-ms", "5", "--speed", "0.25"),
+    )
+    router = processes.router(
+        workers, "--routing-algorithm", "least-work", "--max-inflight-per-worker", "1", "--max-queue", "64"
+    )
+    wait_for_workers(router, 3)
+    body = {"prompt": "a fox", "num_inference_steps": 10, "size": "1024x1024"}
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        replies = list(pool.map(lambda _: call(router.url, "POST", "/v1/images/generations", body, 60.0), range(24)))
+    assert [r.status for r in replies] == [200] * 24
+
+    health = call(router.url, "GET", "/health").json()
+    assert (health["queued_requests"], health["oldest_queued_wait"]) == (0, 0.0)
+    listing = call(router.url, "GET", "/workers").json()
+    assert listing["queue"]["max_inflight_per_worker"] == 1
+    by_url = {w["url"]: w for w in listing["workers"]}
+    entries = [by_url[w.url] for w in workers]
+    assert [e["active_requests"] for e in entries] == [0, 0, 0]
+    assert [e["predicted_work"] for e in entries] == [0.0, 0.0, 0.0]
+    assert sum(e["total_requests"] for e in entries) >= 24
+    assert all(e["speed_samples"] > 0 for e in entries)
+    fast_a, fast_b, slow = (e["total_requests"] for e in entries)
+    assert slow < fast_a and slow < fast_b, (fast_a, fast_b, slow)
