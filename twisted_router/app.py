@@ -34,7 +34,7 @@ from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from twisted_router.metrics import RouterMetrics
 from twisted_router.policies import LeastRequest
 from twisted_router.pool import Worker, WorkerPool
-from twisted_router.proxy import UpstreamBodyFailed
+from twisted_router.proxy import ForwardResult, UpstreamBodyFailed
 from twisted_router.urls import WorkerURLError
 
 __all__ = ["Router", "memory_status", "parse_refit", "refit_status"]
@@ -141,13 +141,17 @@ class Router:
 
     async def _create_video(self, request: Request, *, path: bytes | None) -> None:
         work = self._work(request, b"/v1/videos")
-        out = await self._dispatcher.dispatch(
-            request, video=True, path=path, capture=JOB_CAPTURE_LIMIT, work=work
+
+        def created(worker: Worker, result: ForwardResult) -> None:
+            # Inside the creation's lease, so the job takes over its slot without a gap.
+            job = parse_json(result.captured)
+            self._jobs.learn_job(worker, job)
+            if 200 <= result.status < 300:
+                self._jobs.job_started(worker, job, work)
+
+        await self._dispatcher.dispatch(
+            request, video=True, path=path, capture=JOB_CAPTURE_LIMIT, work=work, on_answer=created
         )
-        job = parse_json(out.result.captured)
-        self._jobs.learn_job(out.worker, job)
-        if 200 <= out.result.status < 300:
-            self._jobs.job_started(out.worker, job, work)
 
     async def _video_request(self, request: Request, video_id: str, *, path: bytes | None = None) -> None:
         owner = await self._video_owner(video_id)

@@ -282,6 +282,7 @@ class SpeedEstimate:
 
     seconds_per_unit: float = DEFAULT_SECONDS_PER_UNIT
     samples: int = 0
+    gpus: int = 1
     alpha: float = 0.3
     fast_alpha: float = 0.7
     jump: float = 1.5
@@ -293,8 +294,22 @@ class SpeedEstimate:
         many times faster than a one-GPU worker (sequence parallelism scales
         nearly linearly for the large images and videos that matter here).
         """
-        if self.samples == 0 and num_gpus is not None and num_gpus > 0:
-            self.seconds_per_unit = DEFAULT_SECONDS_PER_UNIT / num_gpus
+        if num_gpus is not None and num_gpus > 0:
+            if self.samples == 0:
+                self.seconds_per_unit = self.seconds_per_unit * self.gpus / num_gpus
+            self.gpus = num_gpus
+
+    def adopt(self, peer: SpeedEstimate) -> None:
+        """
+        Before any completion of its own: take a peer's learned speed, scaled
+        by the GPU counts. The absolute seed is a guess (a simulated or a
+        different GPU may be 100× off); a worker seeded far slower than its
+        learned peers would never be chosen, and so never learn, and one
+        seeded far faster would get every request until its first
+        completion.
+        """
+        if self.samples == 0 and peer.samples > 0:
+            self.seconds_per_unit = peer.seconds_per_unit * peer.gpus / self.gpus
 
     @property
     def units_per_second(self) -> float:
@@ -315,7 +330,15 @@ class SpeedEstimate:
         service = self.service_time(sent, completed)
         if self._last_completion is None or completed > self._last_completion:
             self._last_completion = completed
-        if work <= 0 or service <= 0:
+        self.observe_service(service, work)
+
+    def observe_service(self, service: float, work: float) -> None:
+        """
+        A generation of C{work} units took the worker C{service} seconds of
+        its own time, as the worker itself reports it (a finished video job's
+        C{inference_time_s}): no queueing correction needed.
+        """
+        if not (work > 0 and service > 0 and math.isfinite(service)):
             return
         sample = service / work
         if self.samples == 0:

@@ -50,7 +50,7 @@ from twisted_router.errors import (
     WorkerTimedOutError,
 )
 from twisted_router.fleet import unavailable
-from twisted_router.policies import RoutingPolicy
+from twisted_router.policies import LeastWork, RoutingPolicy
 from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.proxy import (
     ForwardResult,
@@ -272,6 +272,7 @@ class Dispatcher:
         capture: int = 0,
         policy: RoutingPolicy | None = None,
         work: float | None = None,
+        on_answer: Callable[[Worker, ForwardResult], None] | None = None,
     ) -> Dispatched:
         """
         Send the request to one routable worker and stream its answer back.
@@ -280,6 +281,8 @@ class Dispatcher:
             (L{twisted_router.cost}); C{None} for anything else. It is
             counted on the worker while the request is in flight, and a
             successful synchronous generation teaches the worker's speed.
+        @param on_answer: called with the worker and the result once the
+            answer has been relayed, while the lease is still held.
 
         A worker that cannot be reached is quarantined at once and the request
         goes to the next one, so a dead worker never costs a request that a
@@ -318,9 +321,9 @@ class Dispatcher:
                 candidates = fallback
             reserved = False
             if self._max_inflight > 0 and work is not None and fallback is None:
-                roomy = [w for w in candidates if self._has_room(w)]
-                if roomy and not self._waiting:
-                    worker = chooser.choose(roomy, work)
+                placed = None if self._waiting else self._place(chooser, candidates, work, {})
+                if placed is not None:
+                    worker = placed
                 else:
                     if ticket is None:
                         ticket = self._ticket(work)
@@ -412,6 +415,10 @@ class Dispatcher:
                     unanswered.discard(give_up)
                     if not unanswered and self._unanswered.get(worker) is unanswered:
                         del self._unanswered[worker]
+                if timed_out is None and on_answer is not None:
+                    # Still holding the lease: what the answer starts (a video
+                    # job) is counted before the slot is seen to be free.
+                    on_answer(worker, result)
             if timed_out is not None:
                 # Slow or hung? Ask at once rather than at the next health
                 # round: a hung worker is quarantined, and this request (which
@@ -427,6 +434,9 @@ class Dispatcher:
                 # A video creation returns before the work is done: only
                 # synchronous generations measure the worker's speed.
                 worker.speed.observe(sent, self._clock.seconds(), work)
+                for other in self._pool.workers():
+                    if other.speed.samples == 0:
+                        other.speed.adopt(worker.speed)
             return Dispatched(worker, result)
 
     @property
@@ -572,20 +582,60 @@ class Dispatcher:
         finally:
             self._draining = False
 
+    def _place(
+        self, chooser: RoutingPolicy, candidates: list[Worker], work: float, backlog: dict[Worker, float]
+    ) -> Worker | None:
+        """
+        The worker with a free slot that a request of C{work} units should
+        go to now, or C{None} if it should wait.
+
+        Other policies take any candidate with room. C{least-work} looks at
+        every candidate, full ones included: when a full worker would still
+        finish the request first (a fast worker with a job to go beats an
+        idle one four times slower), the request waits for it rather than
+        being sent to a worker with room that would finish it later; the
+        queue hands the slot over when it frees. C{backlog} is work already
+        promised to full workers by requests ahead of this one in the queue
+        (a list schedule: each request, in queue order, goes to the worker
+        that would finish it first given everything ahead of it).
+        """
+        roomy = [w for w in candidates if self._has_room(w)]
+        if not roomy:
+            return None
+        if not isinstance(chooser, LeastWork):
+            return chooser.choose(roomy, work)
+
+        def finish(w: Worker) -> float:
+            return (w.predicted_work + backlog.get(w, 0.0) + work) * w.speed.seconds_per_unit
+
+        best = min(finish(w) for w in roomy)
+        full = [w for w in candidates if not self._has_room(w)]
+        if full:
+            waiting_for = min(full, key=finish)
+            if finish(waiting_for) < best * (1 - 1e-9):
+                backlog[waiting_for] = backlog.get(waiting_for, 0.0) + work
+                return None
+        return chooser.choose(roomy, work)
+
     def _drain_once(self) -> None:
         open_workers = [w for w in self._pool.routable() if self._has_room(w)]
         skipped: list[tuple[QueueKey, _Queued]] = []
+        backlog: dict[Worker, float] = {}
         try:
             while open_workers and self._queue:
                 item = heapq.heappop(self._queue)
                 entry = item[1]
                 if entry.done:
                     continue
-                fitting = [w for w in open_workers if entry.fits(w)]
-                if not fitting:
+                if not any(entry.fits(w) for w in open_workers):
                     skipped.append(item)  # e.g. a video while only image workers have room
                     continue
-                worker = entry.chooser.choose(fitting, entry.work)
+                candidates = [w for w in self._pool.routable(video=entry.video) if entry.fits(w)]
+                placed = self._place(entry.chooser, candidates, entry.work, backlog)
+                if placed is None:
+                    skipped.append(item)  # waits for a better worker that is full now
+                    continue
+                worker = placed
                 self._leave(entry)
                 self._reserved[worker] = self._reserved.get(worker, 0) + 1
                 entry.granted.callback(worker)  # the request takes its lease now

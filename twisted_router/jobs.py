@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -57,6 +58,12 @@ JOB_WORK_SLACK = 3.0
 JOB_WORK_GRACE = 60.0
 #: ... and never longer than this.
 JOB_WORK_MAX_HOLD = 6 * 3600.0
+#: The router also polls a running job itself, once at its predicted finish
+#: and then at doubling intervals in this range, one call at a time per job:
+#: a client that polls rarely (or only fetches the content) must not leave
+#: the job's work on its worker long after the job ended.
+JOB_POLL_MIN = 2.0
+JOB_POLL_MAX = 60.0
 #: The keys of a job-list page that describe the page, not the fleet's list.
 _PAGE_KEYS = ("data", "first_id", "last_id", "has_more")
 
@@ -131,6 +138,8 @@ class _RunningJob:
         self.worker = worker
         self.work = work
         self.expiry = expiry
+        self.poll: IDelayedCall | None = None
+        self.interval = JOB_POLL_MIN
 
 
 class JobOwners:
@@ -141,7 +150,8 @@ class JobOwners:
     Also the video jobs still running: a job's creation returns at once while
     its worker works on it for minutes, so its predicted work stays on the
     worker (C{predicted_work}, C{running_jobs}) until a relayed poll or list
-    shows it finished, it is deleted, or it expires (L{JOB_WORK_SLACK}).
+    shows it finished, the router's own poll (L{JOB_POLL_MIN}) does, it is
+    deleted, or it expires (L{JOB_WORK_SLACK}).
     """
 
     log = Logger()
@@ -168,7 +178,9 @@ class JobOwners:
     def job_started(self, worker: Worker, job: Any, work: float | None) -> None:
         """
         A video job was created on C{worker} (C{job} is the creation answer):
-        count its C{work} there until it finishes.
+        count its C{work} there until it finishes. Called while the
+        creation's lease is still held, so the job takes the slot over
+        without a moment in which the worker looks free.
         """
         if self._clock is None or work is None or not isinstance(job, dict):
             return
@@ -176,11 +188,39 @@ class JobOwners:
         status = job.get("status")
         if job_id is None or job_id in self._running or (isinstance(status, str) and status in FINISHED_STATES):
             return
+        # Called while the creation's lease (with this job's work) is still
+        # held: the worker's predicted work already includes the job once.
+        predicted_finish = worker.predicted_work * worker.speed.seconds_per_unit
+        hold = JOB_WORK_SLACK * predicted_finish + JOB_WORK_GRACE
         worker.add_work(work)
         worker.running_jobs += 1
-        hold = JOB_WORK_SLACK * worker.predicted_work * worker.speed.seconds_per_unit + JOB_WORK_GRACE
         expiry = self._clock.callLater(min(hold, JOB_WORK_MAX_HOLD), self._expired, job_id)
-        self._running[job_id] = _RunningJob(worker, work, expiry)
+        running = self._running[job_id] = _RunningJob(worker, work, expiry)
+        running.poll = self._clock.callLater(
+            min(max(JOB_POLL_MIN, predicted_finish), JOB_POLL_MAX), self._poll, job_id
+        )
+
+    def _poll(self, job_id: str) -> None:
+        running = self._running.get(job_id)
+        if running is not None:
+            running.poll = None
+            Deferred.fromCoroutine(self._poll_job(job_id, running))
+
+    async def _poll_job(self, job_id: str, running: _RunningJob) -> None:
+        """Ask the job's worker how it is; learn a finish, else ask again later."""
+        reply = await self._caller.call(
+            running.worker.url, "GET", "/v1/videos/" + quote(job_id, safe=""), timeout=LOOKUP_TIMEOUT
+        )
+        if self._running.get(job_id) is not running:
+            return  # finished (or deleted) meanwhile
+        if reply.status_code == 404:
+            self._job_over(job_id)  # the worker no longer has it
+            return
+        if reply.status_code == 200:
+            self.learn_job(running.worker, reply.body)
+        if self._running.get(job_id) is running and self._clock is not None:
+            running.interval = min(running.interval * 2, JOB_POLL_MAX)
+            running.poll = self._clock.callLater(running.interval, self._poll, job_id)
 
     def _expired(self, job_id: str) -> None:
         running = self._running.get(job_id)
@@ -192,12 +232,27 @@ class JobOwners:
             )
         self._job_over(job_id)
 
-    def _job_over(self, job_id: str) -> None:
+    def _job_over(self, job_id: str, job: dict[str, Any] | None = None) -> None:
+        """
+        The job ended (C{job}: its last state, when known): its work no longer
+        counts on its worker, and a completed job's C{inference_time_s} (the
+        worker's own measure of its service time) teaches the worker's speed,
+        so a fleet that only makes videos learns too.
+        """
         running = self._running.pop(job_id, None)
         if running is None:
             return
+        spent = job.get("inference_time_s") if job is not None else None
+        if job is not None and job.get("status") == "completed" and isinstance(spent, (int, float)):
+            if not isinstance(spent, bool):
+                running.worker.speed.observe_service(float(spent), running.work)
+                for other in self._pool.workers():
+                    if other.speed.samples == 0:
+                        other.speed.adopt(running.worker.speed)
         if running.expiry.active():
             running.expiry.cancel()
+        if running.poll is not None and running.poll.active():
+            running.poll.cancel()
         worker = running.worker
         worker.add_work(-running.work)
         worker.running_jobs = max(0, worker.running_jobs - 1)
@@ -243,7 +298,7 @@ class JobOwners:
             finished = isinstance(status, str) and status in FINISHED_STATES
             self.videos.remember(job_id, worker.url, finished=finished)
             if finished:
-                self._job_over(job_id)
+                self._job_over(job_id, job)
 
     def learn_job_list(self, worker: Worker, answer: Any) -> None:
         """Remember the owner of every job in one worker's job-list page."""

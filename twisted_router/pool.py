@@ -308,7 +308,8 @@ class Lease:
         self._entered = True
         self.worker.active_requests += 1
         self.worker.total_requests += 1
-        self.worker.add_work(self.work)
+        if self.work:
+            self.worker.add_work(self.work)
         return self.worker
 
     def __exit__(
@@ -334,7 +335,8 @@ class Lease:
         self._released = True
         # Never below zero, even if something else has already reset it.
         self.worker.active_requests = max(0, self.worker.active_requests - 1)
-        self.worker.add_work(-self.work)
+        if self.work:
+            self.worker.add_work(-self.work)
         if self._on_release is not None:
             self._on_release(self.worker)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from tests.integration.test_router_process import call, sim, wait_for_workers
+from tests.integration.test_router_process import call, sim, wait_for_workers, wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes
@@ -44,3 +44,31 @@ def test_a_batch_through_the_queue_all_answered_and_the_queue_empties(processes:
     assert all(e["speed_samples"] > 0 for e in entries)
     fast_a, fast_b, slow = (e["total_requests"] for e in entries)
     assert slow < fast_a and slow < fast_b, (fast_a, fast_b, slow)
+
+
+def test_video_jobs_hold_their_slot_until_the_router_sees_them_finish(processes: Processes) -> None:
+    """
+    With C{--max-inflight-per-worker 1}, a running video job keeps its worker's
+    slot; nobody polls, so the router's own polls free the slots, and every
+    creation is answered.
+    """
+    workers = processes.workers(
+        sim("vid-a", "--task-type", "T2V", "--step-ms", "1"),
+        sim("vid-b", "--task-type", "T2V", "--step-ms", "1"),
+    )
+    router = processes.router(workers, "--routing-algorithm", "least-work", "--max-inflight-per-worker", "1")
+    wait_for_workers(router, 2)
+    body = {"prompt": "waves", "num_frames": 2, "num_inference_steps": 2, "size": "64x64"}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        replies = list(pool.map(lambda _: call(router.url, "POST", "/v1/videos", body, 60.0), range(4)))
+    assert [r.status for r in replies] == [200] * 4
+    assert len({r.json()["id"] for r in replies}) == 4
+
+    def settled() -> list[dict[str, object]] | None:
+        listing = call(router.url, "GET", "/workers").json()["workers"]
+        return listing if all(w["running_jobs"] == 0 for w in listing) else None
+
+    listing = wait_until("the router to see every job finish", settled, timeout=30.0)
+    assert [w["predicted_work"] for w in listing] == [0.0, 0.0]
+    assert all(w["speed_samples"] > 0 for w in listing)  # learned from inference_time_s
+    assert call(router.url, "GET", "/health").json()["queued_requests"] == 0

@@ -293,3 +293,36 @@ def test_zero_work_or_time_moves_only_the_mark() -> None:
     # the next request, sent at 0, only started when the previous one ended at 5
     estimate.observe(0.0, 6.0, 10.0)
     assert estimate.seconds_per_unit == pytest.approx(0.1)
+
+
+def test_unlearned_worker_adopts_a_learned_peer_scaled_by_gpus() -> None:
+    learned = SpeedEstimate()
+    learned.seed(2)
+    learned.observe(0.0, 1.0, 100.0)  # 0.01 s/unit on 2 GPUs
+    fresh = SpeedEstimate()
+    fresh.seed(1)
+    fresh.adopt(learned)
+    assert fresh.seconds_per_unit == pytest.approx(0.02)
+    assert fresh.samples == 0
+    fresh.observe(0.0, 1.0, 10.0)
+    fresh.adopt(learned)  # its own learning wins from now on
+    assert fresh.seconds_per_unit == pytest.approx(0.1)
+    unlearned = SpeedEstimate()
+    fresh.adopt(unlearned)
+    assert fresh.seconds_per_unit == pytest.approx(0.1)
+
+
+def test_seed_rescales_an_adopted_prior() -> None:
+    estimate = SpeedEstimate(seconds_per_unit=0.02)
+    estimate.seed(4)
+    assert estimate.seconds_per_unit == pytest.approx(0.005)
+
+
+def test_reported_service_time_is_taken_as_is() -> None:
+    estimate = SpeedEstimate()
+    estimate.observe_service(8.0, 80.0)
+    assert estimate.seconds_per_unit == pytest.approx(0.1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        estimate.observe_service(bad, 80.0)
+    estimate.observe_service(5.0, 0.0)
+    assert (estimate.seconds_per_unit, estimate.samples) == (pytest.approx(0.1), 1)

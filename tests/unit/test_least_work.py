@@ -14,7 +14,7 @@ from twisted.web.server import Request
 from tests.support.fleet import make_router as make
 from twisted_router.cost import DEFAULT_SECONDS_PER_UNIT
 from twisted_router.health import _parse_model_card
-from twisted_router.jobs import JOB_WORK_GRACE
+from twisted_router.jobs import JOB_POLL_MAX, JOB_POLL_MIN, JOB_WORK_GRACE
 from twisted_router.pool import WorkerPool
 
 
@@ -130,15 +130,58 @@ def test_deleted_video_job_stops_counting() -> None:
     assert h.parts.jobs.running_jobs == 0
 
 
-def test_unpolled_video_job_expires() -> None:
+def test_the_router_polls_a_running_job_itself() -> None:
     h, (w0, w1) = video_router()
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: json.dumps({"id": "w0-3", "status": "in_progress"}).encode())
+    h.json("POST", "/v1/videos", json=VIDEO)
+    owner = h.pool.get("w0:8000")
+    assert owner is not None and owner.predicted_work == 80.0
+    polls = lambda: sum(1 for s in w0.seen if s.request.path == b"/v1/videos/w0-3")  # noqa: E731
+    predicted = 80.0 * DEFAULT_SECONDS_PER_UNIT  # 22.9 s
+    h.clock.advance(predicted - 0.1)
+    h.pump()
+    assert polls() == 0
+    h.clock.advance(0.2)
+    h.pump()
+    assert polls() == 1
+    assert owner.predicted_work == 80.0  # still in progress: asked again later, less often
+    h.clock.advance(JOB_POLL_MIN * 2)
+    h.pump()
+    assert polls() == 2
+    del w0.handlers[(b"GET", b"/v1/videos/w0-3")]  # the fake now answers "completed"
+    h.clock.advance(JOB_POLL_MIN * 4)
+    h.pump()
+    assert polls() == 3
+    assert (owner.predicted_work, owner.running_jobs) == (0.0, 0)
+    h.clock.advance(JOB_POLL_MAX * 2)
+    h.pump()
+    assert polls() == 3  # no more polls once finished
+
+
+def test_a_job_the_worker_no_longer_has_stops_counting() -> None:
+    h, (w0, w1) = video_router()
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: (r.setResponseCode(404), b'{"detail": "not found"}')[1])
+    h.json("POST", "/v1/videos", json=VIDEO)
+    owner = h.pool.get("w0:8000")
+    assert owner is not None
+    h.clock.advance(JOB_POLL_MAX)
+    h.pump()
+    assert (owner.predicted_work, owner.running_jobs) == (0.0, 0)
+
+
+def test_unpolled_video_job_expires() -> None:
+    """Even when the worker keeps saying "in progress" (or does not answer)."""
+    h, (w0, w1) = video_router()
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: json.dumps({"id": "w0-3", "status": "in_progress"}).encode())
     h.json("POST", "/v1/videos", json=VIDEO)
     owner = h.pool.get("w0:8000")
     assert owner is not None and owner.predicted_work == 80.0
     hold = 3.0 * 80.0 * DEFAULT_SECONDS_PER_UNIT + JOB_WORK_GRACE
     h.clock.advance(hold - 1.0)
+    h.pump()
     assert owner.predicted_work == 80.0
     h.clock.advance(2.0)
+    h.pump()
     assert (owner.predicted_work, owner.running_jobs) == (0.0, 0)
     assert h.parts.jobs.running_jobs == 0
 
@@ -166,3 +209,36 @@ def test_model_card_num_gpus_seeds_speed() -> None:
     w, _ = pool.add("http://a:1")
     pool.set_capabilities(w, task_type="T2I", model_id="m", num_gpus=4)
     assert w.speed.seconds_per_unit == DEFAULT_SECONDS_PER_UNIT / 4
+
+
+def test_first_completion_teaches_the_unlearned_workers_its_scale() -> None:
+    """A seed 100× off must not make the first worker to finish look 100× faster than its peers."""
+    h, (w0, w1) = make(2, routing_algorithm="least-work")
+    w0.hold(b"POST", b"/v1/images/generations")
+    h.client.post("http://router/v1/images/generations", json=IMAGE_10)
+    h.pump()
+    h.clock.advance(0.02)
+    answer(w0.held.pop(), {"id": "x", "data": []})
+    h.pump()
+    first, second = h.pool.workers()
+    assert first.speed.seconds_per_unit == 0.002
+    assert (second.speed.seconds_per_unit, second.speed.samples) == (0.002, 0)
+
+
+def test_a_completed_job_teaches_speed_from_its_inference_time() -> None:
+    h, (w0, w1) = video_router()
+    done = {"id": "w0-3", "status": "completed", "inference_time_s": 4.0}
+    w0.on(b"GET", b"/v1/videos/w0-3", lambda r: json.dumps(done).encode())
+    h.json("POST", "/v1/videos", json=VIDEO)
+    h.json("GET", "/v1/videos/w0-3")
+    first, second = h.pool.workers()
+    assert (first.speed.seconds_per_unit, first.speed.samples) == (0.05, 1)  # 4 s for 80 units
+    assert (second.speed.seconds_per_unit, second.speed.samples) == (0.05, 0)  # adopted
+    failed = {"id": "w1-3", "status": "failed", "inference_time_s": 0.1}
+    w1.on(b"GET", b"/v1/videos/w1-3", lambda r: json.dumps(failed).encode())
+    _, job = h.json("POST", "/v1/videos", json=VIDEO)
+    assert job["id"] == "w1-3"
+    assert second.running_jobs == 1
+    h.json("GET", "/v1/videos/w1-3")
+    assert second.running_jobs == 0
+    assert second.speed.samples == 0  # a failure says nothing about speed

@@ -311,6 +311,23 @@ def test_lease_counts_and_releases(pool: WorkerPool) -> None:
     assert w.total_requests == 2
 
 
+def test_lease_counts_predicted_work_exactly_as_long_as_the_request(pool: WorkerPool) -> None:
+    w, _ = pool.add("http://a:1")
+    freed: list[object] = []
+    pool.on_slot_free(freed.append)
+    with pool.lease(w, 10.0):
+        with pytest.raises(RuntimeError), pool.lease(w, 2.5):
+            assert w.predicted_work == 12.5
+            raise RuntimeError("boom")
+        assert w.predicted_work == 10.0
+        assert freed == [w]
+    assert w.predicted_work == 0.0
+    assert freed == [w, w]
+    lease = pool.lease(w, 3.0)
+    lease.release()  # never entered: takes and frees nothing
+    assert (w.predicted_work, freed) == (0.0, [w, w])
+
+
 def test_lease_not_entered_takes_nothing(pool: WorkerPool) -> None:
     w, _ = pool.add("http://a:1")
     lease = pool.lease(w)

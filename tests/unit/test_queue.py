@@ -346,3 +346,55 @@ def test_options() -> None:
 def test_bad_options(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         RouterConfig(**kwargs)
+
+
+# -- least-work: waiting for a faster worker ------------------------------------------------
+
+
+def test_least_work_waits_for_a_full_fast_worker_rather_than_an_idle_slow_one() -> None:
+    """
+    Fast worker (0.1 s/unit) busy with 10 units, slow one (0.4 s/unit) idle,
+    three 10-unit requests: in queue order, each goes where it would finish
+    first given those ahead of it: fast at 2 s, fast at 3 s, then (4 s on
+    either) the idle slow worker; the first two wait for the fast one.
+    """
+    h, (fast, slow) = holding(2, 1, routing_algorithm="least-work")
+    worker_fast, worker_slow = h.pool.workers()
+    worker_fast.speed.seconds_per_unit = 0.1
+    worker_slow.speed.seconds_per_unit = 0.4
+    worker_fast.speed.samples = worker_slow.speed.samples = 1
+    h.pool.quarantine(worker_slow, "kept out for the first request")
+    post(h, steps=10)
+    h.pool.readmit(worker_slow)  # back, idle
+    post(h, steps=10)
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 0, 1)  # waits for the fast worker
+    post(h, steps=10)
+    post(h, steps=10)
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 2)
+    answer(fast.held.pop(0))
+    h.pump()
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 1)
+
+
+def test_other_policies_take_any_worker_with_room() -> None:
+    h, (fast, slow) = holding(2, 1, routing_algorithm="least-request")
+    worker_fast, worker_slow = h.pool.workers()
+    worker_fast.speed.seconds_per_unit = 0.1
+    worker_slow.speed.seconds_per_unit = 0.4
+    post(h, steps=10)
+    post(h, steps=10)
+    assert (len(fast.held), len(slow.held), queued(h)) == (1, 1, 0)
+
+
+def test_a_created_video_job_keeps_its_slot_without_a_gap() -> None:
+    """The creation's lease is handed to the running job without a moment in which a queued request could take it."""
+    h, (w0,) = make(1, task_types=("T2V",), max_inflight_per_worker=1)
+    w0.hold(b"POST", b"/v1/videos")
+    first = post(h, path=b"/v1/videos", num_frames=8)
+    post(h, path=b"/v1/videos", num_frames=8)
+    assert (len(w0.held), queued(h)) == (1, 1)
+    answer(w0.held.pop(0), {"id": "job-1", "object": "video", "status": "queued"})
+    h.pump()
+    assert success_result_of(first).code == 200
+    worker = h.pool.workers()[0]
+    assert (worker.running_jobs, worker.active_requests, len(w0.held), queued(h)) == (1, 0, 0, 1)
