@@ -15,6 +15,14 @@ Two modes:
     N MB; download it through the router and straight from the worker and
     report MB/s and the router's peak-RSS (VmHWM) growth.
 
+  - Workload mode (C{--workload FILE}): send a given list of image and video
+    requests, each at its own arrival time (open loop: a request is sent at
+    its time whether or not earlier ones have finished), poll every video
+    job until it has completed, and report the makespan (first arrival to
+    last completion), latency from each request's arrival time, and the
+    router's CPU. C{bench_routing_algorithms.py} writes these files for its
+    batch and Poisson scenarios.
+
 The router is started as C{python -m twisted_router}, or with C{--router-launcher demo} as
 C{examples/diffusion_router/demo.py} (the demo router's script, same flags). C{--output-file}
 writes the request-mode figures as JSON for C{bench_routing_algorithms.py}.
@@ -25,6 +33,7 @@ always stopped, whatever happens (try/finally, SIGTERM then SIGKILL).
 
     python examples/diffusion_router/bench_router.py --requests 3000 --concurrency 16
     python examples/diffusion_router/bench_router.py --stream-mb 200
+    python examples/diffusion_router/bench_router.py --workload batch.json --worker-speeds 1,1,1,0.25
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +52,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +115,10 @@ class Fleet:
         self.servers: list[Server] = []
 
     def start(self, name: str, argv: Sequence[str], timeout: float = 30.0) -> Server:
+        return self.wait(self.spawn(name, argv), timeout)
+
+    def spawn(self, name: str, argv: Sequence[str]) -> Server:
+        """Start a server without waiting for it to listen (see L{wait})."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         popen = subprocess.Popen(
             list(argv),
@@ -117,17 +132,29 @@ class Fleet:
         server = Server(name, popen)
         self.servers.append(server)
         threading.Thread(target=server.pump, daemon=True).start()
+        return server
+
+    def wait(self, server: Server, timeout: float = 30.0) -> Server:
+        """Wait until C{server} reports its listening URL."""
         if not server.seen_url.wait(timeout):
             raise RuntimeError(
-                f"{name} did not report a listening URL within {timeout}s "
-                f"(exit={popen.poll()}):\n{''.join(server.lines)}"
+                f"{server.name} did not report a listening URL within {timeout}s "
+                f"(exit={server.popen.poll()}):\n{''.join(server.lines)}"
             )
         return server
 
     def worker(self, name: str, *args: str) -> Server:
-        argv = [sys.executable, "-m", "twisted_router.simulator", "--host", HOST, "--port", "0",
+        return self.start(name, self.worker_argv(name, *args))
+
+    def workers(self, specs: Sequence[tuple[str, Sequence[str]]]) -> list[Server]:
+        """Start several simulated workers at once (they start in parallel), then wait for each."""
+        started = [self.spawn(name, self.worker_argv(name, *args)) for name, args in specs]
+        return [self.wait(server) for server in started]
+
+    @staticmethod
+    def worker_argv(name: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", "twisted_router.simulator", "--host", HOST, "--port", "0",
                 "--worker-id", name, *args]
-        return self.start(name, argv)
 
     def router(self, workers: Sequence[Server], *args: str, launcher: str = "module") -> Server:
         program = [sys.executable, str(DEMO)] if launcher == "demo" else [sys.executable, "-m", "twisted_router"]
@@ -344,9 +371,10 @@ def request_mode(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else max(args.concurrency * 4, 50)
     direct: LoadResult | None = None
     with fleet() as procs:
-        workers = [procs.worker(f"w{i}", *worker_args, "--speed", str(v)) for i, v in enumerate(speeds)]
+        workers = procs.workers([(f"w{i}", [*worker_args, "--speed", str(v)]) for i, v in enumerate(speeds)])
         router = procs.router(
-            workers, "--routing-algorithm", args.routing_algorithm, launcher=args.router_launcher
+            workers, "--routing-algorithm", args.routing_algorithm, *shlex.split(args.router_args),
+            launcher=args.router_launcher,
         )
 
         drive("warm-up", router.url, payload, args.concurrency, warmup, args.duration)
@@ -389,7 +417,9 @@ def request_mode(args: argparse.Namespace) -> int:
               f"added p50 latency {1000 * (via_router.percentile(50) - direct.percentile(50)):+.1f} ms")
     if args.output_file:
         summary = {
+            "mode": "request",
             "routing_algorithm": args.routing_algorithm,
+            "router_args": shlex.split(args.router_args),
             "router_launcher": args.router_launcher,
             "concurrency": args.concurrency,
             "requests": via_router.requests,
@@ -411,6 +441,208 @@ def request_mode(args: argparse.Namespace) -> int:
         Path(args.output_file).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"  figures written to {args.output_file}")
     return 1 if via_router.errors or (direct is not None and direct.errors) else 0
+
+
+# -- workload mode -----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """One workload request: when it was due, when it finished, and whether it failed."""
+
+    index: int
+    kind: str
+    due: float
+    finished: float | None = None
+    error: str | None = None
+
+
+#: Workload mode's warm-up request: one large image of few steps, so its time is GPU time.
+WARMUP_PAYLOAD: dict[str, Any] = {
+    "prompt": "warm-up", "size": "1024x1024", "num_inference_steps": 4, "response_format": "b64_json",
+}
+
+
+def load_workload(path: str) -> list[dict[str, Any]]:
+    """
+    The requests of a workload file, in arrival order.
+
+    The file is C{{"requests": [{"at": s, "kind": "image"|"video", "size": "WxH", "steps": n,
+    "num_frames": f (videos), "n": k (images, optional)}, ...]}}; C{at} is seconds after the
+    first request.
+    """
+    document = json.loads(Path(path).read_text())
+    requests = document.get("requests") if isinstance(document, dict) else None
+    if not isinstance(requests, list) or not requests:
+        raise ValueError(f"{path}: expected {{\"requests\": [...]}} with at least one request")
+    for i, item in enumerate(requests):
+        if not isinstance(item, dict) or item.get("kind") not in ("image", "video"):
+            raise ValueError(f"{path}: request {i} has no kind 'image' or 'video'")
+        if not isinstance(item.get("at", 0), (int, float)) or item.get("at", 0) < 0:
+            raise ValueError(f"{path}: request {i} has a negative or non-numeric 'at'")
+    return sorted(requests, key=lambda r: float(r.get("at", 0)))
+
+
+def request_body(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The path and JSON body of one workload request (what an RL rollout client sends)."""
+    body: dict[str, Any] = {"prompt": "benchmark", "size": item["size"], "num_inference_steps": item["steps"]}
+    if item["kind"] == "video":
+        body["num_frames"] = item.get("num_frames", 1)
+        return "/v1/videos", body
+    body["response_format"] = "b64_json"
+    if "n" in item:
+        body["n"] = item["n"]
+    return "/v1/images/generations", body
+
+
+def run_one_request(url: str, item: dict[str, Any], outcome: Outcome, poll_s: float, deadline: float) -> None:
+    """
+    Send one workload request at its due time; for a video job, poll it until it completes.
+
+    An image is done when its answer has been read; a video job when a poll
+    sees C{completed} (so its time is known to within C{poll_s}). Any other
+    status, a failed job or the deadline is recorded as the request's error.
+    """
+    path, body = request_body(item)
+    delay = outcome.due - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    conn = connect(url, timeout=max(5.0, deadline - time.monotonic()))
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            outcome.error = f"POST {path} -> {response.status} {data[:200]!r}"
+            return
+        if item["kind"] == "image":
+            outcome.finished = time.monotonic()
+            return
+        video_id = json.loads(data)["id"]
+        while time.monotonic() < deadline:
+            conn.request("GET", f"/v1/videos/{video_id}")
+            response = conn.getresponse()
+            data = response.read()
+            status = json.loads(data).get("status") if response.status == 200 else None
+            if status == "completed":
+                outcome.finished = time.monotonic()
+                return
+            if status not in ("queued", "in_progress"):
+                outcome.error = f"video {video_id}: GET -> {response.status} {data[:200]!r}"
+                return
+            time.sleep(poll_s)
+        outcome.error = f"video {video_id} not completed by the deadline"
+    except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        outcome.error = repr(exc)
+    finally:
+        conn.close()
+
+
+def run_workload(url: str, items: Sequence[dict[str, Any]], poll_s: float, duration: float) -> list[Outcome]:
+    """
+    Send every request at its arrival time (open loop), each on its own thread
+    and connection, and wait for all of them (at most C{duration} seconds).
+    """
+    start = time.monotonic() + 0.05  # every thread is started before the first is due
+    deadline = start + duration
+    outcomes = [Outcome(i, item["kind"], start + float(item.get("at", 0))) for i, item in enumerate(items)]
+    with ThreadPoolExecutor(max_workers=min(512, len(items))) as pool:
+        for item, outcome in zip(items, outcomes, strict=True):
+            pool.submit(run_one_request, url, item, outcome, poll_s, deadline)
+    return outcomes
+
+
+def workload_mode(args: argparse.Namespace) -> int:
+    items = load_workload(args.workload)
+    speeds = args.worker_speeds or [1.0] * args.workers
+    worker_args = ["--step-ms", str(args.step_ms), "--image-bytes", str(args.image_bytes),
+                   "--task-type", args.task_type]
+    router_args = shlex.split(args.router_args)
+    videos = sum(1 for i in items if i["kind"] == "video")
+    warmup = args.warmup or 0
+    print(f"machine: {machine()}")
+    print(
+        f"workload: {len(items)} requests ({videos} video jobs) from {args.workload}, over "
+        f"{max(float(i.get('at', 0)) for i in items):.2f}s of arrivals; {len(speeds)} {args.task_type} workers "
+        f"(speeds {', '.join(f'{v:g}' for v in speeds)}; --step-ms {args.step_ms}), routing "
+        f"{args.routing_algorithm} {shlex.join(router_args)}, router started "
+        f"{'by demo.py' if args.router_launcher == 'demo' else 'as python -m twisted_router'}, "
+        f"{warmup} warm-up requests ({WARMUP_PAYLOAD['size']}, {WARMUP_PAYLOAD['num_inference_steps']} steps)"
+    )
+    with fleet() as procs:
+        workers = procs.workers([(f"w{i}", [*worker_args, "--speed", str(v)]) for i, v in enumerate(speeds)])
+        router = procs.router(workers, "--routing-algorithm", args.routing_algorithm, *router_args,
+                              launcher=args.router_launcher)
+        if warmup:
+            # What a router that has been serving a while knows: each worker's speed, from a few
+            # completions. One connection per worker, so every worker gets some.
+            drive("warm-up", router.url, WARMUP_PAYLOAD, len(workers), warmup, args.duration)
+        served0 = generations_per_worker(workers)
+        cpu0 = cpu_seconds(router.pid)
+        outcomes = run_workload(router.url, items, args.poll_interval, args.duration)
+        router_cpu = cpu_seconds(router.pid) - cpu0
+        served = {url: n - served0.get(url, 0) for url, n in generations_per_worker(workers).items()}
+        status, body = call(router.url, "GET", "/workers", timeout=10.0)
+        router_view = json.loads(body).get("workers", []) if status == 200 else []
+
+    done = [o for o in outcomes if o.finished is not None and o.error is None]
+    failed = [o for o in outcomes if o not in done]
+    first = min(o.due for o in outcomes)
+    makespan = max((o.finished for o in done if o.finished is not None), default=first) - first
+    result = LoadResult("through the router", len(outcomes), len(failed), makespan,
+                        [o.finished - o.due for o in done if o.finished is not None],
+                        [f"request {o.index} ({o.kind}): {o.error or 'unfinished'}" for o in failed[:5]])
+    print("results:")
+    report_load(result)
+    print(f"  makespan (first arrival to last completion): {makespan:.3f}s")
+    print(f"  router CPU: {router_cpu:.2f}s for {len(outcomes)} requests = "
+          f"{router_cpu / len(outcomes) * 1e3:.3f} ms/request (video polls included)")
+    print("  requests per worker: " + ", ".join(
+        f"{w.name} (speed {v:g}) {served.get(w.url, 0)}" for w, v in zip(workers, speeds, strict=True)
+    ))
+    if args.output_file:
+        summary = {
+            "mode": "workload",
+            "routing_algorithm": args.routing_algorithm,
+            "router_args": router_args,
+            "router_launcher": args.router_launcher,
+            "warmup_requests": warmup,
+            "requests": len(outcomes),
+            "video_requests": videos,
+            "completed_requests": len(done),
+            "failed_requests": len(failed),
+            "duration_s": makespan,
+            "makespan_s": makespan,
+            "throughput_rps": result.rate,
+            "latency_mean_s": result.mean,
+            "latency_p50_s": result.percentile(50),
+            "latency_p95_s": result.percentile(95),
+            "latency_p99_s": result.percentile(99),
+            "router_cpu_ms_per_request": router_cpu / len(outcomes) * 1e3,
+            "workers": [
+                {"name": w.name, "speed": v, "requests": served.get(w.url, 0)}
+                for w, v in zip(workers, speeds, strict=True)
+            ],
+            "router_workers": router_view,
+            "error_samples": result.error_samples,
+        }
+        Path(args.output_file).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"  figures written to {args.output_file}")
+    return 1 if failed else 0
+
+
+def generations_per_worker(workers: Sequence[Server]) -> dict[str, int]:
+    """
+    Generations each simulated worker has run (its C{/sim/state} C{served}), by URL.
+    The router's C{total_requests} would count the video polls too.
+    """
+    out: dict[str, int] = {}
+    for worker in workers:
+        status, body = call(worker.url, "GET", "/sim/state", timeout=10.0)
+        if status != 200:
+            raise RuntimeError(f"GET {worker.url}/sim/state -> {status} {body[:200]!r}")
+        out[worker.url] = int(json.loads(body)["served"])
+    return out
 
 
 def served_per_worker(router_url: str) -> dict[str, int]:
@@ -502,8 +734,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=3000, help="requests per measured run")
     parser.add_argument("--duration", type=float, default=60.0, help="longest measured run, seconds")
     parser.add_argument("--routing-algorithm", default="least-request",
-                        choices=["least-request", "round-robin", "random", "power-of-two"],
-                        help="the router's --routing-algorithm")
+                        help="the router's --routing-algorithm (the router checks the name)")
+    parser.add_argument("--router-args", default="", metavar="'ARGS'",
+                        help="more router options, as one shell-quoted string "
+                        "(e.g. '--max-inflight-per-worker 1')")
     parser.add_argument("--image-bytes", type=int, default=2048,
                         help="size of each generated image (returned as b64_json)")
     parser.add_argument("--size", default="256x256", help="requested image size")
@@ -513,7 +747,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one simulated worker per value, with that --speed (1 = normal, 0.5 = half "
                         "as fast); overrides --workers")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="warm-up requests before each measured run (default: 4 x concurrency, at least 50)")
+                        help="warm-up requests before each measured run (default: 4 x concurrency, at least 50; "
+                        "none in workload mode)")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the run straight at one worker (request mode)")
     parser.add_argument("--router-launcher", choices=["module", "demo"], default="module",
@@ -523,6 +758,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-mb", type=float, default=None,
                         help="stream mode: download an N MB (10^6 bytes) video instead")
     parser.add_argument("--stream-repeats", type=int, default=3, help="downloads each way in stream mode")
+    parser.add_argument("--workload", default=None, metavar="FILE",
+                        help="workload mode: send the requests of this JSON file at their arrival times")
+    parser.add_argument("--task-type", default="TI2V",
+                        help="workload mode: the workers' simulator --task-type (TI2V serves images and videos)")
+    parser.add_argument("--poll-interval", type=float, default=0.02,
+                        help="workload mode: seconds between polls of a video job")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         parser.error("--workers, --concurrency, --requests and --duration must be positive")
@@ -545,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.stream_mb is not None:
         return stream_mode(args)
+    if args.workload is not None:
+        return workload_mode(args)
     return request_mode(args)
 
 
