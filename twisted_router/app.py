@@ -24,10 +24,18 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
+from twisted_router.auth import CATCH_ALL_ENDPOINTS, Forbidden, Keys, Unauthorized, access_of
 from twisted_router.control import BroadcastReport, FleetController, Refit
 from twisted_router.cost import predict_work
 from twisted_router.dispatch import Dispatcher
-from twisted_router.errors import BadRequest, NotFound, RouterError, answer_json
+from twisted_router.errors import (
+    AuthenticationRequired,
+    BadRequest,
+    InsufficientScope,
+    NotFound,
+    RouterError,
+    answer_json,
+)
 from twisted_router.fleet import Fleet, unavailable
 from twisted_router.jobs import IMAGE_CAPTURE_LIMIT, JOB_CAPTURE_LIMIT, JobOwners, parse_json
 from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -58,10 +66,25 @@ _FLEET_WIDE_PATHS: dict[bytes, str | None] = {
 }
 
 
+class GuardedKlein(Klein):
+    """
+    Klein, with the router's one access check: after Klein has matched the
+    route and before its handler runs, the request must carry the key the
+    endpoint's class (L{twisted_router.auth.ENDPOINT_ACCESS}) requires.
+    A refusal is a L{RouterError}, answered by L{Router.answer_failure}.
+    """
+
+    def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        router = self._instance
+        if isinstance(router, Router):
+            router.admit(endpoint, request)
+        return super().execute_endpoint(endpoint, request, *args, **kwargs)
+
+
 class Router:
     """The Klein application: one instance per running router."""
 
-    app = Klein()
+    app = GuardedKlein()
     log = Logger()
 
     def __init__(
@@ -73,8 +96,16 @@ class Router:
         jobs: JobOwners,
         control: FleetController,
         timeout: float,
+        keys: Keys | None = None,
+        catch_all: bool = True,
     ) -> None:
-        """@param timeout: C{--timeout}, for the job-list calls the router makes itself."""
+        """
+        @param timeout: C{--timeout}, for the job-list calls the router makes itself.
+        @param keys: C{--api-key} and C{--admin-api-key} (none: every endpoint open).
+        @param catch_all: C{--catch-all}; off, paths no route knows are answered 404.
+        """
+        self._keys = keys or Keys()
+        self._catch_all = catch_all
         self._pool = pool
         self._fleet = fleet
         self._dispatcher = dispatcher
@@ -83,6 +114,24 @@ class Router:
         self._timeout = timeout
         self._least_loaded = LeastRequest()
         self.metrics = RouterMetrics(pool)
+
+    def admit(self, endpoint: str, request: IRequest) -> None:
+        """
+        The access check of every request, run once Klein knows the endpoint.
+
+        @raise AuthenticationRequired: no key or a wrong one (401).
+        @raise InsufficientScope: the API key where the admin key is needed (403).
+        @raise NotFound: the catch-all with C{--catch-all off}.
+        """
+        try:
+            self._keys.check(access_of(endpoint), request.getHeader(b"authorization"))
+        except Unauthorized as exc:
+            raise AuthenticationRequired(str(exc)) from None
+        except Forbidden as exc:
+            raise InsufficientScope(str(exc)) from None
+        if endpoint in CATCH_ALL_ENDPOINTS and not self._catch_all:
+            shown = request.path.decode("utf-8", "replace")
+            raise NotFound(f"no route for {shown} (the catch-all to worker paths is off: --catch-all off)")
 
     # ------------------------------------------------------------------ generation
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from twisted_router.urls import WorkerURLError, normalize_worker_url
 
@@ -23,6 +24,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_LEVEL_ALIASES = {"warn": "warning"}
 #: The Twisted level each name logs at: Twisted has no level below debug.
 _TWISTED_LEVELS = {"warning": "warn", "trace": "debug"}
+#: Environment variables read for the keys when neither the option nor its file option is given.
+API_KEY_ENV = "SGLANG_D_ROUTER_API_KEY"
+ADMIN_API_KEY_ENV = "SGLANG_D_ROUTER_ADMIN_API_KEY"
+CATCH_ALL_CHOICES = ("on", "off")
 ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two", "least-work")
 
 
@@ -62,8 +67,17 @@ class RouterConfig:
     max_inflight_per_worker: int = 0
     max_queue: int = 1024
     queue_timeout: float = 600.0
+    #: Bearer keys (never in the repr, so never in a log line).
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    catch_all: bool = True
 
     def __post_init__(self) -> None:
+        for option, key in (("--api-key", self.api_key), ("--admin-api-key", self.admin_api_key)):
+            if key is not None:
+                _check_key(option, key)
+        if self.api_key is not None and self.api_key == self.admin_api_key:
+            raise ConfigError("--api-key and --admin-api-key must differ (the API key would grant admin access)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_connections < 1:
@@ -148,6 +162,39 @@ def canonical_log_level(text: str) -> str:
     """C{--log-level} is case-insensitive and takes C{warn} for C{warning}, as the earlier router did."""
     level = text.strip().lower()
     return LOG_LEVEL_ALIASES.get(level, level)
+
+
+def _check_key(option: str, key: str) -> None:
+    """A key is sent as C{Authorization: Bearer <key>}: printable ASCII, no spaces, and not trivially short."""
+    if not key:
+        raise ConfigError(f"{option} must not be empty")
+    if not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise ConfigError(f"{option} must be printable ASCII without spaces (it is sent as a Bearer token)")
+    if len(key) < 16:
+        raise ConfigError(f"{option} must be at least 16 characters long")
+
+
+def resolve_key(
+    option: str, value: str | None, path: str | None, env_name: str, environ: Mapping[str, str]
+) -> str | None:
+    """
+    A key from C{--option}, C{--option-file} (its content, surrounding whitespace
+    stripped) or the environment variable C{env_name}, in that order; giving
+    both the option and its file is an error.
+
+    @raise ConfigError: both given, or the file cannot be read.
+    """
+    if value is not None and path is not None:
+        raise ConfigError(f"give {option} or {option}-file, not both")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{option}-file: cannot read {path}: {exc}") from None
+    if value is not None:
+        return value
+    return environ.get(env_name)
 
 
 def _positive_finite(value: float) -> bool:
@@ -312,6 +359,28 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         metavar="SECONDS",
         help="how long a generation may wait in the router-side queue before a 504",
     )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"Bearer key for generation and read endpoints (prefer --api-key-file or ${API_KEY_ENV}: "
+        "an option is visible in process listings); /health stays open",
+    )
+    parser.add_argument("--api-key-file", default=None, metavar="FILE", help="read --api-key from FILE")
+    parser.add_argument(
+        "--admin-api-key",
+        default=None,
+        metavar="KEY",
+        help="Bearer key for worker management, weight updates, sleep/wake and the catch-all to worker "
+        f"paths; also grants what --api-key grants (or ${ADMIN_API_KEY_ENV})",
+    )
+    parser.add_argument("--admin-api-key-file", default=None, metavar="FILE", help="read --admin-api-key from FILE")
+    parser.add_argument(
+        "--catch-all",
+        choices=CATCH_ALL_CHOICES,
+        default="on",
+        help="forward paths no route knows to a worker (admin key required when one is set); off: 404",
+    )
     parser.add_argument("--verbose", action="store_true", help="log at debug level, including every request")
     parser.add_argument(
         "--log-level",
@@ -323,11 +392,25 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> RouterConfig:
-    """Parse C{argv} into a L{RouterConfig}; bad values raise L{ConfigError} or exit via argparse."""
+def config_from_args(
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RouterConfig:
+    """
+    Parse C{argv} into a L{RouterConfig}; bad values raise L{ConfigError} or exit via argparse.
+
+    @param environ: where the key environment variables are read (default C{os.environ}).
+    """
     parser = parser or build_parser()
     ns = parser.parse_args(list(argv) if argv is not None else None)
+    env = os.environ if environ is None else environ
     return RouterConfig(
+        api_key=resolve_key("--api-key", ns.api_key, ns.api_key_file, API_KEY_ENV, env),
+        admin_api_key=resolve_key(
+            "--admin-api-key", ns.admin_api_key, ns.admin_api_key_file, ADMIN_API_KEY_ENV, env
+        ),
+        catch_all=ns.catch_all == "on",
         host=ns.host,
         port=ns.port,
         listen=ns.listen,

@@ -72,6 +72,26 @@ class NotFound(RouterError):
     status = 404
 
 
+class AuthenticationRequired(RouterError):
+    """No API key, or a wrong one, on an endpoint that needs one (401, C{WWW-Authenticate: Bearer})."""
+
+    status = 401
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"www-authenticate": b'Bearer realm="sglang-d-router"'}
+
+
+class InsufficientScope(RouterError):
+    """The API key on an endpoint that needs the admin key (403, RFC 6750 C{insufficient_scope})."""
+
+    status = 403
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"www-authenticate": b'Bearer realm="sglang-d-router", error="insufficient_scope"'}
+
+
 class Conflict(RouterError):
     """The request contradicts what the router already holds, e.g. a reused weight label (409)."""
 

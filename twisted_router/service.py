@@ -22,6 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from twisted_router.app import Router
+from twisted_router.auth import Keys, open_access_warning
 from twisted_router.calls import WorkerCaller
 from twisted_router.config import RouterConfig
 from twisted_router.control import FleetController
@@ -111,7 +112,14 @@ def build_router(
         pool, caller, max_video_jobs=config.max_video_jobs, max_image_ids=config.max_image_ids, clock=reactor
     )
     router = Router(
-        pool=pool, fleet=fleet, dispatcher=dispatcher, jobs=jobs, control=control, timeout=config.timeout
+        pool=pool,
+        fleet=fleet,
+        dispatcher=dispatcher,
+        jobs=jobs,
+        control=control,
+        timeout=config.timeout,
+        keys=Keys(api=config.api_key, admin=config.admin_api_key),
+        catch_all=config.catch_all,
     )
 
     def quarantined(worker: Worker, reason: str) -> None:
@@ -146,6 +154,10 @@ class _StartupWorkers(Service):
 
     def startService(self) -> None:
         super().startService()
+        config = self._parts.config
+        warning = open_access_warning(Keys(api=config.api_key, admin=config.admin_api_key))
+        if warning is not None:
+            self.log.warn("{warning}", warning=warning)
         for url in self._parts.config.worker_urls:
             try:
                 worker, created = self._parts.fleet.register(url)

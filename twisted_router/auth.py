@@ -1,0 +1,154 @@
+"""
+Who may call what: the router's endpoint classes and the bearer-key check.
+
+Pure: no Twisted, no I/O. L{ENDPOINT_ACCESS} names the class of every Klein
+endpoint of L{twisted_router.app.Router} (an endpoint missing from it is
+treated as admin: fail closed), and L{Keys.check} decides one request from
+its C{Authorization} header. The check itself runs in one place, the
+router's Klein application (L{twisted_router.app.GuardedKlein}), after
+Klein has matched the route, so the class is that of the route that will
+really run, whatever the spelling of the path.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = ["ENDPOINT_ACCESS", "Access", "Forbidden", "Keys", "Unauthorized", "access_of", "open_access_warning"]
+
+
+class Access(Enum):
+    """The key an endpoint class requires."""
+
+    #: No key ever (C{/health}: load balancers and orchestrators probe it).
+    OPEN = "open"
+    #: Generation and read endpoints: the API key or the admin key.
+    CLIENT = "client"
+    #: Worker management, weight updates, sleep/wake, the catch-all: the admin key.
+    ADMIN = "admin"
+
+
+#: Every Router endpoint (Klein's endpoint names) and its class.
+ENDPOINT_ACCESS: dict[str, Access] = {
+    "health": Access.OPEN,
+    # generation
+    "images_generations": Access.CLIENT,
+    "legacy_generate": Access.CLIENT,
+    "images_edits": Access.CLIENT,
+    "image_content": Access.CLIENT,
+    "diffusion_generate": Access.CLIENT,
+    "rollout_generate": Access.CLIENT,
+    "create_video": Access.CLIENT,
+    "legacy_generate_video": Access.CLIENT,
+    "video_job": Access.CLIENT,
+    "video_content": Access.CLIENT,
+    "list_videos": Access.CLIENT,
+    # reads
+    "models": Access.CLIENT,
+    "prometheus_metrics": Access.CLIENT,
+    "health_workers": Access.CLIENT,
+    "list_worker_payloads": Access.CLIENT,
+    "get_worker": Access.CLIENT,
+    "legacy_list_workers": Access.CLIENT,
+    # worker management
+    "add_worker": Access.ADMIN,
+    "update_worker": Access.ADMIN,
+    "delete_worker": Access.ADMIN,
+    "legacy_add_worker": Access.ADMIN,
+    "legacy_remove_worker": Access.ADMIN,
+    # control plane
+    "update_weights": Access.ADMIN,
+    "release_memory": Access.ADMIN,
+    "resume_memory": Access.ADMIN,
+    # anything else reaches a worker's internal paths
+    "catch_all": Access.ADMIN,
+    "catch_all_branch": Access.ADMIN,
+}
+
+#: Klein endpoint names of the catch-all route (C{--catch-all off} answers them 404).
+CATCH_ALL_ENDPOINTS = frozenset({"catch_all", "catch_all_branch"})
+
+
+def access_of(endpoint: str) -> Access:
+    """The class of Klein endpoint C{endpoint}; an unknown one is admin (fail closed)."""
+    return ENDPOINT_ACCESS.get(endpoint, Access.ADMIN)
+
+
+class Unauthorized(Exception):
+    """No key, or not a key the router knows (401)."""
+
+
+class Forbidden(Exception):
+    """A valid API key on an endpoint that needs the admin key (403)."""
+
+
+def bearer_token(authorization: bytes | None) -> bytes | None:
+    """The token of an C{Authorization: Bearer <token>} header (scheme case-insensitive), else None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+@dataclass(frozen=True)
+class Keys:
+    """
+    The router's keys (None: not set). Never shown in a repr.
+
+    Without C{admin} the admin endpoints are as open as the client ones:
+    guarded by C{api} when it is set, open when no key is set at all.
+    """
+
+    api: str | None = field(default=None, repr=False)
+    admin: str | None = field(default=None, repr=False)
+
+    @property
+    def any(self) -> bool:
+        return self.api is not None or self.admin is not None
+
+    def check(self, access: Access, authorization: bytes | None) -> None:
+        """
+        Let the request through or raise.
+
+        @raise Unauthorized: a key is required and the header carries none, or a wrong one.
+        @raise Forbidden: the API key was given where only the admin key will do.
+        """
+        if access is Access.OPEN or not self.any:
+            return
+        token = bearer_token(authorization) or b""
+        # Both comparisons always run, each in constant time.
+        is_admin = _matches(token, self.admin)
+        is_api = _matches(token, self.api)
+        if is_admin:
+            return
+        if access is Access.ADMIN and self.admin is not None:
+            if is_api:
+                raise Forbidden("this endpoint requires the admin API key")
+            raise Unauthorized("a valid admin API key is required (Authorization: Bearer ...)")
+        if is_api:
+            return
+        raise Unauthorized("a valid API key is required (Authorization: Bearer ...)")
+
+
+def open_access_warning(keys: Keys) -> str | None:
+    """The warning logged once at start when the control plane is open (None: it is guarded)."""
+    if keys.admin is not None:
+        return None
+    if keys.api is None:
+        return (
+            "no --api-key or --admin-api-key: every endpoint is open, including worker management, "
+            "weight updates, sleep/wake and the catch-all to worker paths"
+        )
+    return "no --admin-api-key: the API key also grants worker management, weight updates and sleep/wake"
+
+
+def _matches(token: bytes, key: str | None) -> bool:
+    if key is None:
+        hmac.compare_digest(token, token)  # same work whether or not the key is set
+        return False
+    return hmac.compare_digest(token, key.encode("utf-8"))
