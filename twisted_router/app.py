@@ -118,6 +118,8 @@ class Router:
     def admit(self, endpoint: str, request: IRequest) -> None:
         """
         The access check of every request, run once Klein knows the endpoint.
+        An admitted request's C{Authorization} header is removed when the
+        router has keys, so no worker ever receives a router key.
 
         @raise AuthenticationRequired: no key or a wrong one (401).
         @raise InsufficientScope: the API key where the admin key is needed (403).
@@ -129,6 +131,11 @@ class Router:
             raise AuthenticationRequired(str(exc)) from None
         except Forbidden as exc:
             raise InsufficientScope(str(exc)) from None
+        if self._keys.any:
+            # The router's key is the router's: never pass it on to a worker
+            # (nor into a worker's logs). Without router keys it is forwarded
+            # as before, for workers that check keys of their own.
+            request.requestHeaders.removeHeader(b"authorization")
         if endpoint in CATCH_ALL_ENDPOINTS and not self._catch_all:
             shown = request.path.decode("utf-8", "replace")
             raise NotFound(f"no route for {shown} (the catch-all to worker paths is off: --catch-all off)")

@@ -281,3 +281,25 @@ def test_one_warning_at_start_when_the_control_plane_is_open(config: dict[str, s
         assert len(warnings) == 1
         assert warnings[0]["warning"] == expected
         assert warned in warnings[0]["warning"]
+
+
+def _authorization_seen(worker: Any) -> list[list[bytes]]:
+    return [v for s in worker.seen for k, v in s.headers.items() if k.lower() == b"authorization"]
+
+
+@pytest.mark.parametrize(("path", "key"), [("/v1/images/generations", API), ("/get_server_info", ADMIN)])
+def test_router_keys_never_reach_a_worker(path: str, key: str) -> None:
+    h, (worker,) = make_router(1, api_key=API, admin_api_key=ADMIN)
+    worker.seen.clear()
+    method = "POST" if path == "/v1/images/generations" else "GET"
+    code, _ = _call(h, method, path, key, {"json": {"prompt": "x"}} if method == "POST" else {})
+    assert code == 200
+    assert worker.seen, "the request reached no worker"
+    assert _authorization_seen(worker) == []
+
+
+def test_without_router_keys_authorization_is_forwarded_as_before() -> None:
+    h, (worker,) = make_router(1)
+    worker.seen.clear()
+    assert _call(h, "GET", "/get_server_info", "worker-own-key", {})[0] == 200
+    assert _authorization_seen(worker) == [[b"Bearer worker-own-key"]]
