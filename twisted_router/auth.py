@@ -16,7 +16,7 @@ import hmac
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["ENDPOINT_ACCESS", "Access", "Forbidden", "Keys", "Unauthorized", "access_of", "open_access_warning"]
+__all__ = ["ENDPOINT_ACCESS", "Access", "Forbidden", "Keys", "Unauthorized", "access_of", "open_access_warning", "worker_authorization"]
 
 
 class Access(Enum):
@@ -133,6 +133,11 @@ class Keys:
         if is_api:
             return
         raise Unauthorized("a valid API key is required (Authorization: Bearer ...)")
+
+
+def worker_authorization(key: str) -> bytes:
+    """The C{Authorization} value the router sends to every worker with C{--worker-api-key}."""
+    return b"Bearer " + key.encode("ascii")
 
 
 def open_access_warning(keys: Keys) -> str | None:

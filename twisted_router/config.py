@@ -27,6 +27,7 @@ _TWISTED_LEVELS = {"warning": "warn", "trace": "debug"}
 #: Environment variables read for the keys when neither the option nor its file option is given.
 API_KEY_ENV = "SGLANG_D_ROUTER_API_KEY"
 ADMIN_API_KEY_ENV = "SGLANG_D_ROUTER_ADMIN_API_KEY"
+WORKER_API_KEY_ENV = "SGLANG_D_ROUTER_WORKER_API_KEY"
 CATCH_ALL_CHOICES = ("on", "off")
 ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two", "least-work")
 
@@ -70,12 +71,16 @@ class RouterConfig:
     #: Bearer keys (never in the repr, so never in a log line).
     api_key: str | None = field(default=None, repr=False)
     admin_api_key: str | None = field(default=None, repr=False)
+    worker_api_key: str | None = field(default=None, repr=False)
     catch_all: bool = True
 
     def __post_init__(self) -> None:
         for option, key in (("--api-key", self.api_key), ("--admin-api-key", self.admin_api_key)):
             if key is not None:
                 _check_key(option, key)
+        if self.worker_api_key is not None:
+            # The workers' own key (SGLang's --api-key): its length is theirs to choose.
+            _check_key("--worker-api-key", self.worker_api_key, min_length=1)
         if self.api_key is not None and self.api_key == self.admin_api_key:
             raise ConfigError("--api-key and --admin-api-key must differ (the API key would grant admin access)")
         if not 0 <= self.port <= 65535:
@@ -164,14 +169,14 @@ def canonical_log_level(text: str) -> str:
     return LOG_LEVEL_ALIASES.get(level, level)
 
 
-def _check_key(option: str, key: str) -> None:
+def _check_key(option: str, key: str, min_length: int = 16) -> None:
     """A key is sent as C{Authorization: Bearer <key>}: printable ASCII, no spaces, and not trivially short."""
     if not key:
         raise ConfigError(f"{option} must not be empty")
     if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise ConfigError(f"{option} must be printable ASCII without spaces (it is sent as a Bearer token)")
-    if len(key) < 16:
-        raise ConfigError(f"{option} must be at least 16 characters long")
+    if len(key) < min_length:
+        raise ConfigError(f"{option} must be at least {min_length} characters long")
 
 
 def resolve_key(
@@ -376,6 +381,16 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     )
     parser.add_argument("--admin-api-key-file", default=None, metavar="FILE", help="read --admin-api-key from FILE")
     parser.add_argument(
+        "--worker-api-key",
+        default=None,
+        metavar="KEY",
+        help="Bearer key the router sends to every worker (the workers' own --api-key), "
+        f"replacing any client Authorization (or ${WORKER_API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--worker-api-key-file", default=None, metavar="FILE", help="read --worker-api-key from FILE"
+    )
+    parser.add_argument(
         "--catch-all",
         choices=CATCH_ALL_CHOICES,
         default="on",
@@ -409,6 +424,9 @@ def config_from_args(
         api_key=resolve_key("--api-key", ns.api_key, ns.api_key_file, API_KEY_ENV, env),
         admin_api_key=resolve_key(
             "--admin-api-key", ns.admin_api_key, ns.admin_api_key_file, ADMIN_API_KEY_ENV, env
+        ),
+        worker_api_key=resolve_key(
+            "--worker-api-key", ns.worker_api_key, ns.worker_api_key_file, WORKER_API_KEY_ENV, env
         ),
         catch_all=ns.catch_all == "on",
         host=ns.host,

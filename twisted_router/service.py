@@ -44,7 +44,7 @@ from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import StreamingProxy
 from twisted_router.site import RouterSite
-from twisted_router.upstream import make_agent, make_http_client
+from twisted_router.upstream import WorkerKeyAgent, make_agent, make_http_client
 from twisted_router.urls import WorkerURLError
 
 
@@ -83,6 +83,8 @@ def build_router(
     connection_pool: HTTPConnectionPool | None = None
     if agent is None:
         agent, connection_pool = make_agent(reactor, max_connections=config.max_connections)
+    if config.worker_api_key is not None:
+        agent = WorkerKeyAgent(agent, config.worker_api_key)
     http = make_http_client(agent)
     pool = WorkerPool(now=reactor.seconds)
     caller = WorkerCaller(http, reactor)

@@ -46,15 +46,18 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from twisted_router.auth import worker_authorization
 from twisted_router.endpoints import WorkerEndpoints
 
 __all__ = [
     "BodyTooLarge",
     "BytesProducer",
     "FileBodyProducer",
+    "WorkerKeyAgent",
     "body_producer",
     "describe_failure",
     "discard",
@@ -257,6 +260,30 @@ def body_producer(
 
 # --------------------------------------------------------------------------
 # Connections
+
+
+@implementer(IAgent)
+class WorkerKeyAgent:
+    """
+    An agent that sends C{Authorization: Bearer <--worker-api-key>} with every
+    request to a worker (forwarded requests, probes, control calls), replacing
+    any C{Authorization} the request had.
+    """
+
+    def __init__(self, agent: IAgent, key: str) -> None:
+        self._agent = agent
+        self._authorization = worker_authorization(key)
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        keyed = headers.copy() if headers is not None else Headers()
+        keyed.setRawHeaders(b"authorization", [self._authorization])
+        return self._agent.request(method, uri, keyed, bodyProducer)
 
 
 def make_agent(

@@ -303,3 +303,33 @@ def test_without_router_keys_authorization_is_forwarded_as_before() -> None:
     worker.seen.clear()
     assert _call(h, "GET", "/get_server_info", "worker-own-key", {})[0] == 200
     assert _authorization_seen(worker) == [[b"Bearer worker-own-key"]]
+
+
+# ---------------------------------------------------------------- --worker-api-key
+
+WORKER_KEY = "sglang-worker-key"
+
+
+def test_worker_api_key_reaches_every_worker_call() -> None:
+    """Probes on registration, generations and the catch-all all carry the worker key, never the client's."""
+    h, (worker,) = make_router(1, api_key=API, worker_api_key=WORKER_KEY)
+    assert worker.seen, "registration made no worker call"
+    _call(h, "POST", "/v1/images/generations", API, {"json": {"prompt": "x"}})
+    h2, (worker2,) = make_router(1, worker_api_key=WORKER_KEY)
+    assert _call(h2, "GET", "/get_server_info", "client-supplied", {})[0] == 200
+    for w in (worker, worker2):
+        seen = _authorization_seen(w)
+        assert len(seen) == len(w.seen) > 1
+        assert all(value == [b"Bearer " + WORKER_KEY.encode()] for value in seen)
+    assert b"/v1/images/generations" in worker.paths()
+
+
+def test_worker_api_key_options(tmp_path: Path) -> None:
+    key_file = tmp_path / "worker"
+    key_file.write_text("short\n")
+    assert config_from_args(["--worker-api-key-file", str(key_file)], environ={}).worker_api_key == "short"
+    assert config_from_args([], environ={"SGLANG_D_ROUTER_WORKER_API_KEY": "k"}).worker_api_key == "k"
+    assert config_from_args([], environ={}).worker_api_key is None
+    assert "short" not in repr(RouterConfig(worker_api_key="short"))
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        config_from_args(["--worker-api-key", "a b"], environ={})
