@@ -273,9 +273,7 @@ def _wildcard_dns_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress
     and hex components, IPv6 embeddings), since refusing a name that never
     meant a blocked address costs nothing.
     """
-    suffix = next(
-        (s for s in _WILDCARD_DNS_SUFFIXES if host == s or host.endswith("." + s)), None
-    )
+    suffix = next((s for s in _WILDCARD_DNS_SUFFIXES if host == s or host.endswith("." + s)), None)
     if suffix is None:
         return []
     prefix = host[: -len(suffix)].rstrip(".")

@@ -277,7 +277,17 @@ def test_worker_id_round_trips(raw: str) -> None:
     assert display_id_for(url) in url
 
 
-@given(st.ip_addresses())
+@given(
+    st.one_of(
+        st.ip_addresses(),
+        # ULAs with an ISATAP interface id, which a plain draw almost never hits.
+        st.tuples(
+            st.integers(0, 2**57 - 1),
+            st.sampled_from([0x5EFE, 0x2005EFE]),
+            st.integers(0, 2**32 - 1),
+        ).map(lambda t: ipaddress.IPv6Address(0xFD << 120 | t[0] << 64 | t[1] << 32 | t[2])),
+    )
+)
 def test_every_address_is_either_accepted_or_blocked(address: ipaddress._BaseAddress) -> None:
     host = f"[{address}]" if address.version == 6 else str(address)
     try:
@@ -299,7 +309,23 @@ def test_every_address_is_either_accepted_or_blocked(address: ipaddress._BaseAdd
     if any(plain.version == n.version and plain in n for n in workers_live_here):
         assert not blocked
     if isinstance(plain, ipaddress.IPv6Address) and plain in ipaddress.ip_network("fc00::/7"):
-        assert blocked == (plain == ipaddress.ip_address("fd00:ec2::254"))
+        # A ULA is a worker unless it is the AWS metadata address or its
+        # interface id is ISATAP's (it then tunnels to the IPv4 address).
+        isatap = plain.packed[8:12] in (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
+        carried = ipaddress.IPv4Address(plain.packed[12:])
+        carried_blocked = any(
+            carried in ipaddress.ip_network(n)
+            for n in (
+                "169.254.0.0/16",
+                "0.0.0.0/8",
+                "224.0.0.0/4",
+                "255.255.255.255/32",
+                "100.100.100.200/32",
+                "192.0.0.192/32",
+            )
+        )
+        expected = plain == ipaddress.ip_address("fd00:ec2::254") or (isatap and carried_blocked)
+        assert blocked == expected
 
 
 @given(st.text(max_size=60))
@@ -360,11 +386,7 @@ def _blocked_spellings(draw: st.DrawFn) -> str:
         host = _v6(draw(st.integers(0, 2**64 - 1)) << 64 | 0x5EFE << 32 | n)  # ISATAP
     else:
         suffix = draw(st.sampled_from(["nip.io", "sslip.io", "xip.io"]))
-        inner = draw(
-            st.sampled_from(
-                [str(address), str(address).replace(".", "-"), f"{n:08x}"]
-            )
-        )
+        inner = draw(st.sampled_from([str(address), str(address).replace(".", "-"), f"{n:08x}"]))
         prefix = draw(st.sampled_from(["", "app.", "app-", "a.b."]))
         if prefix.endswith("-") and "." in inner:
             prefix = "app."
