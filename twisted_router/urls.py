@@ -94,17 +94,13 @@ _RFC6052_SLICES: tuple[tuple[slice, ...], ...] = (
     (slice(12, 16),),
 )
 
-#: IPv4-compatible addresses (C{::a.b.c.d}, deprecated but still routed by
-#: some stacks) are the top 96 bits zero.
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-
 #: ISATAP interface identifiers (C{::0:5efe:a.b.c.d}, C{::200:5efe:a.b.c.d})
 #: tunnel to the IPv4 address in the low 32 bits, under any prefix.
 _ISATAP_IDS = (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
 
 #: Public wildcard-DNS services that answer a name with the address written
 #: inside it (C{10.0.0.1.nip.io}, C{app-10-0-0-1.sslip.io},
-#: C{0a000001.nip.io}, C{--1.sslip.io} for C{::1}).
+#: C{0a000001.nip.io}, C{fe80--1.sslip.io} for C{fe80::1}).
 _WILDCARD_DNS_SUFFIXES = ("nip.io", "sslip.io", "xip.io")
 
 _HEX_IPV4_LABEL = re.compile(r"^[0-9a-f]{8}$")
@@ -245,7 +241,8 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
     if address.ipv4_mapped is not None:
         found.append(address.ipv4_mapped)
     if packed[:12] == bytes(12) and int(address) > 1:
-        # IPv4-compatible ::a.b.c.d (but not ::1, the IPv6 loopback, nor ::).
+        # IPv4-compatible ::a.b.c.d (deprecated, still routed by some stacks),
+        # but not ::1, the IPv6 loopback, nor ::.
         found.append(ipaddress.IPv4Address(packed[12:]))
     if packed[:10] == bytes(8) + b"\xff\xff" and packed[10:12] == bytes(2):
         # IPv4-translated ::ffff:0:a.b.c.d (RFC 2765 SIIT).
