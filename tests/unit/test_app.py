@@ -82,6 +82,10 @@ def test_register_worker_by_query_and_json_and_probe_capabilities() -> None:
         ({"data": b"[1, 2]"}, "Invalid JSON body"),
         ({"json": {"url": "ftp://x:1"}}, "http"),
         ({"json": {"url": "http://169.254.169.254:80"}}, "blocked"),
+        ({"json": {"url": "http://169.254.169.254.nip.io:80"}}, "blocked"),
+        ({"json": {"url": "http://[::a9fe:a9fe]:80"}}, "blocked"),
+        ({"json": {"url": "http://[2002:a9fe:a9fe::]:80"}}, "blocked"),
+        ({"json": {"url": "http://0251.0376.0251.0376:80"}}, "blocked"),
         ({"json": {"url": "http://h:1/path"}}, "path"),
     ],
 )
