@@ -250,11 +250,7 @@ class Router:
         order = (query_arg(request, "order") or "desc").lower()
         if order not in ("asc", "desc"):
             order = "desc"
-        limit_text = query_arg(request, "limit")
-        try:
-            limit = int(limit_text) if limit_text is not None else None
-        except ValueError:
-            raise BadRequest(f"limit must be an integer, got {limit_text!r}") from None
+        limit = query_int(request, "limit")
         if limit is not None and not 1 <= limit <= 100:
             raise BadRequest(f"limit must be between 1 and 100, got {limit}")
         answer = await self._jobs.merged_video_list(
@@ -373,12 +369,12 @@ class Router:
 
     @app.route("/release_memory_occupation", methods=["POST"])
     async def release_memory(self, request: Request) -> bytes:
-        report = await _to_the_end(self._control.release_memory(request_body(request) or b"{}"))
+        report = await _to_the_end(self._control.release_memory(memory_body(request)))
         return answer_json(request, memory_status(report), report.payload())
 
     @app.route("/resume_memory_occupation", methods=["POST"])
     async def resume_memory(self, request: Request) -> bytes:
-        report = await _to_the_end(self._control.resume_memory(request_body(request) or b"{}"))
+        report = await _to_the_end(self._control.resume_memory(memory_body(request)))
         return answer_json(request, memory_status(report), report.payload())
 
     # ------------------------------------------------------------------ catch-all
@@ -476,6 +472,38 @@ def query_arg(request: Request, *names: str) -> str | None:
         if values and values[0]:
             return str(values[0].decode("utf-8", "replace"))
     return None
+
+
+def query_int(request: Request, name: str) -> int | None:
+    """
+    A whole-number query argument, or None when absent or empty.
+
+    Strict: ASCII digits only. C{int()} alone would take C{"3_0"}, C{"+3"},
+    C{" 3"} and non-ASCII digits, none of which a worker would.
+
+    @raise BadRequest: anything else.
+    """
+    text = query_arg(request, name)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(f"{name} must be an integer, got {text[:50]!r}")
+    if len(text) > 20:
+        # int() refuses very long digit strings with a ValueError (a 500 here).
+        raise BadRequest(f"{name} is out of range ({len(text)} digits)")
+    return int(text)
+
+
+def memory_body(request: Request) -> bytes:
+    """
+    The body of a sleep or wake, checked before any worker is called: empty
+    (sent on as C{{}}) or a JSON object (sent on unchanged).
+
+    @raise BadRequest: anything else (C{Invalid JSON body: ...}).
+    """
+    if read_json_object(request, required=False) is None:
+        return b"{}"
+    return request_body(request)
 
 
 def _url_from_request(request: Request) -> str:

@@ -9,8 +9,15 @@ at a cloud metadata service and read credentials through the catch-all proxy.
 The rules are therefore strict and explain themselves, because their messages
 go straight into a C{400} JSON error.
 
-Everything here is pure: no DNS resolution, no I/O. A name that I{resolves}
-to a blocked address is not caught here; that needs egress rules on the host.
+Everything here is pure: no DNS resolution, no I/O. An address is refused
+in every spelling that reaches it: numeric IPv4 forms (C{2852039166},
+C{0xa9.0xfe.0xa9.0xfe}, C{0251.0376.0251.0376}, C{169.254.43518}), IPv6
+forms that carry an IPv4 address (IPv4-mapped, IPv4-compatible, 6to4, NAT64,
+Teredo, ISATAP), and the public wildcard-DNS names that answer with the
+address written inside them (C{169.254.169.254.nip.io}, C{a9fea9fe.sslip.io}).
+Any other name that I{resolves} to a blocked address is not caught here
+(see docs/security.md); that needs resolving at registration or egress rules
+on the host.
 
 The canonical form is C{scheme://host:port}: scheme and host lowercased, IPv6
 literals compressed and in brackets, numeric IPv4 spellings (C{2130706433},
@@ -73,6 +80,30 @@ _BLOCKED_NETWORKS: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, st
 
 #: The NAT64 well-known prefix embeds an IPv4 address in its low 32 bits.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+#: The NAT64 local-use prefix (RFC 8215): the operator picks the prefix
+#: length, so every RFC 6052 position an address may sit at is checked.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+#: RFC 6052 positions of the IPv4 bytes for prefix lengths 48, 56, 64 and 96
+#: (bits 64-71 are the reserved "u" octet and never hold address bits).
+_RFC6052_SLICES: tuple[tuple[slice, ...], ...] = (
+    (slice(6, 8), slice(9, 11)),
+    (slice(7, 8), slice(9, 12)),
+    (slice(9, 13),),
+    (slice(12, 16),),
+)
+
+#: ISATAP interface identifiers (C{::0:5efe:a.b.c.d}, C{::200:5efe:a.b.c.d})
+#: tunnel to the IPv4 address in the low 32 bits, under any prefix.
+_ISATAP_IDS = (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
+
+#: Public wildcard-DNS services that answer a name with the address written
+#: inside it (C{10.0.0.1.nip.io}, C{app-10-0-0-1.sslip.io},
+#: C{0a000001.nip.io}, C{fe80--1.sslip.io} for C{fe80::1}).
+_WILDCARD_DNS_SUFFIXES = ("nip.io", "sslip.io", "xip.io")
+
+_HEX_IPV4_LABEL = re.compile(r"^[0-9a-f]{8}$")
 
 _HOSTNAME_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _IPV4_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
@@ -160,20 +191,121 @@ def _parse_ipv4(host: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value)
 
 
+def _number_readings(part: str) -> set[int]:
+    """
+    Every value a resolver might give one numeric host component: decimal,
+    C{0x} hex, and octal when it has a leading zero; empty if not a number.
+    """
+    if not _IPV4_NUMBER.match(part):
+        return set()
+    if part[:2].lower() == "0x":
+        return {int(part[2:], 16) if len(part) > 2 else 0}
+    readings = {int(part, 10)}
+    if len(part) > 1 and part.startswith("0") and all(c in "01234567" for c in part):
+        readings.add(int(part, 8))
+    return readings
+
+
+def _ipv4_readings(parts: list[str]) -> list[ipaddress.IPv4Address]:
+    """
+    Every IPv4 address the C{inet_aton}-style host C{".".join(parts)} may
+    mean, under each reading of an ambiguous (leading-zero) component.
+    """
+    if not 1 <= len(parts) <= 4:
+        return []
+    combos: list[list[int]] = [[]]
+    for part in parts:
+        readings = _number_readings(part)
+        if not readings:
+            return []
+        combos = [combo + [r] for combo in combos for r in sorted(readings)]
+    out = []
+    for values in combos:
+        *head, last = values
+        if any(n > 255 for n in head) or last >= 256 ** (5 - len(values)):
+            continue
+        value = 0
+        for n in head:
+            value = value * 256 + n
+        out.append(ipaddress.IPv4Address(value * 256 ** (5 - len(values)) + last))
+    return out
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """
+    The IPv4 addresses an IPv6 address tunnels or translates to: a packet
+    to it reaches (or may reach) that IPv4 host, so it meets the same rules.
+    """
+    packed = address.packed
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if packed[:12] == bytes(12) and int(address) > 1:
+        # IPv4-compatible ::a.b.c.d (deprecated, still routed by some stacks),
+        # but not ::1, the IPv6 loopback, nor ::.
+        found.append(ipaddress.IPv4Address(packed[12:]))
+    if packed[:10] == bytes(8) + b"\xff\xff" and packed[10:12] == bytes(2):
+        # IPv4-translated ::ffff:0:a.b.c.d (RFC 2765 SIIT).
+        found.append(ipaddress.IPv4Address(packed[12:]))
+    if address in _NAT64:
+        found.append(ipaddress.IPv4Address(packed[12:]))
+    if address in _NAT64_LOCAL:
+        for slices in _RFC6052_SLICES:
+            found.append(ipaddress.IPv4Address(b"".join(packed[s] for s in slices)))
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)  # (server, client), client de-obfuscated
+    if packed[8:12] in _ISATAP_IDS:
+        found.append(ipaddress.IPv4Address(packed[12:]))
+    return found
+
+
+def _wildcard_dns_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """
+    The addresses written inside a name of a wildcard-DNS service
+    (C{_WILDCARD_DNS_SUFFIXES}); empty for any other name.
+
+    Every way those services read a name is tried, and a few more (octal
+    and hex components, IPv6 embeddings), since refusing a name that never
+    meant a blocked address costs nothing.
+    """
+    suffix = next((s for s in _WILDCARD_DNS_SUFFIXES if host == s or host.endswith("." + s)), None)
+    if suffix is None:
+        return []
+    prefix = host[: -len(suffix)].rstrip(".")
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    # Four numbers in a row, dots and dashes mixed (10.0.0.1.nip.io,
+    # app-10-0-0-1.sslip.io, 10-0.0-1.nip.io), each read every way.
+    parts = re.split(r"[.-]", prefix) if prefix else []
+    for start in range(len(parts) - 3):
+        found.extend(_ipv4_readings(parts[start : start + 4]))
+    for label in prefix.split(".") if prefix else []:
+        dashed = label.split("-")
+        # Eight hex digits (0a000001.nip.io, app-0a000001.nip.io).
+        for part in dashed:
+            if _HEX_IPV4_LABEL.match(part):
+                found.append(ipaddress.IPv4Address(int(part, 16)))
+        # sslip.io IPv6: dashes for colons (fe80--1.sslip.io), any prefix dropped.
+        for start in range(len(dashed)):
+            try:
+                found.append(ipaddress.IPv6Address(":".join(dashed[start:])))
+            except ValueError:
+                pass
+    return found
+
+
 def _blocked_reason(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why C{address} is refused, or C{None} if it may be a worker."""
     candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
     if isinstance(address, ipaddress.IPv6Address):
         # An IPv4 address tunnelled through an IPv6 spelling reaches the same
         # host, so it must meet the same rules.
-        if address.ipv4_mapped is not None:
-            candidates.append(address.ipv4_mapped)
-        if address in _NAT64:
-            candidates.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        candidates.extend(_embedded_ipv4(address))
     for candidate in candidates:
         for network, why in _BLOCKED_NETWORKS:
             if candidate.version == network.version and candidate in network:
-                return why
+                return why if candidate is address else f"a carrier for {candidate}, {why}"
     return None
 
 
@@ -260,6 +392,14 @@ def _normalize_host(host: str, raw: str) -> str:
         try:
             v4 = _parse_ipv4(host)
         except _AmbiguousIPv4:
+            # Refused either way; say "blocked" if any reading is blocked.
+            for reading in _ipv4_readings(host.split(".")):
+                why = _blocked_reason(reading)
+                if why is not None:
+                    raise BlockedWorkerURL(
+                        f"worker URL {_show(raw)} is blocked: {_show(host)} may be read as "
+                        f"{reading}, which is {why}"
+                    ) from None
             raise WorkerURLError(
                 f"invalid worker URL {_show(raw)}: {_show(host)} has components with leading "
                 "zeros, which resolvers read as octal; write the address without them"
@@ -282,6 +422,13 @@ def _normalize_host(host: str, raw: str) -> str:
         raise BlockedWorkerURL(
             f"worker URL {_show(raw)} is blocked: {host} is a cloud metadata host name"
         )
+    for embedded in _wildcard_dns_addresses(host):
+        why = _blocked_reason(embedded)
+        if why is not None:
+            raise BlockedWorkerURL(
+                f"worker URL {_show(raw)} is blocked: {host} is a wildcard-DNS name for "
+                f"{embedded}, which is {why}"
+            )
     return host
 
 

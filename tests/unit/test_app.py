@@ -82,6 +82,10 @@ def test_register_worker_by_query_and_json_and_probe_capabilities() -> None:
         ({"data": b"[1, 2]"}, "Invalid JSON body"),
         ({"json": {"url": "ftp://x:1"}}, "http"),
         ({"json": {"url": "http://169.254.169.254:80"}}, "blocked"),
+        ({"json": {"url": "http://169.254.169.254.nip.io:80"}}, "blocked"),
+        ({"json": {"url": "http://[::a9fe:a9fe]:80"}}, "blocked"),
+        ({"json": {"url": "http://[2002:a9fe:a9fe::]:80"}}, "blocked"),
+        ({"json": {"url": "http://0251.0376.0251.0376:80"}}, "blocked"),
         ({"json": {"url": "http://h:1/path"}}, "path"),
     ],
 )
@@ -388,6 +392,39 @@ def test_video_list_is_merged_across_workers() -> None:
     assert h.parts.jobs.videos.owner("w1-3") == h.pool.workers()[1].url
 
 
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("limit=3_0", "must be an integer"),
+        ("limit=%2B3", "must be an integer"),  # +3
+        ("limit=+3", "must be an integer"),  # a space, to the query parser
+        ("limit=%203", "must be an integer"),
+        ("limit=3%20", "must be an integer"),
+        ("limit=3.0", "must be an integer"),
+        ("limit=-1", "must be an integer"),
+        ("limit=abc", "must be an integer"),
+        ("limit=%D9%A3", "must be an integer"),  # Arabic-Indic three
+        ("limit=" + "9" * 5000, "out of range"),
+        ("limit=0", "between 1 and 100"),
+        ("limit=101", "between 1 and 100"),
+    ],
+)
+def test_merged_video_list_limit_is_strict(query: str, fragment: str) -> None:
+    h, (v0, v1) = make(2, task_types=("T2V", "TI2V"))
+    code, body = h.json("GET", "/v1/videos?" + query)
+    assert code == 400 and fragment in body["error"]
+    assert not any(s.request.path == b"/v1/videos" for w in (v0, v1) for s in w.seen)
+
+
+def test_merged_video_list_limit_takes_plain_digits() -> None:
+    h, (v0, v1) = make(2, task_types=("T2V", "TI2V"))
+    for i, v in enumerate((v0, v1)):
+        data = [{"id": f"w{i}-{c}", "created_at": c, "status": "completed"} for c in range(5)]
+        v.on(b"GET", b"/v1/videos", lambda r, data=data: json_answer(r, 200, {"object": "list", "data": data}))
+    code, body = h.json("GET", "/v1/videos?limit=007")
+    assert code == 200 and len(body["data"]) == 7
+
+
 def test_video_map_is_bounded() -> None:
     h, _ = make(1, task_types=("T2V",), max_video_jobs=3)
     for _ in range(10):
@@ -453,6 +490,31 @@ def test_sleep_and_wake_change_routability() -> None:
     assert code == 200 and not any(w.is_sleeping for w in h.pool.workers())
     code, _, _ = h.call("POST", "/v1/images/generations", json={"prompt": "x"})
     assert code == 200
+
+
+@pytest.mark.parametrize("path", ["/release_memory_occupation", "/resume_memory_occupation"])
+@pytest.mark.parametrize("raw", [b"{", b"[]", b"null", b'"sleep"', b"1", b"{} x", b"\xff"])
+def test_sleep_and_wake_refuse_a_body_that_is_not_a_json_object(path: str, raw: bytes) -> None:
+    h, (w0, w1) = make(2)
+    code, body = h.json("POST", path, data=raw, headers={"content-type": "application/json"})
+    assert code == 400 and body["error"].startswith("Invalid JSON body")
+    assert not any(s.request.path == path.encode() for w in (w0, w1) for s in w.seen)
+    assert not any(w.is_sleeping for w in h.pool.workers())
+
+
+def test_sleep_and_wake_forward_an_object_body_unchanged_and_an_empty_one_as_an_object() -> None:
+    h, (w0,) = make(1)
+    raw = b'{"tags": ["weights"],  "x": 1}'
+    code, _ = h.json("POST", "/release_memory_occupation", data=raw, headers={"content-type": "application/json"})
+    assert code == 200 and w0.seen[-1].body == raw
+    code, _ = h.json("POST", "/resume_memory_occupation", data=b"  \n")
+    assert code == 200 and w0.seen[-1].body == b"{}"
+
+
+def test_sleep_body_is_checked_before_the_fleet() -> None:
+    h, _ = make(0)
+    code, body = h.json("POST", "/release_memory_occupation", data=b"{")
+    assert code == 400 and body["error"].startswith("Invalid JSON body")
 
 
 def test_control_with_no_workers_is_503() -> None:

@@ -166,6 +166,28 @@ def test_error_is_a_value_error_with_the_url() -> None:
         "http://0xA9FEA9FE:80",
         "http://169.16689662:80",
         "http://0xa9.0xfe.0xa9.0xfe:80",
+        "http://0251.0376.0251.0376:80",  # octal
+        "http://169.254.43518:80",
+        # IPv6 spellings that carry the metadata address.
+        "http://[::a9fe:a9fe]:80",  # IPv4-compatible
+        "http://[::169.254.169.254]:80",
+        "http://[::ffff:0:a9fe:a9fe]:80",  # IPv4-translated (SIIT)
+        "http://[2002:a9fe:a9fe::]:80",  # 6to4
+        "http://[2002:a9fe:a9fe:1::5]:80",
+        "http://[64:ff9b:1::a9fe:a9fe]:80",  # NAT64 local-use, /96
+        "http://[64:ff9b:1:a9fe:a9:fe00::]:80",  # NAT64 local-use, /48
+        "http://[2001:0:4136:e378:8000:63bf:5601:5601]:80",  # Teredo, client 169.254.169.254
+        "http://[2001:db8::5efe:a9fe:a9fe]:80",  # ISATAP
+        # Wildcard-DNS names that answer with the address inside them.
+        "http://169.254.169.254.nip.io:80",
+        "http://app.169.254.169.254.nip.io:80",
+        "http://app-169-254-169-254.sslip.io:80",
+        "http://169-254-169-254.xip.io:80",
+        "http://a9fea9fe.nip.io:80",
+        "http://app-A9FEA9FE.sslip.io:80",
+        "http://0251.0376.0251.0376.nip.io:80",
+        "http://fe80--1.sslip.io:80",
+        "http://0.0.0.0.nip.io:80",
     ],
 )
 def test_blocked(raw: str) -> None:
@@ -187,6 +209,11 @@ def test_blocked(raw: str) -> None:
         "http://metadata-service.example.com:8000",  # not a metadata host
         "http://my-metadata:8000",
         "http://169.255.0.1:8000",
+        "http://10.0.0.1.nip.io:8000",  # wildcard DNS for an allowed address
+        "http://app-192-168-0-10.sslip.io:8000",
+        "http://nip.io:8000",
+        "http://[2002:a00:1::]:8000",  # 6to4 for 10.0.0.1
+        "http://[64:ff9b::a00:1]:8000",  # NAT64 for 10.0.0.1
     ],
 )
 def test_loopback_and_private_allowed(raw: str) -> None:
@@ -250,7 +277,17 @@ def test_worker_id_round_trips(raw: str) -> None:
     assert display_id_for(url) in url
 
 
-@given(st.ip_addresses())
+@given(
+    st.one_of(
+        st.ip_addresses(),
+        # ULAs with an ISATAP interface id, which a plain draw almost never hits.
+        st.tuples(
+            st.integers(0, 2**57 - 1),
+            st.sampled_from([0x5EFE, 0x2005EFE]),
+            st.integers(0, 2**32 - 1),
+        ).map(lambda t: ipaddress.IPv6Address(0xFD << 120 | t[0] << 64 | t[1] << 32 | t[2])),
+    )
+)
 def test_every_address_is_either_accepted_or_blocked(address: ipaddress._BaseAddress) -> None:
     host = f"[{address}]" if address.version == 6 else str(address)
     try:
@@ -272,7 +309,23 @@ def test_every_address_is_either_accepted_or_blocked(address: ipaddress._BaseAdd
     if any(plain.version == n.version and plain in n for n in workers_live_here):
         assert not blocked
     if isinstance(plain, ipaddress.IPv6Address) and plain in ipaddress.ip_network("fc00::/7"):
-        assert blocked == (plain == ipaddress.ip_address("fd00:ec2::254"))
+        # A ULA is a worker unless it is the AWS metadata address or its
+        # interface id is ISATAP's (it then tunnels to the IPv4 address).
+        isatap = plain.packed[8:12] in (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
+        carried = ipaddress.IPv4Address(plain.packed[12:])
+        carried_blocked = any(
+            carried in ipaddress.ip_network(n)
+            for n in (
+                "169.254.0.0/16",
+                "0.0.0.0/8",
+                "224.0.0.0/4",
+                "255.255.255.255/32",
+                "100.100.100.200/32",
+                "192.0.0.192/32",
+            )
+        )
+        expected = plain == ipaddress.ip_address("fd00:ec2::254") or (isatap and carried_blocked)
+        assert blocked == expected
 
 
 @given(st.text(max_size=60))
@@ -282,3 +335,69 @@ def test_arbitrary_text_only_raises_worker_url_error(text: str) -> None:
     except WorkerURLError:
         return
     assert normalize_worker_url(url) == url
+
+
+_BLOCKED_V4 = st.one_of(
+    st.integers(0xA9FE0000, 0xA9FEFFFF),  # 169.254.0.0/16, the metadata network
+    st.sampled_from([0x646464C8, 0xC00000C0, 0xFFFFFFFF]),  # Alibaba, Oracle, broadcast
+    st.integers(0, 0x00FFFFFF),  # 0.0.0.0/8
+    st.integers(0xE0000000, 0xEFFFFFFF),  # multicast
+).map(ipaddress.IPv4Address)
+
+
+def _v6(value: int) -> str:
+    return f"[{ipaddress.IPv6Address(value)}]"
+
+
+@st.composite
+def _blocked_spellings(draw: st.DrawFn) -> str:
+    """A spelling (IPv4 form, IPv6 carrier or wildcard-DNS name) of a blocked IPv4 address."""
+    address = draw(_BLOCKED_V4)
+    n = int(address)
+    octets = list(address.packed)
+    kind = draw(st.integers(0, 14))
+    if kind == 0:
+        host = str(n)
+    elif kind == 1:
+        host = hex(n)
+    elif kind == 2:
+        host = ".".join(hex(o) for o in octets)
+    elif kind == 3:
+        host = ".".join(f"0{o:o}" for o in octets)  # octal, each with a leading zero
+    elif kind == 4:
+        host = f"{octets[0]}.{octets[1]}.{n & 0xFFFF}"
+    elif kind == 5:
+        host = f"{octets[0]}.{n & 0xFFFFFF}"
+    elif kind == 6:
+        host = _v6(0xFFFF << 32 | n)  # IPv4-mapped
+    elif kind == 7:
+        host = _v6(n) if n > 1 else _v6(0xFFFF << 32 | n)  # IPv4-compatible
+    elif kind == 8:
+        host = _v6(0x2002 << 112 | n << 80 | draw(st.integers(0, 2**80 - 1)))  # 6to4
+    elif kind == 9:
+        host = _v6(0x64FF9B << 96 | n)  # NAT64 well-known prefix
+    elif kind == 10:
+        # NAT64 local-use prefix at /48: address bits around the "u" octet.
+        host = _v6(0x0064FF9B0001 << 80 | (n >> 16) << 64 | (n & 0xFFFF) << 40)
+    elif kind == 11:
+        server = draw(st.integers(0, 2**32 - 1))
+        host = _v6(0x20010000 << 96 | server << 64 | (n ^ 0xFFFFFFFF))  # Teredo client
+    elif kind == 12:
+        host = _v6(draw(st.integers(0, 2**64 - 1)) << 64 | 0x5EFE << 32 | n)  # ISATAP
+    else:
+        suffix = draw(st.sampled_from(["nip.io", "sslip.io", "xip.io"]))
+        inner = draw(st.sampled_from([str(address), str(address).replace(".", "-"), f"{n:08x}"]))
+        prefix = draw(st.sampled_from(["", "app.", "app-", "a.b."]))
+        if prefix.endswith("-") and "." in inner:
+            prefix = "app."
+        host = f"{prefix}{inner}.{suffix}"
+    if kind < 6 or kind > 12:
+        host = _mixed_case(draw, host)
+    return f"http://{host}:{draw(st.integers(1, 65535))}"
+
+
+@given(_blocked_spellings())
+def test_no_spelling_of_a_blocked_address_is_accepted(raw: str) -> None:
+    with pytest.raises(BlockedWorkerURL) as info:
+        normalize_worker_url(raw)
+    assert "blocked" in str(info.value)
