@@ -306,26 +306,6 @@ def _copy_response_headers(request: Request, response: _Response, method: bytes)
         )
 
 
-def _origin_form(path: bytes) -> bytes:
-    """
-    The path to append to the worker URL. Normally the raw C{request.uri}
-    (never decoded and re-encoded: C{%2F} must stay C{%2F}); an absolute-form
-    target (C{GET http://host/x}) is reduced to its path.
-    """
-    lowered = path[:8].lower()
-    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
-        rest = path.split(b"//", 1)[1]
-        slash = rest.find(b"/")
-        query = rest.find(b"?")
-        if slash == -1 or (query != -1 and query < slash):
-            path = b"/" + (rest[query:] if query != -1 else b"")
-        else:
-            path = rest[slash:]
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return path
-
-
 # --------------------------------------------------------------------------
 # Failure classification
 
@@ -860,7 +840,8 @@ class StreamingProxy:
         """
         limit = self._timeout if timeout is None else timeout
         method = request.method if method is None else method
-        upstream_path = _origin_form(request.uri if path is None else path)
+        # The Site has already reduced every request-target to origin form (targets.py).
+        upstream_path = request.uri if path is None else path
         url = worker_url.rstrip("/").encode() + upstream_path
         body_file = request.content if body is None else body
 
