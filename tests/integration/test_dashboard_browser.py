@@ -116,6 +116,11 @@ def test_dashboard_shows_a_sleeping_and_a_dead_worker(
     )
     sleeper_id, victim_id = (w.url.removeprefix("http://") for w in (sleeper, victim))
     _wait("both workers ready", lambda: {_state(router.url, sleeper_id), _state(router.url, victim_id)} == {"ready"})
+    for _ in range(4):  # some load, so the cards have requests to count
+        made = requests.post(
+            f"{router.url}/v1/images/generations", headers=_auth(), json={"prompt": "fox", "size": "256x256"}, timeout=30
+        )
+        assert made.status_code == 200, made.text
 
     # The page is behind the key: a browser without it is asked for Basic credentials.
     anonymous = requests.get(f"{router.url}/dashboard", timeout=5)
@@ -163,6 +168,16 @@ def _check_the_page(
 
     # The fetches of the page itself carried the Basic credentials: /workers is not open.
     assert page.locator('.tile[data-key="fleet weight version"] .v').inner_text() == "0"
+    # Each card's figures are the router's: requests counted per worker, the worker's weights.
+    listing = requests.get(f"{router.url}/workers", headers=_auth(), timeout=5).json()["workers"]
+    assert sum(w["total_requests"] for w in listing) == 4
+    for w in listing:
+        card = page.locator(f'article[data-worker="{w["display_id"]}"]')
+        assert card.locator('dt:text-is("requests") + dd').inner_text().startswith(f'{w["total_requests"]} total')
+        assert card.locator('dt:text-is("weights") + dd').inner_text() == "0"
+        assert card.locator('dt:text-is("load") + dd').inner_text().startswith("0 in flight")
+    page.locator('.tile[data-key="requests / s"] .v:not(:text-is("…"))').wait_for(timeout=5_000)
+    assert float(page.locator('.tile[data-key="requests / s"] .v').inner_text()) >= 0
     # Attacker-influenced text is shown as text, never parsed as markup.
     assert HOSTILE in page.locator(f'article[data-worker="{sleeper_id}"]').inner_text()
     assert page.locator("img").count() == 0
