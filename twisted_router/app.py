@@ -24,9 +24,18 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from twisted_router.auth import CATCH_ALL_ENDPOINTS, Forbidden, Keys, Unauthorized, access_of
+from twisted_router.auth import (
+    BASIC_ENDPOINTS,
+    BROWSER_ENDPOINTS,
+    CATCH_ALL_ENDPOINTS,
+    Forbidden,
+    Keys,
+    Unauthorized,
+    access_of,
+)
 from twisted_router.control import BroadcastReport, FleetController, Refit
 from twisted_router.cost import predict_work
+from twisted_router.dashboard import DashboardPage, load_page
 from twisted_router.dispatch import Dispatcher
 from twisted_router.errors import (
     AuthenticationRequired,
@@ -98,12 +107,15 @@ class Router:
         timeout: float,
         keys: Keys | None = None,
         catch_all: bool = True,
+        dashboard: DashboardPage | None = None,
     ) -> None:
         """
         @param timeout: C{--timeout}, for the job-list calls the router makes itself.
         @param keys: C{--api-key} and C{--admin-api-key} (none: every endpoint open).
         @param catch_all: C{--catch-all}; off, paths no route knows are answered 404.
+        @param dashboard: the fleet page (default: the one shipped in the package).
         """
+        self._dashboard = dashboard or load_page()
         self._keys = keys or Keys()
         self._catch_all = catch_all
         self._pool = pool
@@ -126,9 +138,11 @@ class Router:
         @raise NotFound: the catch-all with C{--catch-all off}.
         """
         try:
-            self._keys.check(access_of(endpoint), request.getHeader(b"authorization"))
+            self._keys.check(
+                access_of(endpoint), request.getHeader(b"authorization"), basic=endpoint in BASIC_ENDPOINTS
+            )
         except Unauthorized as exc:
-            raise AuthenticationRequired(str(exc)) from None
+            raise AuthenticationRequired(str(exc), basic=endpoint in BROWSER_ENDPOINTS) from None
         except Forbidden as exc:
             raise InsufficientScope(str(exc)) from None
         if self._keys.any:
@@ -285,6 +299,13 @@ class Router:
     def prometheus_metrics(self, request: Request) -> bytes:
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
         return self.metrics.render()
+
+    @app.route("/dashboard", methods=["GET", "HEAD"])
+    def dashboard(self, request: Request) -> bytes:
+        """The live fleet page; its script reads C{/health} and C{/workers} (docs: README "Dashboard")."""
+        for name, value in self._dashboard.headers.items():
+            request.setHeader(name, value)
+        return self._dashboard.body
 
     @app.route("/health_workers", methods=["GET"])
     def health_workers(self, request: Request) -> bytes:

@@ -12,11 +12,13 @@ really run, whatever the spelling of the path.
 
 from __future__ import annotations
 
+import binascii
 import hmac
+from base64 import b64decode
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["ENDPOINT_ACCESS", "Access", "Forbidden", "Keys", "Unauthorized", "access_of", "open_access_warning", "worker_authorization"]
+__all__ = ["BASIC_ENDPOINTS", "BROWSER_ENDPOINTS", "ENDPOINT_ACCESS", "Access", "Forbidden", "Keys", "Unauthorized", "access_of", "open_access_warning", "worker_authorization"]
 
 
 class Access(Enum):
@@ -52,6 +54,7 @@ ENDPOINT_ACCESS: dict[str, Access] = {
     "list_worker_payloads": Access.CLIENT,
     "get_worker": Access.CLIENT,
     "legacy_list_workers": Access.CLIENT,
+    "dashboard": Access.CLIENT,
     # worker management
     "add_worker": Access.ADMIN,
     "update_worker": Access.ADMIN,
@@ -66,6 +69,22 @@ ENDPOINT_ACCESS: dict[str, Access] = {
     "catch_all": Access.ADMIN,
     "catch_all_branch": Access.ADMIN,
 }
+
+#: Endpoints that also take the keys as HTTP Basic credentials (any user
+#: name, the key as password): the fleet page and the one read it polls
+#: that is not open (C{GET /workers}). A browser cannot add a Bearer header
+#: to a page it navigates to, but it asks for Basic credentials on a 401
+#: and then sends them on the page's own same-origin requests. It also
+#: sends them on requests other sites make it send (cross-site request
+#: forgery), so Basic is accepted only on reads, whose answers another
+#: site's page cannot read (the router sends no CORS headers), never on an
+#: endpoint that generates or changes anything.
+BASIC_ENDPOINTS = frozenset({"dashboard", "list_worker_payloads"})
+
+#: Endpoints a browser navigates to: their 401 challenges C{Basic} (not
+#: C{Bearer}), so the browser asks its user for the key. The reads the page
+#: polls keep the Bearer challenge: a script's request must not prompt.
+BROWSER_ENDPOINTS = frozenset({"dashboard"})
 
 #: Klein endpoint names of the catch-all route (C{--catch-all off} answers them 404).
 CATCH_ALL_ENDPOINTS = frozenset({"catch_all", "catch_all_branch"})
@@ -95,6 +114,26 @@ def bearer_token(authorization: bytes | None) -> bytes | None:
     return token
 
 
+def basic_password(authorization: bytes | None) -> bytes | None:
+    """
+    The password of an C{Authorization: Basic <base64(user:password)>} header
+    (scheme case-insensitive; the user name is ignored), else None.
+    """
+    if authorization is None:
+        return None
+    scheme, _, encoded = authorization.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    _, colon, password = decoded.partition(b":")
+    if not colon or not password:
+        return None
+    return password
+
+
 @dataclass(frozen=True)
 class Keys:
     """
@@ -111,16 +150,19 @@ class Keys:
     def any(self) -> bool:
         return self.api is not None or self.admin is not None
 
-    def check(self, access: Access, authorization: bytes | None) -> None:
+    def check(self, access: Access, authorization: bytes | None, *, basic: bool = False) -> None:
         """
         Let the request through or raise.
+
+        @param basic: also take a key sent as HTTP Basic credentials (only
+            for L{BASIC_ENDPOINTS}: a browser sends those by itself).
 
         @raise Unauthorized: a key is required and the header carries none, or a wrong one.
         @raise Forbidden: the API key was given where only the admin key will do.
         """
         if access is Access.OPEN or not self.any:
             return
-        token = bearer_token(authorization) or b""
+        token = bearer_token(authorization) or (basic_password(authorization) if basic else None) or b""
         # Both comparisons always run, each in constant time.
         is_admin = _matches(token, self.admin)
         is_api = _matches(token, self.api)
@@ -132,6 +174,10 @@ class Keys:
             raise Unauthorized("a valid admin API key is required (Authorization: Bearer ...)")
         if is_api:
             return
+        if basic:
+            raise Unauthorized(
+                "a valid API key is required (Authorization: Bearer ..., or HTTP Basic with the key as password)"
+            )
         raise Unauthorized("a valid API key is required (Authorization: Bearer ...)")
 
 

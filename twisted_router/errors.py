@@ -73,12 +73,22 @@ class NotFound(RouterError):
 
 
 class AuthenticationRequired(RouterError):
-    """No API key, or a wrong one, on an endpoint that needs one (401, C{WWW-Authenticate: Bearer})."""
+    """
+    No API key, or a wrong one, on an endpoint that needs one (401,
+    C{WWW-Authenticate: Bearer}; C{basic}: C{WWW-Authenticate: Basic}, so a
+    browser asks its user for the key).
+    """
 
     status = 401
 
+    def __init__(self, message: str, *, basic: bool = False) -> None:
+        super().__init__(message)
+        self.basic = basic
+
     @property
     def headers(self) -> dict[bytes, bytes]:
+        if self.basic:
+            return {b"www-authenticate": b'Basic realm="sglang-d-router", charset="UTF-8"'}
         return {b"www-authenticate": b'Bearer realm="sglang-d-router"'}
 
 

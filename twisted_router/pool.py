@@ -85,6 +85,10 @@ _DESCRIPTIONS = {
     Activity.JOINING: "joining asleep",
 }
 
+#: Longest C{last_error} kept: the failure describer's texts are shorter;
+#: this bounds what a worker's answer could make the router hold and show.
+MAX_ERROR_TEXT = 300
+
 #: A URL whose "//" after the scheme was merged into one slash.
 _MERGED_SCHEME = re.compile(r"^(https?):/(?!/)", re.IGNORECASE)
 
@@ -128,6 +132,10 @@ class Worker:
     @ivar total_requests: requests ever dispatched to it.
     @ivar failed_requests: dispatched requests that failed in transport
         (unreachable, dropped, timed out), as recorded by the dispatcher.
+    @ivar last_error: the last failure seen on it (a failed request or
+        health probe), in a few words (at most L{MAX_ERROR_TEXT} characters).
+    @ivar last_error_at: when C{last_error} happened (the pool's clock), so a
+        dashboard can tell a failure of a second ago from one of last week.
     @ivar predicted_work: work units (L{twisted_router.cost}) of the
         generations outstanding on it: those in flight (taken and given back
         by L{WorkerPool.lease} with the count) and the video jobs it is
@@ -159,6 +167,7 @@ class Worker:
     registered_at: float = field(default_factory=time.time)
     last_probe_ok_at: float | None = None
     last_error: str | None = None
+    last_error_at: float | None = None
     predicted_work: float = 0.0
     running_jobs: int = 0
     speed: SpeedEstimate = field(default_factory=SpeedEstimate)
@@ -240,6 +249,7 @@ class Worker:
             "total_requests": self.total_requests,
             "failed_requests": self.failed_requests,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
             "registered_at": self.registered_at,
             "last_probe_ok_at": self.last_probe_ok_at,
             "predicted_work": round(self.predicted_work, 3),
@@ -521,7 +531,14 @@ class WorkerPool:
         answer), for C{/workers} and metrics.
         """
         worker.failed_requests += 1
+        self._note_error(worker, reason)
+
+    def _note_error(self, worker: Worker, reason: str) -> None:
+        """Keep the last failure and its time; the text is cut to a bounded size."""
+        if len(reason) > MAX_ERROR_TEXT:
+            reason = reason[: MAX_ERROR_TEXT - 1] + "\u2026"
         worker.last_error = reason
+        worker.last_error_at = self._now()
 
     # -- health ---------------------------------------------------------
 
@@ -550,7 +567,7 @@ class WorkerPool:
         @return: C{True} iff the worker became dead because of this failure.
         """
         worker.consecutive_failures += 1
-        worker.last_error = reason
+        self._note_error(worker, reason)
         if worker.is_dead or worker.is_sleeping or worker.activity is Activity.STARTING:
             # A worker that never answered yet is still loading, not failing.
             return False

@@ -146,6 +146,7 @@ def test_a_regular_install_ships_the_plugin_where_twistd_looks(tmp_path: Path) -
     (wheel,) = (tmp_path / "dist").glob("twisted_router-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/sglang_d_router_plugin.py" in names
+    assert "twisted_router/dashboard.html" in names  # package data: the fleet page
     # Twisted's own packages must not be shadowed by empty ones of ours.
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
     assert any(n.endswith("licenses/LICENSE") for n in names)
@@ -160,6 +161,8 @@ def test_a_regular_install_ships_the_plugin_where_twistd_looks(tmp_path: Path) -
         f"sys.path = [{str(target)!r}] + [p for p in sys.path if p not in ('', {str(REPO_ROOT)!r})]\n"
         "import twisted_router\n"
         f"assert twisted_router.__file__.startswith({str(target)!r}), twisted_router.__file__\n"
+        "from twisted_router.dashboard import load_page\n"
+        "assert b'sglang-d-router fleet' in load_page().body\n"
         "from twisted.scripts.twistd import run\n"
         "sys.argv = ['twistd', '-n', 'sglang-d-router', '--help']\n"
         "run()\n"

@@ -7,6 +7,7 @@ Klein application, exercised on every endpoint in memory.
 from __future__ import annotations
 
 import json
+from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from tests.support.fleet import RouterHarness, make_router
 from twisted_router import tap
 from twisted_router.app import Router
 from twisted_router.auth import (
+    BASIC_ENDPOINTS,
     ENDPOINT_ACCESS,
     Access,
     Forbidden,
     Keys,
     Unauthorized,
     access_of,
+    basic_password,
     bearer_token,
     open_access_warning,
 )
@@ -55,6 +58,7 @@ def test_health_alone_is_open() -> None:
         (b"Bearer", None),
         (b"Bearer ", None),
         (b"Basic abc", None),
+        (b"Basic " + b64encode(b"u:" + API.encode()), None),  # Basic is not Bearer
         (b"Bearer abc", b"abc"),
         (b"bearer abc", b"abc"),
         (b"BEARER  abc ", b"abc"),
@@ -62,6 +66,37 @@ def test_health_alone_is_open() -> None:
 )
 def test_bearer_token(header: bytes | None, token: bytes | None) -> None:
     assert bearer_token(header) == token
+
+
+@pytest.mark.parametrize(
+    ("header", "password"),
+    [
+        (None, None),
+        (b"Basic", None),
+        (b"Basic " + b64encode(b"user:secret"), b"secret"),
+        (b"basic  " + b64encode(b":secret") + b" ", b"secret"),  # any (even no) user name
+        (b"BASIC " + b64encode(b"u:pa:ss"), b"pa:ss"),  # the password may contain ':'
+        (b"Basic " + b64encode(b"secret"), None),  # no user:password pair
+        (b"Basic " + b64encode(b"user:"), None),
+        (b"Basic not*base64", None),
+        (b"Bearer " + b64encode(b"user:secret"), None),
+    ],
+)
+def test_basic_password(header: bytes | None, password: bytes | None) -> None:
+    assert basic_password(header) == password
+
+
+def test_keys_check_takes_basic_only_when_asked() -> None:
+    both = Keys(api=API, admin=ADMIN)
+    as_basic = b"Basic " + b64encode(f"operator:{API}".encode())
+    both.check(Access.CLIENT, as_basic, basic=True)
+    both.check(Access.CLIENT, b"Basic " + b64encode(f"x:{ADMIN}".encode()), basic=True)
+    with pytest.raises(Unauthorized, match="HTTP Basic"):
+        both.check(Access.CLIENT, b"Basic " + b64encode(f"x:{WRONG}".encode()), basic=True)
+    with pytest.raises(Unauthorized):
+        both.check(Access.CLIENT, as_basic)  # not a BASIC_ENDPOINTS endpoint
+    assert BASIC_ENDPOINTS == {"dashboard", "list_worker_payloads"}
+    assert all(ENDPOINT_ACCESS[name] is Access.CLIENT for name in BASIC_ENDPOINTS)
 
 
 def test_keys_check() -> None:
@@ -116,6 +151,7 @@ REQUESTS: list[tuple[str, Access, str, str, dict[str, Any]]] = [
     ("list_worker_payloads", Access.CLIENT, "GET", "/workers", {}),
     ("get_worker", Access.CLIENT, "GET", "/workers/w0", {}),
     ("legacy_list_workers", Access.CLIENT, "GET", "/list_workers", {}),
+    ("dashboard", Access.CLIENT, "GET", "/dashboard", {}),
     ("add_worker", Access.ADMIN, "POST", "/workers", {"json": {}}),
     ("update_worker", Access.ADMIN, "PUT", "/workers/w0", {"json": {}}),
     ("delete_worker", Access.ADMIN, "DELETE", "/workers/nobody", {}),
@@ -136,7 +172,9 @@ def _call(h: RouterHarness, method: str, path: str, key: str | None, kwargs: dic
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     code, body, response = h.call(method, path, headers=headers, **kwargs)
     if code in (401, 403):
-        assert response.headers.getRawHeaders("www-authenticate")[0].startswith("Bearer")
+        # The page a browser navigates to asks for Basic credentials (it cannot send Bearer).
+        scheme = "Basic" if code == 401 and path == "/dashboard" else "Bearer"
+        assert response.headers.getRawHeaders("www-authenticate")[0].startswith(scheme)
         assert response.headers.getRawHeaders("content-type") == ["application/json"]
         assert "error" in json.loads(body)
     return code, body

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twisted_router.pool import (
+    MAX_ERROR_TEXT,
     Activity,
     UnknownWorker,
     Worker,
@@ -276,6 +277,7 @@ def test_payload_is_json_and_complete(pool: WorkerPool, now: FakeTime) -> None:
         "total_requests",
         "failed_requests",
         "last_error",
+        "last_error_at",
         "registered_at",
         "last_probe_ok_at",
     ):
@@ -441,6 +443,21 @@ def test_record_request_failure(pool: WorkerPool) -> None:
     pool.record_request_failure(w, "connection refused")
     assert w.failed_requests == 1 and w.last_error == "connection refused"
     assert not w.is_dead
+
+
+def test_last_failure_has_its_time_and_a_bounded_text(pool: WorkerPool, now: FakeTime) -> None:
+    """The dashboard shows when the last failure was; a huge reason is cut, not kept whole."""
+    w, _ = pool.add("http://a:1")
+    assert w.payload()["last_error_at"] is None
+    now.value = 1234.5
+    pool.record_request_failure(w, "connection refused")
+    assert (w.payload()["last_error"], w.payload()["last_error_at"]) == ("connection refused", 1234.5)
+    now.value = 2000.0
+    pool.record_probe_failure(w, "x" * 10_000, 3)
+    assert w.last_error_at == 2000.0
+    assert w.last_error is not None and len(w.last_error) == MAX_ERROR_TEXT
+    assert w.last_error.startswith("xxx") and w.last_error.endswith("\u2026")
+    assert w.failed_requests == 1  # a probe is not a request
 
 
 # -- health bookkeeping -------------------------------------------------------
