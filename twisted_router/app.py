@@ -43,6 +43,7 @@ from twisted_router.metrics import RouterMetrics
 from twisted_router.policies import LeastRequest
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import ForwardResult, UpstreamBodyFailed
+from twisted_router.requestid import record_of
 from twisted_router.urls import WorkerURLError
 
 __all__ = ["Router", "memory_status", "parse_refit", "refit_status"]
@@ -66,6 +67,20 @@ _FLEET_WIDE_PATHS: dict[bytes, str | None] = {
 }
 
 
+#: Route label of the catch-all: every path no route knows, as one series.
+CATCH_ALL_ROUTE = "/*"
+
+
+def route_template(endpoint: str) -> str:
+    """
+    The route template of a Klein endpoint (C{/workers/<path:worker_key>}),
+    never the raw path, so ids cannot multiply metric series or log fields.
+    """
+    if endpoint in CATCH_ALL_ENDPOINTS:
+        return CATCH_ALL_ROUTE
+    return _ROUTES.get(endpoint, endpoint)
+
+
 class GuardedKlein(Klein):
     """
     Klein, with the router's one access check: after Klein has matched the
@@ -76,6 +91,9 @@ class GuardedKlein(Klein):
 
     def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
         router = self._instance
+        record = record_of(request)
+        if record is not None:
+            record.route = route_template(endpoint)
         if isinstance(router, Router):
             router.admit(endpoint, request)
         return super().execute_endpoint(endpoint, request, *args, **kwargs)
@@ -113,7 +131,7 @@ class Router:
         self._control = control
         self._timeout = timeout
         self._least_loaded = LeastRequest()
-        self.metrics = RouterMetrics(pool)
+        self.metrics = RouterMetrics(pool, fleet_version=lambda: control.version, queue_status=dispatcher.queue_status)
 
     def admit(self, endpoint: str, request: IRequest) -> None:
         """
@@ -425,6 +443,10 @@ class Router:
         self.log.failure("unexpected error handling {method} {uri}", failure,
                          method=request.method, uri=request.uri)
         return answer_json(request, 500, {"error": f"internal router error: {failure.getErrorMessage()}"})
+
+
+#: Endpoint name -> route template, once the routes above are all declared.
+_ROUTES: dict[str, str] = {rule.endpoint: rule.rule for rule in Router.app.url_map.iter_rules()}
 
 
 # ---------------------------------------------------------------------- parsing requests
