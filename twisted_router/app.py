@@ -39,7 +39,7 @@ from twisted_router.errors import (
 from twisted_router.fleet import Fleet, unavailable
 from twisted_router.jobs import IMAGE_CAPTURE_LIMIT, JOB_CAPTURE_LIMIT, JobOwners, parse_json
 from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from twisted_router.metrics import RouterMetrics
+from twisted_router.metrics import RouterMetrics, broadcast_outcome
 from twisted_router.policies import LeastRequest
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import ForwardResult, UpstreamBodyFailed
@@ -383,17 +383,36 @@ class Router:
     async def update_weights(self, request: Request) -> bytes:
         refit = parse_refit(request_body(request))
         report = await _to_the_end(self._control.update_weights(refit))
+        self._broadcast_logged(request, "refit", report)
         return answer_json(request, refit_status(report), report.payload())
 
     @app.route("/release_memory_occupation", methods=["POST"])
     async def release_memory(self, request: Request) -> bytes:
         report = await _to_the_end(self._control.release_memory(memory_body(request)))
+        self._broadcast_logged(request, "sleep", report)
         return answer_json(request, memory_status(report), report.payload())
 
     @app.route("/resume_memory_occupation", methods=["POST"])
     async def resume_memory(self, request: Request) -> bytes:
         report = await _to_the_end(self._control.resume_memory(memory_body(request)))
+        self._broadcast_logged(request, "wake", report)
         return answer_json(request, memory_status(report), report.payload())
+
+    def _broadcast_logged(self, request: Request, operation: str, report: BroadcastReport) -> None:
+        """One line per refit, sleep or wake, with the id of the request that asked for it."""
+        record = record_of(request)
+        failed = [r.worker_url for r in report.replies if not r.success]
+        self.log.info(
+            "{operation} by request {request_id}: {outcome} ({succeeded}/{total} workers){failed_note}",
+            operation=operation,
+            request_id=record.request_id if record is not None else "-",
+            outcome=broadcast_outcome(report),
+            succeeded=len(report.replies) - len(failed),
+            total=len(report.replies),
+            failed_workers=failed,
+            failed_note=f"; failed: {', '.join(failed)}" if failed else "",
+            weight_version=report.weight_version,
+        )
 
     # ------------------------------------------------------------------ catch-all
 
