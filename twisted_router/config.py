@@ -77,7 +77,7 @@ class RouterConfig:
     catch_all: bool = True
     # Observability (docs/metrics.md, README "Observability").
     log_format: str = "text"
-    access_log: bool = True
+    access_log: bool = False
     metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
@@ -423,8 +423,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     parser.add_argument(
         "--access-log",
         choices=ACCESS_LOG_CHOICES,
-        default="on",
-        help="one log line per request (method, path, status, worker, duration, bytes, request id, weight version)",
+        default="off",
+        help="one log line per request (method, path, status, worker, duration, bytes, request id, weight "
+        "version); --verbose turns it on too",
     )
     parser.add_argument(
         "--metrics-listen",

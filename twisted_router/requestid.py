@@ -114,7 +114,7 @@ def record_of(request: Any) -> RequestRecord | None:
     return record if isinstance(record, RequestRecord) else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FinishedRequest:
     """
     A request that has ended (answered, refused, or abandoned by its

@@ -156,7 +156,8 @@ def router_site(parts: RouterParts, reactor: IReactorTime) -> RouterSite:
     config = parts.config
     return RouterSite(
         parts.router.app.resource(),
-        access_log=config.access_log,
+        # The access line costs CPU on every request (docs/benchmarks.md): on when asked for, or with --verbose.
+        access_log=config.access_log or config.verbose,
         reactor=reactor,
         max_request_body=config.max_request_body,
         on_finished=parts.router.metrics.events.observe,

@@ -58,6 +58,7 @@ def test_ids_round_trip_json_logs_parse_and_metrics_have_their_own_port(processe
         [first, second],
         "--routing-algorithm", "round-robin",
         "--log-format", "json",
+        "--access-log", "on",
         "--metrics-listen", "tcp:0:interface=127.0.0.1",
     )
     main = router.wait_for_line(r'"sglang-d-router listening on (http://127\.0\.0\.1:\d+)"').group(1)

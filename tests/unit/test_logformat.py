@@ -38,6 +38,7 @@ def access_lines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def router(n: int = 1, **config: Any) -> SiteHarness:
+    config.setdefault("access_log", True)
     fleet = Fleet()
     harness = SiteHarness(fleet, **config)
     for i in range(n):
@@ -102,10 +103,13 @@ def test_a_client_that_hangs_up_is_logged_499(events: list[dict[str, Any]]) -> N
     assert [line["status"] for line in lines] == [499]
 
 
-def test_no_access_lines_when_off(events: list[dict[str, Any]]) -> None:
+def test_no_access_lines_by_default_but_with_verbose(events: list[dict[str, Any]]) -> None:
     h = router(1, access_log=False)
     h.send("GET", "/health")
     assert access_lines(events) == []
+    h = router(1, access_log=False, verbose=True)
+    h.send("GET", "/health")
+    assert len(access_lines(events)) == 1
 
 
 def test_quarantine_is_logged_as_a_state_change(events: list[dict[str, Any]]) -> None:
