@@ -409,9 +409,10 @@ class Dispatcher:
                         continue
                     if self._pool.quarantine(worker, f"unreachable: {exc}"):
                         self.log.warn(
-                            "worker {worker} quarantined: unreachable ({reason}); retrying elsewhere",
+                            "worker {worker} quarantined: unreachable ({reason}); retrying request {request_id} elsewhere",
                             worker=worker.display_id,
                             reason=str(exc),
+                            request_id=_request_id(request),
                         )
                     continue
                 except WorkerTimedOut as exc:
@@ -420,9 +421,10 @@ class Dispatcher:
                 except UpstreamBodyFailed as exc:
                     self._pool.record_request_failure(worker, str(exc))
                     self.log.warn(
-                        "answer from {worker} broke off: {reason}",
+                        "answer from {worker} to request {request_id} broke off: {reason}",
                         worker=worker.display_id,
                         reason=str(exc),
+                        request_id=_request_id(request),
                     )
                     raise
                 finally:
@@ -708,6 +710,12 @@ def _note_worker(request: Request, worker: Worker, version: str | None) -> None:
     if record is not None:
         record.worker = worker.url
         record.weight_version = version or ""
+
+
+def _request_id(request: Request) -> str:
+    """The request's id for log lines (C{-} when it has no record, as in tests without the Site)."""
+    record = record_of(request)
+    return record.request_id if record is not None else "-"
 
 
 def _client_gone(request: Request) -> bool:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_router_process import (
+    BIN,
+    REPO_ROOT,
     SMALL_IMAGE,
     Reply,
     call,
@@ -110,3 +113,29 @@ def test_ids_round_trip_json_logs_parse_and_metrics_have_their_own_port(processe
     assert served == 3
     assert sum(v for (name, labels), v in on_main.items() if name == key and ("route", IMAGES) in labels) == 3
     assert call(metrics_url, "GET", "/workers").status == 404  # only /metrics there
+
+
+def test_twistd_writes_json_lines_with_the_request_id(processes: Processes) -> None:
+    (worker,) = processes.workers(sim("obs-twistd"))
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    router = processes.start(
+        [
+            str(BIN / "twistd"), "-n", "--pidfile=", "sglang-d-router",
+            "--host", "127.0.0.1", "--port", "0",
+            "--health-check-interval", "1",
+            "--log-format", "json", "--access-log", "on",
+            "--worker-urls", worker.url,
+        ],
+        env=env,
+    )
+    wait_for_workers(router, 1)
+    reply = send(router.url, IMAGES, {"X-Request-ID": "twistd-1"}, SMALL_IMAGE)
+    assert (reply.status, reply.headers["x-request-id"]) == (200, "twistd-1")
+
+    def access_line() -> dict[str, Any] | None:
+        records = [json.loads(line) for line in router.output().splitlines() if line.strip()]
+        return next((r for r in records if r.get("request_id") == "twistd-1"), None)
+
+    line = wait_until("the twistd access line", access_line, timeout=10)
+    assert line["namespace"] == "twisted_router.access" and line["status"] == 200
+    assert line["worker"] == worker.url

@@ -118,6 +118,8 @@ def test_quarantine_is_logged_as_a_state_change(events: list[dict[str, Any]]) ->
     h.send("POST", IMAGES, body=b"{}", headers={"X-Request-ID": "q-1"})
     changes = [e for e in events if e.get("log_format", "").startswith("worker {worker} is now")]
     assert [(e["worker"], e["state"]) for e in changes] == [("http://w0:8000", "dead")]
+    quarantined = [e for e in events if "quarantined: unreachable" in e.get("log_format", "")]
+    assert [e["request_id"] for e in quarantined] == ["q-1"]
     access = access_lines(events)
     assert access[-1]["request_id"] == "q-1" and access[-1]["worker"] == "http://w1:8001"
 
