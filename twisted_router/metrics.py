@@ -32,9 +32,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
-from twisted.web.http import Request as HTTPRequest
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
 
 from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.requestid import FinishedRequest
@@ -48,7 +48,7 @@ __all__ = [
     "RequestMetrics",
     "RouterMetrics",
     "broadcast_outcome",
-    "metrics_site",
+    "metrics_resource",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -406,23 +406,26 @@ class _MetricsPage(Resource):
         return self._metrics.render()
 
 
-class _QuietSite(Site):
-    """A Site that writes no access line per scrape."""
-
-    noisy = False
-
-    def log(self, request: HTTPRequest) -> None:
-        pass
-
-
-def metrics_site(metrics: RouterMetrics) -> Site:
+def metrics_resource(metrics: RouterMetrics) -> Resource:
     """
-    The site C{--metrics-listen} serves: C{/metrics} only, without keys.
+    What C{--metrics-listen} serves: C{/metrics} only, without keys (every
+    other path is 404).
 
     Rendered on the reactor thread like the main port's C{/metrics}
     (C{prometheus_client.twisted.MetricsResource} renders in a thread pool,
     where reading the pool would race the reactor).
     """
-    root = Resource()
+    root = _MetricsRoot()
     root.putChild(b"metrics", _MetricsPage(metrics))
-    return _QuietSite(root)
+    return root
+
+
+class _MetricsRoot(Resource):
+    """The metrics port's root: C{/metrics}, else 404."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        return b"Not Found: only /metrics is served here\n"

@@ -40,7 +40,7 @@ from twisted_router.launcher import (
     router_listen_ports,
 )
 from twisted_router.listener import ListenerService
-from twisted_router.metrics import metrics_site
+from twisted_router.metrics import metrics_resource
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import StreamingProxy
@@ -278,7 +278,14 @@ def make_router_service(
     if config.metrics_listen is not None:
         metrics_listener = ListenerService(
             serverFromString(reactor, config.metrics_listen),
-            metrics_site(parts.router.metrics),
+            # The router's Site, for its bounded bodies and canonical targets; no access log.
+            RouterSite(
+                metrics_resource(parts.router.metrics),
+                access_log=False,
+                reactor=reactor,  # type: ignore[arg-type]
+                max_request_body=64 * 1024,
+                idle_timeout=60.0,
+            ),
             name="metrics",
             on_failure=on_listen_failure,
         )
