@@ -67,6 +67,9 @@ WORKER_STATES = ("ready", *(activity.value for activity in Activity), "suspect",
 #: Methods that get their own label value; any other token (clients choose it) is "other".
 _METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")}
 
+#: Worker state changes, in a namespace of their own (the Logger descriptor would name the class).
+_state_log = Logger(namespace="twisted_router.workers")
+
 #: Label value for a request no route or worker handled.
 NONE = "none"
 
@@ -214,8 +217,6 @@ class RequestMetrics:
     watcher that drops a removed worker's series and counts quarantines.
     """
 
-    log = Logger()
-
     def __init__(self, registry: CollectorRegistry, pool: WorkerPool) -> None:
         self._pool = pool
         self.requests = Counter(
@@ -351,12 +352,12 @@ class RequestMetrics:
             if state == "dead":
                 self._child(self.quarantines, worker.url, worker.url).inc()  # type: ignore[union-attr]
             if before is not None or state == "dead":
-                self.log.info(
+                _state_log.info(
                     "worker {worker} is now {state} (was {previous})",
                     worker=worker.url, state=state, previous=before or "registered",
                 )
         for worker in set(self._states) - set(states):
-            self.log.info("worker {worker} left the pool", worker=worker.url)
+            _state_log.info("worker {worker} left the pool", worker=worker.url)
         self._states = states
         present = {worker.url for worker in current}
         for url in [url for url in self._children if url not in present]:

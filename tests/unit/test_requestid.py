@@ -168,3 +168,15 @@ def test_the_routers_own_errors_carry_the_id() -> None:
         assert answer.status == status
         assert answer.header(b"x-request-id") == f"e-{status}".encode(), status
         assert "error" in answer.json()
+
+
+def test_a_429_from_the_full_queue_carries_the_id() -> None:
+    h, _, workers = router(1, max_inflight_per_worker=1, max_queue=1)
+    workers[0].hold(b"POST", IMAGES)
+    raw = b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}"
+    h.open(raw)  # in flight
+    h.open(raw)  # queued
+    answer = h.send("POST", IMAGES.decode(), body=b"{}", headers={"X-Request-ID": "e-429"})
+    assert answer.status == 429 and answer.header(b"retry-after") is not None
+    assert answer.header(b"x-request-id") == b"e-429"
+    assert "queue is full" in answer.json()["error"]
