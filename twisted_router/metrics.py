@@ -269,7 +269,7 @@ class RequestMetrics:
             f"{PREFIX}broadcast_duration_seconds", "How long refit, sleep and wake broadcasts took",
             ["operation"], registry=registry, buckets=LATENCY_BUCKETS,
         )
-        self._bound: dict[tuple[str, bytes, int, str], _Bound] = {}
+        self._bound: dict[tuple[str, str, int, str], _Bound] = {}
         #: Per worker URL, the (metric, label values) children that name it.
         self._children: dict[str, set[tuple[Counter | Histogram, tuple[str, ...]]]] = {}
         self._states: dict[Worker, str] = {}
@@ -284,7 +284,8 @@ class RequestMetrics:
     def observe(self, done: FinishedRequest) -> None:
         """Count one finished request (the Site's C{on_finished})."""
         record = done.record
-        key = (record.route, done.method, done.status, record.worker)
+        # The method token is the client's: only known ones get their own key and label.
+        key = (record.route, _METHODS.get(done.method, "other"), done.status, record.worker)
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bind(key)
@@ -297,10 +298,9 @@ class RequestMetrics:
         if done.bytes_out:
             bound.bytes_out.inc(done.bytes_out)
 
-    def _bind(self, key: tuple[str, bytes, int, str]) -> _Bound:
-        route, raw_method, status, url = key
+    def _bind(self, key: tuple[str, str, int, str]) -> _Bound:
+        route, method, status, url = key
         route = route or NONE
-        method = _METHODS.get(raw_method, "other")
         worker = url or NONE
         if url and url not in self._children and self._pool.get(url) is None:
             # Removed while its request was in flight: count it, keep no series for it.

@@ -112,6 +112,10 @@ def test_hostile_methods_share_one_label() -> None:
     samples = scrape(h.parts.router.metrics)
     methods = {dict(labels)["method"] for name, labels in samples if name == "sglang_router_requests_total"}
     assert methods == {"other"}
+    # Nor do they grow the cache of bound children: one entry for every unknown method.
+    for i in range(50):
+        h.send(f"X{i}", "/health")
+    assert len(h.parts.router.metrics.events._bound) == 1
 
 
 def test_failover_retry_and_quarantine_are_counted() -> None:
