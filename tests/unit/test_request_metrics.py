@@ -234,3 +234,21 @@ def test_scrape_sees_predicted_work_and_speed() -> None:
         worker.speed.units_per_second
     )
     assert value(samples, "sglang_router_worker_active_requests", worker=urls[0]) == 1
+
+
+def test_a_hung_worker_is_a_hung_retry_and_a_failover() -> None:
+    h, urls, workers = router(2, timeout=5.0)
+    workers[0].hold(b"POST", IMAGES.encode())
+    workers[0].health_status = 500  # the probe after the timeout fails: quarantined, retried on w1
+    transport = h.open(b"POST " + IMAGES.encode() + b" HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}")
+    h.clock.advance(5.0)
+    h.pump()
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    samples = scrape(h.parts.router.metrics)
+    assert value(samples, "sglang_router_retries_total", worker=urls[0], reason="hung") == 1
+    assert value(samples, "sglang_router_failovers_total", worker=urls[1]) == 1
+    assert value(samples, "sglang_router_quarantines_total", worker=urls[0]) == 1
+    assert value(samples, "sglang_router_health_probe_failures_total", worker=urls[0]) == 1
+    # The whole exchange, wait included, is on the worker that answered.
+    duration = "sglang_router_request_duration_seconds_sum"
+    assert value(samples, duration, route=IMAGES, method="POST", worker=urls[1]) == 5.0
