@@ -48,10 +48,11 @@ from twisted_router.errors import (
 from twisted_router.fleet import Fleet, unavailable
 from twisted_router.jobs import IMAGE_CAPTURE_LIMIT, JOB_CAPTURE_LIMIT, JobOwners, parse_json
 from twisted_router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from twisted_router.metrics import RouterMetrics
+from twisted_router.metrics import RouterMetrics, broadcast_outcome
 from twisted_router.policies import LeastRequest
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import ForwardResult, UpstreamBodyFailed
+from twisted_router.requestid import record_of
 from twisted_router.urls import WorkerURLError
 
 __all__ = ["Router", "memory_status", "parse_refit", "refit_status"]
@@ -75,6 +76,20 @@ _FLEET_WIDE_PATHS: dict[bytes, str | None] = {
 }
 
 
+#: Route label of the catch-all: every path no route knows, as one series.
+CATCH_ALL_ROUTE = "/*"
+
+
+def route_template(endpoint: str) -> str:
+    """
+    The route template of a Klein endpoint (C{/workers/<path:worker_key>}),
+    never the raw path, so ids cannot multiply metric series or log fields.
+    """
+    if endpoint in CATCH_ALL_ENDPOINTS:
+        return CATCH_ALL_ROUTE
+    return _ROUTES.get(endpoint, endpoint)
+
+
 class GuardedKlein(Klein):
     """
     Klein, with the router's one access check: after Klein has matched the
@@ -85,6 +100,9 @@ class GuardedKlein(Klein):
 
     def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
         router = self._instance
+        record = record_of(request)
+        if record is not None:
+            record.route = route_template(endpoint)
         if isinstance(router, Router):
             router.admit(endpoint, request)
         return super().execute_endpoint(endpoint, request, *args, **kwargs)
@@ -125,7 +143,7 @@ class Router:
         self._control = control
         self._timeout = timeout
         self._least_loaded = LeastRequest()
-        self.metrics = RouterMetrics(pool)
+        self.metrics = RouterMetrics(pool, fleet_version=lambda: control.version, queue_status=dispatcher.queue_status)
 
     def admit(self, endpoint: str, request: IRequest) -> None:
         """
@@ -386,17 +404,36 @@ class Router:
     async def update_weights(self, request: Request) -> bytes:
         refit = parse_refit(request_body(request))
         report = await _to_the_end(self._control.update_weights(refit))
+        self._broadcast_logged(request, "refit", report)
         return answer_json(request, refit_status(report), report.payload())
 
     @app.route("/release_memory_occupation", methods=["POST"])
     async def release_memory(self, request: Request) -> bytes:
         report = await _to_the_end(self._control.release_memory(memory_body(request)))
+        self._broadcast_logged(request, "sleep", report)
         return answer_json(request, memory_status(report), report.payload())
 
     @app.route("/resume_memory_occupation", methods=["POST"])
     async def resume_memory(self, request: Request) -> bytes:
         report = await _to_the_end(self._control.resume_memory(memory_body(request)))
+        self._broadcast_logged(request, "wake", report)
         return answer_json(request, memory_status(report), report.payload())
+
+    def _broadcast_logged(self, request: Request, operation: str, report: BroadcastReport) -> None:
+        """One line per refit, sleep or wake, with the id of the request that asked for it."""
+        record = record_of(request)
+        failed = [r.worker_url for r in report.replies if not r.success]
+        self.log.info(
+            "{operation} by request {request_id}: {outcome} ({succeeded}/{total} workers){failed_note}",
+            operation=operation,
+            request_id=record.request_id if record is not None else "-",
+            outcome=broadcast_outcome(report),
+            succeeded=len(report.replies) - len(failed),
+            total=len(report.replies),
+            failed_workers=failed,
+            failed_note=f"; failed: {', '.join(failed)}" if failed else "",
+            weight_version=report.weight_version,
+        )
 
     # ------------------------------------------------------------------ catch-all
 
@@ -446,6 +483,10 @@ class Router:
         self.log.failure("unexpected error handling {method} {uri}", failure,
                          method=request.method, uri=request.uri)
         return answer_json(request, 500, {"error": f"internal router error: {failure.getErrorMessage()}"})
+
+
+#: Endpoint name -> route template, once the routes above are all declared.
+_ROUTES: dict[str, str] = {rule.endpoint: rule.rule for rule in Router.app.url_map.iter_rules()}
 
 
 # ---------------------------------------------------------------------- parsing requests

@@ -10,35 +10,29 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
+from twisted.logger import globalLogBeginner
 
 from twisted_router.config import PROGRAM_NAME, ConfigError, RouterConfig, config_from_args
+from twisted_router.logformat import log_observer
 
 if TYPE_CHECKING:
     from twisted_router.launcher import FleetPlan
 
 
-def start_logging(level_name: str) -> None:
-    """Send log events at C{level_name} and above to stdout."""
-    level = LogLevel.levelWithName(level_name)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+def start_logging(level_name: str, log_format: str = "text") -> None:
+    """Send log events at C{level_name} and above to stdout, as text or JSON lines (C{--log-format})."""
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stdout), [predicate])],
+        [log_observer(sys.stdout, log_format=log_format, level_name=level_name)],
         redirectStandardIO=False,
     )
 
 
 async def _run(reactor: object, config: RouterConfig, launch_plan: FleetPlan | None = None) -> None:
     from twisted_router.launcher import LauncherService, LaunchFailed
+    from twisted_router.listener import ListenerService
     from twisted_router.service import make_router_service
 
-    start_logging(config.effective_log_level)
+    start_logging(config.effective_log_level, config.log_format)
     service, _, listener = make_router_service(config, reactor, launch_plan=launch_plan)  # type: ignore[arg-type]
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
@@ -48,6 +42,12 @@ async def _run(reactor: object, config: RouterConfig, launch_plan: FleetPlan | N
         # The listener has logged the one line saying where and why; no
         # managed worker was started (the launcher waits for the port).
         raise SystemExit(1) from None
+    metrics_listener = service.namedServices.get("metrics")
+    if isinstance(metrics_listener, ListenerService):
+        try:
+            await metrics_listener.when_listening()
+        except Exception:  # noqa: BLE001 - logged by the listener, as for the main port
+            raise SystemExit(1) from None
     launcher = service.namedServices.get("launcher")
     if isinstance(launcher, LauncherService):
         try:

@@ -30,6 +30,8 @@ ADMIN_API_KEY_ENV = "SGLANG_D_ROUTER_ADMIN_API_KEY"
 WORKER_API_KEY_ENV = "SGLANG_D_ROUTER_WORKER_API_KEY"
 CATCH_ALL_CHOICES = ("on", "off")
 ROUTING_ALGORITHMS = ("least-request", "round-robin", "random", "power-of-two", "least-work")
+LOG_FORMATS = ("text", "json")
+ACCESS_LOG_CHOICES = ("on", "off")
 
 
 class ConfigError(ValueError):
@@ -73,6 +75,10 @@ class RouterConfig:
     admin_api_key: str | None = field(default=None, repr=False)
     worker_api_key: str | None = field(default=None, repr=False)
     catch_all: bool = True
+    # Observability (docs/metrics.md, README "Observability").
+    log_format: str = "text"
+    access_log: bool = False
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         for option, key in (("--api-key", self.api_key), ("--admin-api-key", self.admin_api_key)):
@@ -141,6 +147,10 @@ class RouterConfig:
             raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
         if not _positive_finite(self.queue_timeout):
             raise ConfigError(f"--queue-timeout must be a positive number of seconds, got {self.queue_timeout}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.metrics_listen is not None and not self.metrics_listen.strip():
+            raise ConfigError("--metrics-listen must be an endpoint, e.g. tcp:9100:interface=127.0.0.1")
         if not (math.isfinite(self.shutdown_grace) and self.shutdown_grace >= 0):
             raise ConfigError(f"--shutdown-grace must be 0 or a positive number of seconds, got {self.shutdown_grace}")
 
@@ -404,6 +414,26 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         default=defaults.log_level,
         help="lowest level logged (case-insensitive; warn = warning, trace = debug)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=defaults.log_format,
+        help="text: one readable line per event; json: one JSON object per line (for log shippers)",
+    )
+    parser.add_argument(
+        "--access-log",
+        choices=ACCESS_LOG_CHOICES,
+        default="off",
+        help="one log line per request (method, path, status, worker, duration, bytes, request id, weight "
+        "version); --verbose turns it on too",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="ENDPOINT",
+        help="also serve /metrics, without keys, on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1); "
+        "off by default",
+    )
     return parser
 
 
@@ -450,4 +480,7 @@ def config_from_args(
         max_inflight_per_worker=ns.max_inflight_per_worker,
         max_queue=ns.max_queue,
         queue_timeout=ns.queue_timeout,
+        log_format=ns.log_format,
+        access_log=ns.access_log == "on",
+        metrics_listen=ns.metrics_listen,
     )

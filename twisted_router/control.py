@@ -176,8 +176,23 @@ class FleetController:
         #: Told about a worker quarantined because it did not answer a
         #: control call (hung), so requests waiting on it can go elsewhere.
         self.on_unresponsive: Callable[[Worker, str], None] | None = None
+        #: Told when a refit, sleep or wake ends ("refit", "sleep", "wake"):
+        #: its report (C{None} when it was refused before any worker was
+        #: called) and how many seconds it took, lock wait included (metrics).
+        self.on_broadcast: Callable[[str, BroadcastReport | None, float], None] | None = None
 
     # ------------------------------------------------------------------ helpers
+
+    async def _observed(self, name: str, operation: Callable[[], Any]) -> BroadcastReport:
+        """Run a broadcast under the lock, and tell L{on_broadcast} how it ended."""
+        started = self._clock.seconds()
+        report: BroadcastReport | None = None
+        try:
+            report = await self._locked(operation)
+            return report
+        finally:
+            if self.on_broadcast is not None:
+                self.on_broadcast(name, report, self._clock.seconds() - started)
 
     async def _locked(self, operation: Callable[[], Any]) -> Any:
         await self._lock.acquire()
@@ -318,7 +333,7 @@ class FleetController:
         @raise Conflict: the label already names another checkpoint.
         @raise NoWorkers: no worker can be refitted.
         """
-        return await self._locked(lambda: self._update(refit))  # type: ignore[no-any-return]
+        return await self._observed("refit", lambda: self._update(refit))
 
     async def _update(self, refit: Refit) -> BroadcastReport:
         body, model_path = refit.body, refit.model_path
@@ -400,7 +415,7 @@ class FleetController:
 
         @raise NoWorkers: no live worker is registered.
         """
-        return await self._locked(lambda: self._sleep_or_wake(body, sleep=True))  # type: ignore[no-any-return]
+        return await self._observed("sleep", lambda: self._sleep_or_wake(body, sleep=True))
 
     async def resume_memory(self, body: bytes) -> BroadcastReport:
         """
@@ -409,7 +424,7 @@ class FleetController:
 
         @raise NoWorkers: no live worker is registered.
         """
-        return await self._locked(lambda: self._sleep_or_wake(body, sleep=False))  # type: ignore[no-any-return]
+        return await self._observed("wake", lambda: self._sleep_or_wake(body, sleep=False))
 
     async def _sleep_or_wake(self, body: bytes, *, sleep: bool) -> BroadcastReport:
         path = "/release_memory_occupation" if sleep else "/resume_memory_occupation"

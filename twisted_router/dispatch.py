@@ -61,6 +61,7 @@ from twisted_router.proxy import (
     WorkerTimedOut,
     WorkerUnreachable,
 )
+from twisted_router.requestid import record_of
 
 __all__ = ["QUEUE_BATCH_WINDOW", "Dispatched", "Dispatcher", "QueueKey", "queue_key"]
 
@@ -176,6 +177,14 @@ class Dispatcher:
         self._clock = clock
         self._timeout = timeout
         self.probe_unanswered: Callable[[Worker], Deferred[bool]] | None = None
+        #: Observers (metrics): an attempt failed and the request looks for
+        #: another worker (the worker, and why: unreachable, abandoned, hung,
+        #: not_ready); a request answered by another worker than its first
+        #: (the one that answered); a queued request given a slot (the worker,
+        #: seconds it waited).
+        self.on_retry: Callable[[Worker, str], None] | None = None
+        self.on_failover: Callable[[Worker], None] | None = None
+        self.on_queue_wait: Callable[[Worker, float], None] | None = None
         #: Per worker, the forwards still waiting for response headers, so a
         #: worker found hung can hand them to another worker at once.
         self._unanswered: dict[Worker, set[Deferred[str]]] = {}
@@ -331,6 +340,8 @@ class Dispatcher:
                         ticket, work=work, video=video, image_only=image_only, tried=tried, chooser=chooser
                     )
                     reserved = True
+                    if self.on_queue_wait is not None:
+                        self.on_queue_wait(worker, self._clock.seconds() - ticket.since)
             else:
                 worker = chooser.choose(candidates, work or 0.0)
             sent_version: list[str | None] = [worker.weight_version]
@@ -372,9 +383,11 @@ class Dispatcher:
                         keep_load_if_abandoned=True,
                     )
                 except WorkerNotReady:
+                    self._retrying(worker, "not_ready")
                     continue  # pick again (or wait) with the pool as it is now
                 except WorkerAbandoned as exc:
                     self._pool.record_request_failure(worker, str(exc))
+                    self._retrying(worker, "abandoned")
                     if retried_after_hang:
                         raise WorkerFailed(f"Worker request failed: {worker.display_id}: {exc}") from None
                     retried_after_hang = True
@@ -385,6 +398,7 @@ class Dispatcher:
                     tried.add(worker.url)
                     last_failure = f"{worker.display_id}: {exc}"
                     self._pool.record_request_failure(worker, str(exc))
+                    self._retrying(worker, "unreachable")
                     if worker.activity is Activity.STARTING:
                         # It may still be loading: refusing connections is expected, not a fault.
                         self.log.info(
@@ -395,9 +409,10 @@ class Dispatcher:
                         continue
                     if self._pool.quarantine(worker, f"unreachable: {exc}"):
                         self.log.warn(
-                            "worker {worker} quarantined: unreachable ({reason}); retrying elsewhere",
+                            "worker {worker} quarantined: unreachable ({reason}); retrying request {request_id} elsewhere",
                             worker=worker.display_id,
                             reason=str(exc),
+                            request_id=_request_id(request),
                         )
                     continue
                 except WorkerTimedOut as exc:
@@ -406,12 +421,14 @@ class Dispatcher:
                 except UpstreamBodyFailed as exc:
                     self._pool.record_request_failure(worker, str(exc))
                     self.log.warn(
-                        "answer from {worker} broke off: {reason}",
+                        "answer from {worker} to request {request_id} broke off: {reason}",
                         worker=worker.display_id,
                         reason=str(exc),
+                        request_id=_request_id(request),
                     )
                     raise
                 finally:
+                    _note_worker(request, worker, sent_version[0])
                     unanswered.discard(give_up)
                     if not unanswered and self._unanswered.get(worker) is unanswered:
                         del self._unanswered[worker]
@@ -428,6 +445,7 @@ class Dispatcher:
                         retried_after_hang = True
                         tried.add(worker.url)
                         last_failure = f"{worker.display_id}: {timed_out}"
+                        self._retrying(worker, "hung")
                         continue
                 if _client_gone(request):
                     # An abandoned generation kept as load until now: nobody is
@@ -441,7 +459,13 @@ class Dispatcher:
                 for other in self._pool.workers():
                     if other.speed.samples == 0:
                         other.speed.adopt(worker.speed)
+            if tried and self.on_failover is not None:
+                self.on_failover(worker)  # another worker failed it first
             return Dispatched(worker, result)
+
+    def _retrying(self, worker: Worker, reason: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(worker, reason)
 
     @property
     def weighs_work(self) -> bool:
@@ -666,6 +690,7 @@ class Dispatcher:
         self, request: Request, worker: Worker, *, path: bytes | None = None, capture: int = 0
     ) -> Dispatched:
         """Send a request to one particular worker (sticky routing): no retry elsewhere."""
+        _note_worker(request, worker, worker.weight_version)
         with self._pool.lease(worker):
             try:
                 result = await self._proxy.forward(request, worker.url, path=path, capture_limit=capture)
@@ -677,6 +702,20 @@ class Dispatcher:
                 self._pool.record_request_failure(worker, str(exc))
                 raise
         return Dispatched(worker, result)
+
+
+def _note_worker(request: Request, worker: Worker, version: str | None) -> None:
+    """Record on the request which worker it was sent to, with which weights (access log, metrics)."""
+    record = record_of(request)
+    if record is not None:
+        record.worker = worker.url
+        record.weight_version = version or ""
+
+
+def _request_id(request: Request) -> str:
+    """The request's id for log lines (C{-} when it has no record, as in tests without the Site)."""
+    record = record_of(request)
+    return record.request_id if record is not None else "-"
 
 
 def _client_gone(request: Request) -> bool:

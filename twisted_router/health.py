@@ -235,6 +235,8 @@ class HealthChecker(Service):
         self._probed_at: WeakKeyDictionary[Worker, float] = WeakKeyDictionary()
         self._on_quarantine = on_quarantine
         self._on_first_answer = on_first_answer
+        #: Told about every failed probe of a worker (metrics).
+        self.on_probe_failure: Callable[[Worker], None] | None = None
         self._fetch_missing_capabilities = fetch_missing_capabilities
         self._loop: LoopingCall | None = None
         self._loop_done: Deferred[None] | None = None
@@ -421,6 +423,8 @@ class HealthChecker(Service):
         return None
 
     def _failed(self, worker: Worker, reason: str) -> None:
+        if self.on_probe_failure is not None:
+            self.on_probe_failure(worker)
         if worker in self._strict:
             self._strict.discard(worker)
             reason = f"no response headers within the request timeout, then the health probe failed ({reason})"

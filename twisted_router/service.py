@@ -40,6 +40,7 @@ from twisted_router.launcher import (
     router_listen_ports,
 )
 from twisted_router.listener import ListenerService
+from twisted_router.metrics import metrics_resource
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import StreamingProxy
@@ -141,8 +142,28 @@ def build_router(
         on_first_answer=lambda worker: Deferred.fromCoroutine(fleet.bring_up(worker)),
     )
     dispatcher.probe_unanswered = health.probe_now
+    events = router.metrics.events
+    dispatcher.on_retry, dispatcher.on_failover = events.retried, events.failed_over
+    dispatcher.on_queue_wait = events.queue_waited
+    health.on_probe_failure = events.probe_failed
+    control.on_broadcast = events.broadcast_ended
     control.on_unresponsive = dispatcher.abandon_unanswered
     return RouterParts(config, pool, router, control, health, connection_pool, fleet, dispatcher, jobs)
+
+
+def router_site(parts: RouterParts, reactor: IReactorTime) -> RouterSite:
+    """The router's HTTP site: its web application, with the request metrics and the access log."""
+    config = parts.config
+    return RouterSite(
+        parts.router.app.resource(),
+        # The access line costs CPU on every request (docs/benchmarks.md): on when asked for, or with --verbose.
+        access_log=config.access_log or config.verbose,
+        reactor=reactor,
+        max_request_body=config.max_request_body,
+        on_finished=parts.router.metrics.events.observe,
+        # Idle kept-alive client connections are closed after this long.
+        idle_timeout=max(60.0, 3 * config.timeout),
+    )
 
 
 class _StartupWorkers(Service):
@@ -220,14 +241,7 @@ def make_router_service(
             launcher.worker_quarantined(worker.url, reason)
 
     parts = build_router(config, reactor, on_quarantine=quarantined)  # type: ignore[arg-type]
-    site = RouterSite(
-        parts.router.app.resource(),
-        access_log=config.verbose,
-        reactor=reactor,  # type: ignore[arg-type]
-        max_request_body=config.max_request_body,
-        # Idle kept-alive client connections are closed after this long.
-        idle_timeout=max(60.0, 3 * config.timeout),
-    )
+    site = router_site(parts, reactor)  # type: ignore[arg-type]
     listener = ListenerService(
         serverFromString(reactor, config.endpoint_description),
         site,
@@ -261,6 +275,22 @@ def make_router_service(
         )
         launcher.setServiceParent(top)
     listener.setServiceParent(top)
+    if config.metrics_listen is not None:
+        metrics_listener = ListenerService(
+            serverFromString(reactor, config.metrics_listen),
+            # The router's Site, for its bounded bodies and canonical targets; no access log.
+            RouterSite(
+                metrics_resource(parts.router.metrics),
+                access_log=False,
+                reactor=reactor,  # type: ignore[arg-type]
+                max_request_body=64 * 1024,
+                idle_timeout=60.0,
+            ),
+            name="metrics",
+            on_failure=on_listen_failure,
+        )
+        metrics_listener.setName("metrics")
+        metrics_listener.setServiceParent(top)
     return top, parts, listener
 
 

@@ -13,13 +13,16 @@ import atexit
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from twisted_router.config import ConfigError, RouterConfig, build_parser, config_from_args
+from twisted_router.logformat import log_observer
 
 if TYPE_CHECKING:
     from twisted_router.launcher import FleetPlan
@@ -76,7 +79,42 @@ def makeService(options: Options) -> IService:
         launch_plan=options.launch_plan,
         on_launch_failure=_exit_after_shutdown(stop_reactor_on_failure(reactor), status=1),
     )
+    if options.config.log_format == "json":
+        return JSONLogging(service, _twistd_log_file(options), options.config.effective_log_level)
     return service
+
+
+class JSONLogging(MultiService):
+    """
+    The router service, handing twistd the JSON log observer
+    (C{--log-format json}).
+
+    twistd builds the application around the plugin's service and only then
+    starts logging, with the application's L{ILogObserver} component when it
+    has one: set it as the service joins the application.
+    """
+
+    def __init__(self, service: IService, out: IO[str], level_name: str) -> None:
+        super().__init__()
+        self.observer = log_observer(out, log_format="json", level_name=level_name)
+        service.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def _twistd_log_file(options: Options) -> IO[str]:
+    """Where twistd would log: its C{--logfile} (C{-}: stdout), else stdout with C{-n}, else C{twistd.log}."""
+    parent = options.parent
+    path = parent.get("logfile") if parent is not None else None
+    nodaemon = bool(parent.get("nodaemon")) if parent is not None else True
+    if path == "-" or (not path and nodaemon):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return cast(IO[str], LogFile.fromFullPath(path or "twistd.log"))
 
 
 def _exit_after_shutdown(stop: Callable[[Failure], None], status: int) -> Callable[[Failure], None]:

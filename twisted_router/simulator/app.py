@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -99,6 +100,9 @@ MSGPACK = b"application/msgpack"
 #: Paths upstream's warm-up middleware (C{http_server.py},
 #: C{wait_for_server_warmup}) answers at once; every other request waits
 #: until the warm-up ends.
+#: How many received requests C{GET /sim/requests} shows (the most recent).
+RECEIVED_KEPT = 256
+
 WARMUP_BYPASS_PATHS = frozenset({"/health", "/health_generate", "/model_info", "/server_info", "/liveness"})
 
 
@@ -214,6 +218,24 @@ class SimulatedWorker:
         self._video_seq = 0
         self._task: TaskType = config.task_type
         self._ready_at = self._clock.seconds() + config.warmup_seconds
+        #: The last requests received, with their id and trace headers (C{GET /sim/requests}).
+        self.received: deque[dict[str, str | None]] = deque(maxlen=RECEIVED_KEPT)
+
+    def record_received(self, request: Request) -> None:
+        """Keep what C{request} carried for C{GET /sim/requests}: ids and W3C trace context, as received."""
+
+        def header(name: bytes) -> str | None:
+            value = request.getHeader(name)
+            return None if value is None else value.decode("latin-1")
+
+        self.received.append({
+            "method": (request.method or b"").decode("latin-1"),
+            "path": (request.path or b"").decode("utf-8", "replace"),
+            "x_request_id": header(b"x-request-id"),
+            "x_correlation_id": header(b"x-correlation-id"),
+            "traceparent": header(b"traceparent"),
+            "tracestate": header(b"tracestate"),
+        })
 
     def port_opened(self) -> None:
         """The port is open: the warm-up (C{--warmup-seconds}) starts now."""
@@ -1194,6 +1216,10 @@ class SimulatedWorker:
     def sim_state_route(self, request: Request) -> bytes | Deferred[None]:
         return self._json(request, self.sim_state())
 
+    @app.route("/sim/requests", methods=["GET"])
+    def sim_requests(self, request: Request) -> bytes | Deferred[None]:
+        return self._json(request, {"requests": list(self.received)})
+
     @app.route("/sim/faults", methods=["POST"])
     def sim_faults(self, request: Request) -> bytes | Deferred[None]:
         body = self._raw_json(request)
@@ -1296,6 +1322,8 @@ class _WorkerResource(Resource):
         if self._worker.worker_id:
             request.setHeader(b"x-worker-id", self._worker.worker_id.encode("utf-8"))
         path = (request.path or b"").decode("utf-8", "replace")
+        if path != "/sim/requests":
+            self._worker.record_received(request)
         if self._worker.config.verbose:
             self._log.info("{method} {path}", method=request.method, path=path)
         if self._worker.warming_up and path not in WARMUP_BYPASS_PATHS:
