@@ -37,6 +37,8 @@ def test_defaults_match_the_design() -> None:
     assert config.launcher_config is None
     assert config.verbose is False
     assert config.log_level == "info"
+    assert config.access_log is True  # one line per request unless --access-log off
+    assert config_from_args(["--access-log", "off"]).access_log is False
 
 
 def test_command_line_defaults_equal_dataclass_defaults() -> None:

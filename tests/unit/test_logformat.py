@@ -103,7 +103,7 @@ def test_a_client_that_hangs_up_is_logged_499(events: list[dict[str, Any]]) -> N
     assert [line["status"] for line in lines] == [499]
 
 
-def test_no_access_lines_by_default_but_with_verbose(events: list[dict[str, Any]]) -> None:
+def test_no_access_lines_when_off_but_with_verbose(events: list[dict[str, Any]]) -> None:
     h = router(1, access_log=False)
     h.send("GET", "/health")
     assert access_lines(events) == []
