@@ -12,6 +12,7 @@ fatal: the router can still find it by asking the workers.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 #: Job states after which the worker's answer will no longer change.
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
@@ -26,6 +27,8 @@ class OwnerMap:
         self._capacity = capacity
         self._running: OrderedDict[str, str] = OrderedDict()
         self._finished: OrderedDict[str, str] = OrderedDict()
+        #: Called after every change (the durable state saves the map, coalesced).
+        self.on_change: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._running) + len(self._finished)
@@ -45,8 +48,21 @@ class OwnerMap:
         while len(self) >= self._capacity:
             (self._finished or self._running).popitem(last=False)
         (self._finished if finished else self._running)[item_id] = worker_url
+        if self.on_change is not None:
+            self.on_change()
 
     def forget(self, item_id: str) -> None:
         """Drop C{item_id} (e.g. after a successful DELETE)."""
-        self._running.pop(item_id, None)
-        self._finished.pop(item_id, None)
+        dropped = self._running.pop(item_id, None) is not None
+        dropped = self._finished.pop(item_id, None) is not None or dropped
+        if dropped and self.on_change is not None:
+            self.on_change()
+
+    def entries(self) -> list[tuple[str, str, bool]]:
+        """
+        Every C{(id, worker URL, finished)}: the running ones, then the
+        finished ones, each oldest first. Remembering them in this order
+        rebuilds the same map (and evicts the same entries next).
+        """
+        running = [(k, v, False) for k, v in self._running.items()]
+        return running + [(k, v, True) for k, v in self._finished.items()]

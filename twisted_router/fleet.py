@@ -129,6 +129,7 @@ class Fleet:
         Called by the launcher; raises L{WorkerURLError} for an unusable URL.
         """
         worker, created = self._pool.add(url)
+        worker.managed = True
         # A fresh process: awake, holding its GPU memory and its start-up weights.
         self._rejoin(worker, fresh_process=True)
         self.log.info(
