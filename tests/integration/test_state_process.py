@@ -12,11 +12,15 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import pytest
+
+from tests.integration.test_launcher_process import free_port_range, started_workers, write_fleet
 from tests.integration.test_router_process import (
     BIN,
     REPO_ROOT,
@@ -35,6 +39,20 @@ if TYPE_CHECKING:
 
 STATE_FILE = "router-state.json"
 INTERRUPTED = "was in progress when the router stopped"
+
+
+@pytest.fixture
+def worker_groups() -> Iterator[set[int]]:
+    """Process groups of launched workers a killed router left behind: SIGKILLed when the test ends."""
+    groups: set[int] = set()
+    try:
+        yield groups
+    finally:
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def kill_router(router: ServerProcess) -> None:
@@ -175,6 +193,61 @@ def test_a_refit_cut_short_by_a_kill_keeps_its_workers_out_until_readmitted_or_r
     healthy(again, 2)
     answer = post_image(again.url, SMALL_IMAGE)
     assert answer.status == 200 and answer.headers["x-weight-version"] == "2", answer
+
+
+def test_a_launcher_run_keeps_state_by_default_and_catches_fresh_workers_up(
+    processes: Processes, worker_groups: set[int], tmp_path: Path
+) -> None:
+    fleet = write_fleet(
+        tmp_path,
+        f"""
+        launcher:
+          backend: simulated
+          worker_host: 127.0.0.1
+          worker_base_port: {free_port_range(8)}
+          wait_timeout: 30
+          shutdown_grace: 5
+          simulated:
+            step_ms: 1
+            weights_prefix: /ckpt/
+            workers:
+              - {{task_type: T2I}}
+              - {{task_type: T2I}}
+        """,
+    )
+    argv = python_module(
+        "twisted_router", "--host", "127.0.0.1", "--port", "0", "--health-check-interval", "1",
+        "--launcher-config", str(fleet),
+    )
+    router = processes.start(argv)
+    wait_until("2 launched workers", lambda: True if "2/2 workers ready" in router.output() else None, 30.0)
+    healthy(router, 2)
+    for step in (1, 2):
+        reply = refit(router, f"/ckpt/step-{step}")
+        assert reply.status == 200 and reply.json()["weight_version"] == str(step), reply
+    # No --state-dir and no state_dir key: the default, under $XDG_STATE_HOME (private to this test).
+    state_files = list(Path(os.environ["XDG_STATE_HOME"], "sglang-d-router").glob(f"fleet-*/{STATE_FILE}"))
+    assert len(state_files) == 1, state_files
+    old_pids = [pid for runs in started_workers(router).values() for pid in runs]
+    worker_groups.update(old_pids)  # whatever a killed router leaves behind is stopped at the end
+    kill_router(router)
+
+    again = processes.start(argv)
+    wait_until("2 relaunched workers", lambda: True if "2/2 workers ready" in again.output() else None, 30.0)
+    health = healthy(again, 2)
+    worker_groups.update(pid for runs in started_workers(again).values() for pid in runs)
+    assert (health["weight_version"], health["model_path"]) == ("2", "/ckpt/step-2"), health
+    listed = workers_by_url(again)
+    # New processes (on whatever ports are free now); no managed registration was restored.
+    assert not set(old_pids) & {pid for runs in started_workers(again).values() for pid in runs}
+    assert "state restored: weight version 2, 0 worker(s)" in again.output(), again.output()
+    assert len(listed) == 2
+    assert {w["weight_version"] for w in listed.values()} == {"2"}
+    assert {w["model_path"] for w in listed.values()} == {"/ckpt/step-2"}
+    answer = post_image(again.url)
+    assert answer.status == 200 and answer.headers["x-weight-version"] == "2", answer
+    saved = json.loads(state_files[0].read_bytes())
+    assert saved["workers"] == [] and saved["fleet"]["weight_version"] == "2"
 
 
 def _exit_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
