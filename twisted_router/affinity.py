@@ -58,11 +58,11 @@ class OwnerMap:
         if dropped and self.on_change is not None:
             self.on_change()
 
-    def entries(self) -> list[tuple[str, str, bool]]:
+    def rows(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
         """
-        Every C{(id, worker URL, finished)}: the running ones, then the
-        finished ones, each oldest first. Remembering them in this order
-        rebuilds the same map (and evicts the same entries next).
+        The C{(id, worker URL)} rows of running items and of finished ones,
+        each oldest first (a copy made at C speed: the durable state takes
+        one every time the map changes). Remembering the running ones, then
+        the finished ones, in this order rebuilds the same map.
         """
-        running = [(k, v, False) for k, v in self._running.items()]
-        return running + [(k, v, True) for k, v in self._finished.items()]
+        return tuple(self._running.items()), tuple(self._finished.items())

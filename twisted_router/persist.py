@@ -27,7 +27,7 @@ from twisted_router.errors import StateNotSaved
 from twisted_router.fleet import Fleet
 from twisted_router.jobs import JobOwners
 from twisted_router.pool import Worker, WorkerPool
-from twisted_router.state import JournalEntry, OwnerEntry, StateDocument, WorkerRecord
+from twisted_router.state import JournalEntry, Owners, StateDocument, WorkerRecord
 from twisted_router.statefile import StateFile
 from twisted_router.urls import WorkerURLError
 
@@ -116,9 +116,11 @@ class StateKeeper:
                 elif record.url in cut_short:
                     assert interrupted is not None
                     self._control.refit_interrupted(worker, interrupted_reason(interrupted))
-        for owners, entries in ((self._jobs.images, doc.images), (self._jobs.videos, doc.videos)):
-            for entry in entries:  # bounded by the map's capacity, as in memory
-                owners.remember(entry.item_id, entry.url, finished=entry.finished)
+        for owners, saved in ((self._jobs.images, doc.images), (self._jobs.videos, doc.videos)):
+            # Bounded by the map's capacity, as in memory (finished items evicted first).
+            for finished, rows in ((False, saved.running), (True, saved.finished)):
+                for item_id, url in rows:
+                    owners.remember(item_id, url, finished=finished)
         journal = doc.journal
         if interrupted is not None:
             journal = doc.with_journal(replace(interrupted, outcome="interrupted")).journal
@@ -213,8 +215,8 @@ class StateKeeper:
                 if not w.managed
             ),
             journal=self._journal,
-            images=tuple(OwnerEntry(*e) for e in self._jobs.images.entries()),
-            videos=tuple(OwnerEntry(*e) for e in self._jobs.videos.entries()),
+            images=Owners(*self._jobs.images.rows()),
+            videos=Owners(*self._jobs.videos.rows()),
         )
 
     def _refit_object(self, body: bytes | None) -> dict[str, object] | None:

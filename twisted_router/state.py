@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "JOURNAL_LIMIT",
     "STATE_FORMAT",
     "STATE_KIND",
     "JournalEntry",
-    "OwnerEntry",
+    "OwnerRow",
+    "Owners",
     "StateDocument",
     "StateError",
     "WorkerRecord",
@@ -91,13 +92,26 @@ class JournalEntry:
         return self.outcome is None
 
 
-@dataclass(frozen=True)
-class OwnerEntry:
-    """Who owns one image or video job, and whether that item is finished (evicted first)."""
+#: One owner-map row: C{(item id, worker URL)}.
+OwnerRow = tuple[str, str]
 
-    item_id: str
-    url: str
-    finished: bool
+
+class Owners(NamedTuple):
+    """
+    One owner map (images or video jobs): the rows of running items and of
+    finished items (evicted first), each oldest first, as
+    L{twisted_router.affinity.OwnerMap.rows} gives them. Plain tuples, not
+    objects: the maps hold up to tens of thousands of rows, copied and
+    serialised on every owner-map write, and tuples are both the cheapest
+    to copy and written by C{json} as the C{[id, url]} rows they are stored as.
+    """
+
+    running: tuple[OwnerRow, ...] = ()
+    finished: tuple[OwnerRow, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.running) + len(self.finished)
 
 
 @dataclass(frozen=True)
@@ -122,8 +136,8 @@ class StateDocument:
     labels: tuple[tuple[str, str], ...] = ()
     workers: tuple[WorkerRecord, ...] = ()
     journal: tuple[JournalEntry, ...] = ()
-    images: tuple[OwnerEntry, ...] = ()
-    videos: tuple[OwnerEntry, ...] = ()
+    images: Owners = Owners()
+    videos: Owners = Owners()
 
     @property
     def model_path(self) -> str | None:
@@ -169,8 +183,8 @@ def document_to_json(doc: StateDocument) -> bytes:
             }
             for e in doc.journal
         ],
-        "images": [[o.item_id, o.url, o.finished] for o in doc.images],
-        "videos": [[o.item_id, o.url, o.finished] for o in doc.videos],
+        "images": {"running": doc.images.running, "finished": doc.images.finished},
+        "videos": {"running": doc.videos.running, "finished": doc.videos.finished},
     }
     return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
@@ -226,15 +240,20 @@ def _object(value: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return obj
 
 
-def _owners(value: Any, where: str) -> tuple[OwnerEntry, ...]:
-    entries = []
+def _rows(value: Any, where: str) -> tuple[OwnerRow, ...]:
+    rows = []
     for i, item in enumerate(_list(value, where)):
         at = f"{where}[{i}]"
         row = _list(item, at)
-        if len(row) != 3:
-            raise StateError(f"{at}: expected [id, worker URL, finished], got {len(row)} item(s)")
-        entries.append(OwnerEntry(_str(row[0], at + "[0]"), _str(row[1], at + "[1]"), _expect(row[2], bool, at + "[2]", "a boolean")))
-    return tuple(entries)
+        if len(row) != 2:
+            raise StateError(f"{at}: expected [id, worker URL], got {len(row)} item(s)")
+        rows.append((_str(row[0], at + "[0]"), _str(row[1], at + "[1]")))
+    return tuple(rows)
+
+
+def _owners(value: Any, where: str) -> Owners:
+    owners = _object(value, where, ("running", "finished"))
+    return Owners(_rows(owners["running"], where + ".running"), _rows(owners["finished"], where + ".finished"))
 
 
 def _document_from_json(raw: bytes) -> StateDocument:

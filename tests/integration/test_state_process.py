@@ -119,8 +119,8 @@ def test_a_restarted_router_remembers_weights_quarantine_and_owners(processes: P
         state = saved_state(state_dir)
         if state is None:
             return None
-        images = {row[0] for row in state["images"]}
-        videos = {row[0] for row in state["videos"]}
+        images = {row[0] for rows in state["images"].values() for row in rows}
+        videos = {row[0] for rows in state["videos"].values() for row in rows}
         dead = [w for w in state["workers"] if w["quarantine_reason"]]
         return True if image_id in images and video_id in videos and len(dead) == 1 else None
 

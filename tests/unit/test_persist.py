@@ -18,9 +18,8 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from tests.support.fleet import FakeWorker, Fleet, RouterHarness
-from twisted_router.affinity import OwnerMap
 from twisted_router.persist import OWNER_WRITE_DELAY, StateKeeper
-from twisted_router.state import OwnerEntry, StateDocument, WorkerRecord
+from twisted_router.state import Owners, StateDocument, WorkerRecord
 from twisted_router.statefile import StateFile
 
 REFIT = "/update_weights_from_disk"
@@ -263,7 +262,7 @@ class CoalescingTests(TestCase):
         self.assertEqual(self.keeper.writes, 1)
         self.h.clock.advance(OWNER_WRITE_DELAY)
         self.assertEqual(self.keeper.writes, 2)
-        self.assertEqual(len(saved(self.path).images), 100)
+        self.assertEqual(saved(self.path).images.size, 100)
         self.h.clock.advance(10 * OWNER_WRITE_DELAY)
         self.assertEqual(self.keeper.writes, 2)  # nothing changed, nothing written
 
@@ -272,7 +271,7 @@ class CoalescingTests(TestCase):
         self.h.pool.add("http://10.0.0.9:8000")
         self.h.clock.advance(0)
         self.assertEqual(self.keeper.writes, 2)
-        self.assertEqual(len(saved(self.path).videos), 1)  # written with it
+        self.assertEqual(saved(self.path).videos.size, 1)  # written with it
         self.h.clock.advance(OWNER_WRITE_DELAY)
         self.assertEqual(self.keeper.writes, 2)
 
@@ -280,7 +279,7 @@ class CoalescingTests(TestCase):
         self.h.parts.jobs.images.remember("img", "http://10.0.0.1:8000", finished=True)
         self.keeper.stop()
         self.assertEqual(self.keeper.writes, 2)
-        self.assertEqual(saved(self.path).images, (OwnerEntry("img", "http://10.0.0.1:8000", True),))
+        self.assertEqual(saved(self.path).images, Owners(finished=(("img", "http://10.0.0.1:8000"),)))
 
     def test_managed_workers_are_not_kept(self) -> None:
         d = Deferred.fromCoroutine(self.h.parts.fleet.worker_ready("http://10.0.0.7:8000"))
@@ -293,12 +292,9 @@ class CoalescingTests(TestCase):
     def test_owner_maps_are_restored_within_their_bound(self) -> None:
         h = RouterHarness(Fleet(), max_image_ids=3)
         keeper = keeper_for(h, temp_dir(self))
-        entries = tuple(OwnerEntry(f"img-{i}", "http://10.0.0.1:8000", i % 2 == 0) for i in range(10))
-        keeper.restore(StateDocument(images=entries))
-        self.assertEqual(len(h.parts.jobs.images), 3)
-        # The same entries survive as in a map that saw them live (finished ones evicted first).
-        reference = OwnerMap(3)
-        for entry in entries:
-            reference.remember(entry.item_id, entry.url, finished=entry.finished)
-        self.assertEqual(h.parts.jobs.images.entries(), reference.entries())
-        self.assertEqual(len(keeper.snapshot().images), 3)
+        running = tuple((f"run-{i}", "http://10.0.0.1:8000") for i in range(5))
+        finished = tuple((f"done-{i}", "http://10.0.0.1:8000") for i in range(5))
+        keeper.restore(StateDocument(images=Owners(running, finished)))
+        # Finished items are evicted first, as in memory: the running ones keep their owner.
+        self.assertEqual(keeper.snapshot().images, Owners(running[-2:], finished[-1:]))
+

@@ -15,7 +15,7 @@ from twisted_router.state import (
     STATE_FORMAT,
     STATE_KIND,
     JournalEntry,
-    OwnerEntry,
+    Owners,
     StateDocument,
     StateError,
     WorkerRecord,
@@ -38,8 +38,8 @@ def full_document() -> StateDocument:
             JournalEntry(1, "1", "/ckpt/step-1", (A, B), "succeeded"),
             JournalEntry(2, "2", "/ckpt/step-2", (A,), None),
         ),
-        images=(OwnerEntry("img-1", A, True),),
-        videos=(OwnerEntry("video-1", B, False), OwnerEntry("video-0", A, True)),
+        images=Owners(finished=(("img-1", A),)),
+        videos=Owners(running=(("video-1", B),), finished=(("video-0", A),)),
     )
 
 
@@ -94,7 +94,8 @@ def documents(draw: st.DrawFn) -> StateDocument:
         refit["model_path"] = draw(st.text(min_size=1, max_size=20).filter(lambda s: s.strip() != ""))
     urls = draw(st.lists(_text, unique=True, max_size=4))
     numbers = sorted(draw(st.sets(st.integers(min_value=0, max_value=10**6), max_size=4)))
-    owners = st.builds(OwnerEntry, _text, _text, st.booleans())
+    rows = st.lists(st.tuples(_text, _text), max_size=4).map(tuple)
+    owners = st.builds(Owners, rows, rows)
     return StateDocument(
         weight_version=draw(_text),
         refits=draw(st.integers(min_value=0, max_value=10**9)),
@@ -111,8 +112,8 @@ def documents(draw: st.DrawFn) -> StateDocument:
             )
             for n in numbers
         ),
-        images=tuple(draw(st.lists(owners, max_size=4))),
-        videos=tuple(draw(st.lists(owners, max_size=4))),
+        images=draw(owners),
+        videos=draw(owners),
     )
 
 
@@ -150,8 +151,9 @@ BAD_INPUTS = {
     "worker twice": (_mutated(lambda d: d["workers"].append(d["workers"][0])), "listed twice"),
     "unknown outcome": (_mutated(lambda d: d["journal"][0].update(outcome="maybe")), "journal[0].outcome"),
     "journal out of order": (_mutated(lambda d: d["journal"].reverse()), "increasing order"),
-    "owner row short": (_mutated(lambda d: d["images"].append(["x", A])), "images[1]"),
-    "finished not bool": (_mutated(lambda d: d["videos"][0].__setitem__(2, "yes")), "videos[0][2]"),
+    "owner row short": (_mutated(lambda d: d["images"]["finished"].append(["x"])), "images.finished[1]"),
+    "owner id not a string": (_mutated(lambda d: d["videos"]["running"][0].__setitem__(0, 7)), "videos.running[0][0]"),
+    "owners a list": (_mutated(lambda d: d.update(images=[])), "images: expected an object"),
     "newline in value": (
         _mutated(lambda d: d["fleet"]["labels"].update({"a\nb": 7})),
         "fleet.labels.a b: expected a string",
