@@ -111,6 +111,8 @@ class StateKeeper:
                         "not restoring worker {url}: {reason}", url=record.url, reason=str(exc)
                     )
                     continue
+                if record.sleeping:  # caught up when the fleet is woken, like any worker that slept
+                    self._pool.set_sleeping(worker, True)
                 if record.reason is not None:
                     self._pool.quarantine(worker, record.reason)
                 elif record.url in cut_short:
@@ -210,7 +212,7 @@ class StateKeeper:
             last_refit=self._refit_object(weights.body),
             labels=weights.labels,
             workers=tuple(
-                WorkerRecord(w.url, w.dead_reason if w.is_dead else None)
+                WorkerRecord(w.url, w.dead_reason if w.is_dead else None, w.is_sleeping)
                 for w in self._pool.workers()
                 if not w.managed
             ),

@@ -56,7 +56,10 @@ class StateError(ValueError):
 @dataclass(frozen=True)
 class WorkerRecord:
     """
-    One registered worker: its URL, and why it is quarantined, if it is.
+    One registered worker: its URL, why it is quarantined, if it is, and
+    whether it sleeps (memory released): a sleeping worker answers its
+    health check but refuses generations and weight updates, so a restarted
+    router must not take it for awake.
 
     @ivar reason: the quarantine's reason; C{None} when the worker is not
         quarantined.
@@ -64,6 +67,7 @@ class WorkerRecord:
 
     url: str
     reason: str | None = None
+    sleeping: bool = False
 
     @property
     def quarantined(self) -> bool:
@@ -172,7 +176,7 @@ def document_to_json(doc: StateDocument) -> bytes:
             "last_refit": doc.last_refit,
             "labels": dict(doc.labels),
         },
-        "workers": [{"url": w.url, "quarantine_reason": w.reason} for w in doc.workers],
+        "workers": [{"url": w.url, "quarantine_reason": w.reason, "sleeping": w.sleeping} for w in doc.workers],
         "journal": [
             {
                 "number": e.number,
@@ -280,12 +284,13 @@ def _document_from_json(raw: bytes) -> StateDocument:
     workers = []
     seen: set[str] = set()
     for i, item in enumerate(_list(top["workers"], "workers")):
-        record = _object(item, f"workers[{i}]", ("url", "quarantine_reason"))
+        record = _object(item, f"workers[{i}]", ("url", "quarantine_reason", "sleeping"))
         url = _str(record["url"], f"workers[{i}].url")
         if url in seen:
             raise StateError(f"workers[{i}].url: {url} is listed twice")
         seen.add(url)
-        workers.append(WorkerRecord(url, _opt_str(record["quarantine_reason"], f"workers[{i}].quarantine_reason")))
+        reason = _opt_str(record["quarantine_reason"], f"workers[{i}].quarantine_reason")
+        workers.append(WorkerRecord(url, reason, _expect(record["sleeping"], bool, f"workers[{i}].sleeping", "a boolean")))
     journal: list[JournalEntry] = []
     for i, item in enumerate(_list(top["journal"], "journal")):
         at = f"journal[{i}]"

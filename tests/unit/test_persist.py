@@ -193,6 +193,33 @@ class RestoreTests(TestCase):
         assert w2 is not None
         self.assertTrue(w2.is_dead)
 
+    def test_a_sleeping_fleet_stays_asleep_across_a_restart_and_is_caught_up_when_woken(self) -> None:
+        refit(self.h, "/ckpt/step-1")
+        code, _ = self.h.json("POST", "/release_memory_occupation", json={})
+        self.assertEqual(code, 200)
+        self.assertTrue(all(w.sleeping for w in saved(self.path).workers))
+        refits_before = {name: len(refits_seen(w)) for name, w in self.workers.items()}
+        h, _ = restarted(self.fleet, self.path)
+        # Brought up (it answers /health while asleep), but asleep: no traffic, and no catch-up
+        # sent to a worker that would refuse it.
+        self.assertEqual({w.state for w in h.pool.workers()}, {"sleeping"})
+        self.assertEqual({name: len(refits_seen(w)) for name, w in self.workers.items()}, refits_before)
+        self.assertEqual(h.json("POST", "/v1/images/generations", json={"prompt": "x"})[0], 503)
+        code, body = h.json("POST", "/resume_memory_occupation", json={})
+        self.assertEqual(code, 200, body)
+        h.pump()
+        self.assertEqual(len(h.pool.routable()), 3)
+        for name, worker in self.workers.items():
+            self.assertEqual(refits_seen(worker)[refits_before[name] :], [{"model_path": "/ckpt/step-1"}])
+
+    def test_a_worker_url_blocked_now_is_not_restored(self) -> None:
+        h = RouterHarness(Fleet())
+        keeper = keeper_for(h, temp_dir(self))
+        keeper.restore(
+            StateDocument(workers=(WorkerRecord("http://169.254.169.254:80"), WorkerRecord("http://10.0.0.1:8000")))
+        )
+        self.assertEqual([w.url for w in h.pool.workers()], ["http://10.0.0.1:8000"])
+
     def test_the_journal_entry_is_durable_before_any_worker_is_sent_the_refit(self) -> None:
         path = self.path
         workers = self.workers

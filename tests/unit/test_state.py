@@ -33,7 +33,7 @@ def full_document() -> StateDocument:
         refits=3,
         last_refit={"model_path": "/ckpt/step-3", "weight_version": 3, "flush_cache": True},
         labels=(("1", "/ckpt/step-1"), ("2", "/ckpt/step-2"), ("3", "/ckpt/step-3")),
-        workers=(WorkerRecord(A), WorkerRecord(B, "marked dead by operator")),
+        workers=(WorkerRecord(A, sleeping=True), WorkerRecord(B, "marked dead by operator")),
         journal=(
             JournalEntry(1, "1", "/ckpt/step-1", (A, B), "succeeded"),
             JournalEntry(2, "2", "/ckpt/step-2", (A,), None),
@@ -101,7 +101,7 @@ def documents(draw: st.DrawFn) -> StateDocument:
         refits=draw(st.integers(min_value=0, max_value=10**9)),
         last_refit=refit,
         labels=tuple(draw(st.dictionaries(_text, _text, max_size=4)).items()),
-        workers=tuple(WorkerRecord(u, draw(st.none() | _text)) for u in urls),
+        workers=tuple(WorkerRecord(u, draw(st.none() | _text), draw(st.booleans())) for u in urls),
         journal=tuple(
             JournalEntry(
                 n,
@@ -148,6 +148,7 @@ BAD_INPUTS = {
     "negative refits": (_mutated(lambda d: d["fleet"].update(refits=-1)), "fleet.refits"),
     "refit without path": (_mutated(lambda d: d["fleet"].update(last_refit={"x": 1})), "last_refit.model_path"),
     "worker url a list": (_mutated(lambda d: d["workers"][0].update(url=[])), "workers[0].url"),
+    "sleeping not bool": (_mutated(lambda d: d["workers"][0].update(sleeping=1)), "workers[0].sleeping"),
     "worker twice": (_mutated(lambda d: d["workers"].append(d["workers"][0])), "listed twice"),
     "unknown outcome": (_mutated(lambda d: d["journal"][0].update(outcome="maybe")), "journal[0].outcome"),
     "journal out of order": (_mutated(lambda d: d["journal"].reverse()), "increasing order"),
