@@ -337,6 +337,10 @@ class FleetController:
         self._interrupted.add(worker)
         self._quarantine(worker, reason)
 
+    def keep_out(self, worker: Worker) -> None:
+        """The operator quarantined C{worker}: only re-admission brings it back, not a refit."""
+        self._interrupted.discard(worker)
+
     # ------------------------------------------------------------------ weights bookkeeping
 
     def _is_current(self, worker: Worker) -> bool:

@@ -169,6 +169,7 @@ class Fleet:
         quarantined one (caught up before it gets traffic).
         """
         if dead:
+            self._control.keep_out(worker)
             if self._pool.quarantine(worker, "marked dead by operator"):
                 self.log.info("worker {worker} marked dead by operator", worker=worker.display_id)
         elif worker.is_dead:

@@ -26,7 +26,7 @@ from twisted_router.control import FleetController, FleetWeights
 from twisted_router.errors import StateNotSaved
 from twisted_router.fleet import Fleet
 from twisted_router.jobs import JobOwners
-from twisted_router.pool import Worker, WorkerPool
+from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.state import JournalEntry, Owners, StateDocument, WorkerRecord
 from twisted_router.statefile import StateFile
 from twisted_router.urls import WorkerURLError
@@ -111,8 +111,13 @@ class StateKeeper:
                         "not restoring worker {url}: {reason}", url=record.url, reason=str(exc)
                     )
                     continue
-                if record.sleeping:  # caught up when the fleet is woken, like any worker that slept
+                if record.sleeping:
+                    # Asleep, it is not probed (nor brought up as a starting worker would
+                    # be) and it would refuse a catch-up: the next wake reaches it, and it
+                    # is caught up then, like any worker that slept through a refit.
+                    self._pool.end(worker, Activity.STARTING)
                     self._pool.set_sleeping(worker, True)
+                    self._control.admit(worker)
                 if record.reason is not None:
                     self._pool.quarantine(worker, record.reason)
                 elif record.url in cut_short:

@@ -63,9 +63,9 @@ def refits_seen(worker: FakeWorker) -> list[Any]:
 
 
 def bring_up_all(h: RouterHarness) -> None:
-    """What the health checker does for workers that answer: bring each starting one up."""
+    """What the health checker does for workers that answer: bring each starting one up (it probes no dead or sleeping one)."""
     for worker in h.pool.workers():
-        if not worker.is_dead:
+        if not worker.is_dead and not worker.is_sleeping:
             Deferred.fromCoroutine(h.parts.fleet.bring_up(worker))
     h.pump()
 
@@ -157,6 +157,25 @@ class RestoreTests(TestCase):
         self.assertEqual((code, body["weight_version"]), (200, "3"))
         self.assertEqual(len(h.pool.routable()), 3)
         self.assertEqual(saved(self.path).journal[-1].outcome, "succeeded")
+        d.cancel()
+        self.failureResultOf(d)
+
+    def test_an_interrupted_worker_the_operator_marks_dead_stays_out_of_the_next_refit(self) -> None:
+        self.workers["w0"].hold(b"POST", REFIT.encode())
+        d = self.h.client.request("POST", "http://router" + REFIT, json={"model_path": "/ckpt/step-1"})
+        self.h.pump()
+        self.workers["w0"].handlers.clear()
+        h, _ = restarted(self.fleet, self.path)
+        code, _ = h.json("PUT", worker_path(self.urls["w0"]), json={"is_dead": True})
+        self.assertEqual(code, 200)
+        before = len(refits_seen(self.workers["w0"]))
+        code, body = refit(h, "/ckpt/step-2")
+        self.assertEqual(code, 200, body)
+        self.assertEqual(len(refits_seen(self.workers["w0"])), before)
+        w0 = h.pool.get(self.urls["w0"])
+        assert w0 is not None
+        self.assertTrue(w0.is_dead)
+        self.assertEqual(len(h.pool.routable()), 2)
         d.cancel()
         self.failureResultOf(d)
 
