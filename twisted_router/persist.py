@@ -151,9 +151,10 @@ class StateKeeper:
     def start(self) -> None:
         """
         Follow the router's changes from now on, and write the state once at
-        once (a restored interrupted refit is then on disk as such).
-
-        @raise OSError: that first write failed.
+        once (a restored interrupted refit is then on disk as such). The
+        directory was found writable before the start (L{StateFile.prepare});
+        should this write fail anyway, it is logged and the next change tries
+        again, as for any later write.
         """
         if not self._attached:
             self._attached = True
@@ -162,7 +163,7 @@ class StateKeeper:
             self._control.journal = self
             for owners in (self._jobs.images, self._jobs.videos):
                 owners.on_change = self._owners_changed
-        self.write()
+        self._write_logged()
 
     def stop(self) -> None:
         """Write what is pending now (the router stops), and follow no more changes."""

@@ -7,6 +7,7 @@ pool, control plane and owner maps, all in memory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -334,6 +336,29 @@ class CoalescingTests(TestCase):
         self.assertEqual(self.successResultOf(d).url, "http://10.0.0.7:8000")
         self.assertEqual(len(self.h.pool), 2)
         self.assertEqual(saved(self.path).workers, (WorkerRecord("http://10.0.0.8:8000"),))
+
+    def test_a_failed_write_is_logged_and_the_next_change_tries_again(self) -> None:
+        broken = [True]
+
+        def replace(src: str, dst: str) -> None:
+            if broken[0]:
+                raise OSError(28, "No space left on device")
+            os.replace(src, dst)
+
+        path = temp_dir(self)
+        h = RouterHarness(Fleet())
+        keeper = keeper_for(h, path, StateFile(FilePath(str(path)), replace=replace))
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        keeper.start()  # does not raise: the router keeps serving
+        self.assertEqual(keeper.writes, 0)
+        self.assertTrue(any(e.get("reason") == "No space left on device" for e in logged))
+        broken[0] = False
+        h.pool.add("http://10.0.0.1:8000")
+        h.clock.advance(0)
+        self.assertEqual(keeper.writes, 1)
+        self.assertEqual(saved(path).workers, (WorkerRecord("http://10.0.0.1:8000"),))
 
     def test_owner_maps_are_restored_within_their_bound(self) -> None:
         h = RouterHarness(Fleet(), max_image_ids=3)
