@@ -12,6 +12,7 @@ fatal: the router can still find it by asking the workers.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 #: Job states after which the worker's answer will no longer change.
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
@@ -26,6 +27,8 @@ class OwnerMap:
         self._capacity = capacity
         self._running: OrderedDict[str, str] = OrderedDict()
         self._finished: OrderedDict[str, str] = OrderedDict()
+        #: Called after every change (the durable state saves the map, coalesced).
+        self.on_change: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._running) + len(self._finished)
@@ -45,8 +48,21 @@ class OwnerMap:
         while len(self) >= self._capacity:
             (self._finished or self._running).popitem(last=False)
         (self._finished if finished else self._running)[item_id] = worker_url
+        if self.on_change is not None:
+            self.on_change()
 
     def forget(self, item_id: str) -> None:
         """Drop C{item_id} (e.g. after a successful DELETE)."""
-        self._running.pop(item_id, None)
-        self._finished.pop(item_id, None)
+        dropped = self._running.pop(item_id, None) is not None
+        dropped = self._finished.pop(item_id, None) is not None or dropped
+        if dropped and self.on_change is not None:
+            self.on_change()
+
+    def rows(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+        """
+        The C{(id, worker URL)} rows of running items and of finished ones,
+        each oldest first (a copy made at C speed: the durable state takes
+        one every time the map changes). Remembering the running ones, then
+        the finished ones, in this order rebuilds the same map.
+        """
+        return tuple(self._running.items()), tuple(self._finished.items())

@@ -4,6 +4,7 @@ The C{sglang-d-router} console script (also C{python -m twisted_router}).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from twisted_router.logformat import log_observer
 
 if TYPE_CHECKING:
     from twisted_router.launcher import FleetPlan
+    from twisted_router.statefile import LoadedState
 
 
 def start_logging(level_name: str, log_format: str = "text") -> None:
@@ -27,13 +29,17 @@ def start_logging(level_name: str, log_format: str = "text") -> None:
     )
 
 
-async def _run(reactor: object, config: RouterConfig, launch_plan: FleetPlan | None = None) -> None:
+async def _run(
+    reactor: object, config: RouterConfig, launch_plan: FleetPlan | None = None, state: LoadedState | None = None
+) -> None:
     from twisted_router.launcher import LauncherService, LaunchFailed
     from twisted_router.listener import ListenerService
     from twisted_router.service import make_router_service
 
     start_logging(config.effective_log_level, config.log_format)
-    service, _, listener = make_router_service(config, reactor, launch_plan=launch_plan)  # type: ignore[arg-type]
+    service, _, listener = make_router_service(
+        config, reactor, launch_plan=launch_plan, state=state  # type: ignore[arg-type]
+    )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     try:
@@ -71,12 +77,36 @@ def plan_launch(config: RouterConfig) -> FleetPlan | None:
     return plan_fleet(load_launcher_config(config.launcher_config), reserved_ports=router_listen_ports(config))
 
 
+def open_state(config: RouterConfig, launch_plan: FleetPlan | None) -> tuple[RouterConfig, LoadedState | None]:
+    """
+    The config with its state directory (a launcher run keeps state by
+    default: L{twisted_router.launcher.launcher_state_dir}), and that
+    directory checked and its state file read, before anything starts.
+
+    @raise ConfigError: the directory cannot be written, or the state file is
+        corrupt, truncated or foreign (one line).
+    """
+    if config.state_dir is None and launch_plan is not None:
+        from twisted_router.launcher import launcher_state_dir
+
+        config = dataclasses.replace(config, state_dir=launcher_state_dir(launch_plan.config))
+    if config.state_dir is None:
+        return config, None
+    from twisted_router.statefile import StateFileError, open_state_dir
+
+    try:
+        return config, open_state_dir(config.state_dir)
+    except StateFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run the router until it is stopped."""
     try:
         config = config_from_args(argv)
         launch_plan = plan_launch(config)
+        config, state = open_state(config, launch_plan)
     except ConfigError as exc:
         sys.stderr.write(f"{PROGRAM_NAME}: error: {exc}\n")
         raise SystemExit(2) from None
-    task.react(_run, (config, launch_plan))
+    task.react(_run, (config, launch_plan, state))

@@ -79,6 +79,8 @@ class RouterConfig:
     log_format: str = "text"
     access_log: bool = True
     metrics_listen: str | None = None
+    #: Where the durable state is kept (docs/state.md); C{None}: not kept.
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         for option, key in (("--api-key", self.api_key), ("--admin-api-key", self.admin_api_key)):
@@ -135,6 +137,8 @@ class RouterConfig:
             # The file itself is read and validated by twisted_router.launcher
             # before anything starts (cli.main, tap.Options.parseOptions).
             raise ConfigError("--launcher-config must name a YAML file")
+        if self.state_dir is not None and not self.state_dir.strip():
+            raise ConfigError("--state-dir must name a directory")
         if self.max_request_body < 1:
             raise ConfigError(f"--max-request-body must be at least 1 byte, got {self.max_request_body}")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:
@@ -406,6 +410,14 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         default="on",
         help="forward paths no route knows to a worker (admin key required when one is set); off: 404",
     )
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the fleet's weight version and last refit, worker registrations and quarantines, "
+        "the refit journal and image/video owners in DIR, and restore them on start (default: off; "
+        "with --launcher-config, the launcher file's state_dir)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log at debug level, including every request")
     parser.add_argument(
         "--log-level",
@@ -483,4 +495,5 @@ def config_from_args(
         log_format=ns.log_format,
         access_log=ns.access_log == "on",
         metrics_listen=ns.metrics_listen,
+        state_dir=ns.state_dir,
     )

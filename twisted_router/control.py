@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -43,6 +43,35 @@ from twisted_router.labels import WeightLabels
 from twisted_router.pool import Activity, Worker, WorkerPool
 
 INITIAL_VERSION = "0"
+
+
+class RefitJournal(Protocol):
+    """
+    Where refits are recorded durably (C{--state-dir}): an entry before any
+    worker is sent a refit, its outcome after.
+    """
+
+    def refit_started(self, version: str, model_path: str, targets: list[Worker]) -> None:
+        """Record the refit durably before it is sent; raise a router error if that fails (it is not sent)."""
+
+    def refit_finished(self, outcome: str) -> None:
+        """Record the outcome of the refit last started: succeeded, partial, rejected, failed or interrupted."""
+
+
+@dataclass(frozen=True)
+class FleetWeights:
+    """
+    The fleet's weights as the durable state keeps them.
+
+    @ivar refits: successful refits so far (the router's own count).
+    @ivar body: the last successful refit's body, C{None} before any.
+    @ivar labels: every label used so far and the checkpoint it names.
+    """
+
+    version: str
+    refits: int
+    body: bytes | None
+    labels: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -180,6 +209,12 @@ class FleetController:
         #: its report (C{None} when it was refused before any worker was
         #: called) and how many seconds it took, lock wait included (metrics).
         self.on_broadcast: Callable[[str, BroadcastReport | None, float], None] | None = None
+        #: Records refits durably (C{--state-dir}), when configured.
+        self.journal: RefitJournal | None = None
+        #: Workers quarantined because a refit was running on them when the
+        #: router stopped: the next refit targets them too, and readmits them
+        #: if it succeeds (it overwrites whatever half-written weights they hold).
+        self._interrupted: set[Worker] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -291,6 +326,36 @@ class FleetController:
         """The fleet's weights, for C{/health}."""
         return {"weight_version": self.version, "model_path": self.model_path}
 
+    # ------------------------------------------------------------------ durable state
+
+    def weights(self) -> FleetWeights:
+        """The fleet's weights, for the state file."""
+        return FleetWeights(self.version, self._seq, self._update_body, tuple(self._labels.items()))
+
+    def restore_weights(self, weights: FleetWeights, model_path: str | None) -> None:
+        """
+        Take the fleet's weights from the state file (before any worker is
+        registered): answers carry the restored version, and every worker
+        that joins is caught up to the restored body before it gets traffic.
+        """
+        self.version, self.model_path = weights.version, model_path
+        self._seq, self._update_body = weights.refits, weights.body
+        for label, path in weights.labels:
+            self._labels.record(label, path)
+
+    def refit_interrupted(self, worker: Worker, reason: str) -> None:
+        """
+        A refit was running on C{worker} when the router stopped: it may hold
+        half-written weights. Quarantined until an operator re-admits it (and
+        it is caught up) or a new refit succeeds on it.
+        """
+        self._interrupted.add(worker)
+        self._quarantine(worker, reason)
+
+    def keep_out(self, worker: Worker) -> None:
+        """The operator quarantined C{worker}: only re-admission brings it back, not a refit."""
+        self._interrupted.discard(worker)
+
     # ------------------------------------------------------------------ weights bookkeeping
 
     def _is_current(self, worker: Worker) -> bool:
@@ -351,6 +416,9 @@ class FleetController:
             for w in self._pool.workers()
             if not w.is_dead and not w.is_sleeping and w.activity is not Activity.STARTING
         ]
+        # Workers a refit was interrupted on (router restart) take this one too.
+        interrupted = [w for w in self._pool.workers() if w.is_dead and w in self._interrupted]
+        targets += interrupted
         if not targets:
             raise self._no_target("a weight update")
         #: Workers that refused the update (4xx) while nobody had applied it:
@@ -385,7 +453,25 @@ class FleetController:
             else:
                 self._quarantine(worker, f"weight update to version {version} failed: {_reason(reply)}", reply)
 
-        replies = await self._busy_broadcast(targets, Activity.UPDATING, "/update_weights_from_disk", body, apply)
+        if self.journal is not None:
+            self.journal.refit_started(version, model_path, targets)  # durable before any worker is sent it
+        with self._pool.changes():  # re-admitted and busy at once: never routable in between
+            for worker in interrupted:
+                self._interrupted.discard(worker)
+                self._pool.readmit(worker)
+                self._pool.begin(worker, Activity.UPDATING)
+        try:
+            replies = await self._busy_broadcast(targets, Activity.UPDATING, "/update_weights_from_disk", body, apply)
+        except BaseException:
+            if self.journal is not None:
+                self.journal.refit_finished("interrupted")
+            raise
+        if self.journal is not None:
+            if moved:
+                outcome = "succeeded" if all(r.success for r in replies) else "partial"
+            else:
+                outcome = "rejected" if refused and all(_rejected(r) for r in replies) else "failed"
+            self.journal.refit_finished(outcome)
         self._catch_up_stragglers()
         message = None
         if moved:
@@ -476,6 +562,7 @@ class FleetController:
         """
         worker.admissions += 1
         worker.weights_seq, worker.weight_version = None, None
+        self._interrupted.discard(worker)  # re-admitted: caught up below like any worker that comes back
         if self._update_body is None:
             # Start-up weights. A first refit running right now does not target
             # it; it is caught up when that refit ends (_catch_up_stragglers).

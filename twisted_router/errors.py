@@ -120,6 +120,16 @@ class NoWorkers(RouterError):
     status = 503
 
 
+class StateNotSaved(RouterError):
+    """
+    A refit could not be written to the state journal (C{--state-dir}), so it
+    was not sent to any worker (503): a refit the router could not recover
+    after a crash must not start.
+    """
+
+    status = 503
+
+
 class WorkerTimedOutError(RouterError):
     """The worker sent no response headers within C{--timeout} (504)."""
 

@@ -129,6 +129,7 @@ class Fleet:
         Called by the launcher; raises L{WorkerURLError} for an unusable URL.
         """
         worker, created = self._pool.add(url)
+        worker.managed = True
         # A fresh process: awake, holding its GPU memory and its start-up weights.
         self._rejoin(worker, fresh_process=True)
         self.log.info(
@@ -168,6 +169,7 @@ class Fleet:
         quarantined one (caught up before it gets traffic).
         """
         if dead:
+            self._control.keep_out(worker)
             if self._pool.quarantine(worker, "marked dead by operator"):
                 self.log.info("worker {worker} marked dead by operator", worker=worker.display_id)
         elif worker.is_dead:

@@ -54,5 +54,9 @@ class WeightLabels:
             number += 1
         return str(number)
 
+    def items(self) -> list[tuple[str, str]]:
+        """Every used label and its checkpoint, in the order they were first used (for the state file)."""
+        return list(self._paths.items())
+
     def __len__(self) -> int:
         return len(self._paths)

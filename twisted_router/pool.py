@@ -144,6 +144,8 @@ class Worker:
         yet seen finish; they count against C{--max-inflight-per-worker}
         like requests in flight, since the worker is busy with them.
     @ivar speed: its learned speed (L{SpeedEstimate}).
+    @ivar managed: started by the launcher, which registers it again (on a
+        new port) after a router restart: not kept in the durable state.
     """
 
     url: str
@@ -171,6 +173,7 @@ class Worker:
     predicted_work: float = 0.0
     running_jobs: int = 0
     speed: SpeedEstimate = field(default_factory=SpeedEstimate)
+    managed: bool = False
 
     @classmethod
     def for_url(cls, url: str, *, registered_at: float | None = None) -> Worker:
@@ -354,6 +357,7 @@ class WorkerPool:
         # dicts keep insertion order, which is the registration order.
         self._workers: dict[str, Worker] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._added_listeners: list[Callable[[Worker], None]] = []
         self._release_listeners: list[Callable[[Worker], None]] = []
         self._batch_depth = 0
         self._changed_in_batch = False
@@ -401,6 +405,14 @@ class WorkerPool:
         for listener in list(self._listeners):
             listener()
 
+    def on_added(self, listener: Callable[[Worker], None]) -> None:
+        """
+        Call C{listener} with each newly registered worker. Not a change
+        signal: a new worker is starting and lets no waiting request in; the
+        durable state records the registration.
+        """
+        self._added_listeners.append(listener)
+
     # -- membership -----------------------------------------------------
 
     def add(self, raw_url: str) -> tuple[Worker, bool]:
@@ -418,6 +430,8 @@ class WorkerPool:
             return existing, False
         worker = Worker.for_url(url, registered_at=self._now())
         self._workers[url] = worker
+        for listener in list(self._added_listeners):
+            listener(worker)
         return worker, True
 
     def remove(self, key: str) -> Worker:

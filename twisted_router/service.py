@@ -41,10 +41,12 @@ from twisted_router.launcher import (
 )
 from twisted_router.listener import ListenerService
 from twisted_router.metrics import metrics_resource
+from twisted_router.persist import StateKeeper
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import StreamingProxy
 from twisted_router.site import RouterSite
+from twisted_router.statefile import LoadedState, open_state_dir
 from twisted_router.upstream import WorkerKeyAgent, make_agent, make_http_client
 from twisted_router.urls import WorkerURLError
 
@@ -201,6 +203,24 @@ class _StartupWorkers(Service):
             d.cancel()
 
 
+class _KeptState(Service):
+    """
+    The durable state (C{--state-dir}): restored when the router is built,
+    followed from start, and written one last time on stop.
+    """
+
+    def __init__(self, keeper: StateKeeper) -> None:
+        self._keeper = keeper
+
+    def startService(self) -> None:
+        super().startService()
+        self._keeper.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._keeper.stop()
+
+
 class _OnStop(Service):
     """Runs a clean-up action when the router stops, so no connection, timer or call outlives it."""
 
@@ -220,6 +240,7 @@ def make_router_service(
     on_listen_failure: Callable[[Failure], None] | None = None,
     launch_plan: FleetPlan | None = None,
     on_launch_failure: Callable[[Failure], None] | None = None,
+    state: LoadedState | None = None,
 ) -> tuple[MultiService, RouterParts, ListenerService]:
     """
     The whole router as one service, plus its parts and its listener.
@@ -229,6 +250,9 @@ def make_router_service(
     only once the router's port is bound (a busy port starts no worker), and
     it is stopped after the listener, so the router stops accepting before
     its workers go.
+    With C{--state-dir} (C{state}: the directory checked and its file read
+    beforehand, else opened here), the router is restored from the state file
+    before anything starts, and keeps it in step (docs/state.md).
     A managed worker the health checker quarantines (hung, say) is handed to
     the launcher, which restarts it. The launcher reports its workers to the
     fleet (L{Fleet.worker_ready}, L{Fleet.worker_lost}), not to the web
@@ -257,6 +281,20 @@ def make_router_service(
         grace=config.shutdown_grace,
         clock=reactor,  # type: ignore[arg-type]
     )
+    if state is None and config.state_dir is not None:
+        state = open_state_dir(config.state_dir)
+    if state is not None:
+        keeper = StateKeeper(
+            state.file,
+            pool=parts.pool,
+            control=parts.control,
+            fleet=parts.fleet,
+            jobs=parts.jobs,
+            clock=reactor,  # type: ignore[arg-type]
+        )
+        if state.document is not None:
+            keeper.restore(state.document)
+        _KeptState(keeper).setServiceParent(top)  # stopped last: it saves what the others did
     if parts.connection_pool is not None:
         _OnStop(parts.connection_pool.closeCachedConnections).setServiceParent(top)
     _OnStop(parts.control.stop).setServiceParent(top)

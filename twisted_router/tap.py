@@ -26,6 +26,7 @@ from twisted_router.logformat import log_observer
 
 if TYPE_CHECKING:
     from twisted_router.launcher import FleetPlan
+    from twisted_router.statefile import LoadedState
 
 
 class _UsageErrorParser(argparse.ArgumentParser):
@@ -38,6 +39,7 @@ class Options(usage.Options):
 
     config: RouterConfig
     launch_plan: FleetPlan | None = None
+    state: LoadedState | None = None
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
@@ -57,6 +59,15 @@ class Options(usage.Options):
                 )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
+        from twisted_router.cli import open_state
+
+        try:
+            self.config, self.state = open_state(self.config, self.launch_plan)
+        except ConfigError as exc:
+            # Not a usage mistake: one line and status 2, as the console script says it
+            # (twistd would print the whole usage and exit 1).
+            sys.stderr.write(f"twistd sglang-d-router: error: {exc}\n")
+            raise SystemExit(2) from None
 
     def getUsage(self, width: int | None = None) -> str:
         return build_parser().format_help()
@@ -77,6 +88,7 @@ def makeService(options: Options) -> IService:
         # twistd exits 0 after a plain reactor stop; a router without its port failed.
         on_listen_failure=_exit_after_shutdown(stop_reactor_on_failure(reactor), status=1),
         launch_plan=options.launch_plan,
+        state=options.state,
         on_launch_failure=_exit_after_shutdown(stop_reactor_on_failure(reactor), status=1),
     )
     if options.config.log_format == "json":

@@ -16,6 +16,8 @@ from twisted_router.launcher._config import (
     LauncherConfigError,
     RestartPolicy,
     SimulatedWorker,
+    default_state_dir,
+    launcher_state_dir,
     load_launcher_config,
     parse_launcher_config,
 )
@@ -60,7 +62,9 @@ __all__ = [
     "WorkerSpec",
     "assign_gpus",
     "choose_ports",
+    "default_state_dir",
     "describe_exit",
+    "launcher_state_dir",
     "list_nvidia_gpus",
     "load_launcher_config",
     "make_launcher_service",

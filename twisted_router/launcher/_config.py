@@ -15,7 +15,9 @@ PATH) is decided later, by L{twisted_router.launcher.plan_fleet}.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
+import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ __all__ = [
     "LauncherConfigError",
     "RestartPolicy",
     "SimulatedWorker",
+    "default_state_dir",
+    "launcher_state_dir",
     "load_launcher_config",
     "parse_launcher_config",
 ]
@@ -120,6 +124,10 @@ class LauncherConfig:
     @ivar simulated: one entry per worker for the C{simulated} backend, empty
         for C{local}.
     @ivar source: the file the config came from, for messages.
+    @ivar state_dir: the C{state_dir} key: where the router keeps its durable
+        state (relative to the file's directory), C{None} for the default
+        (L{default_state_dir}); see L{launcher_state_dir}.
+    @ivar keep_state: C{state_dir: false} turns the durable state off.
     """
 
     backend: str = "local"
@@ -138,6 +146,8 @@ class LauncherConfig:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     simulated: tuple[SimulatedWorker, ...] = ()
     source: str | None = None
+    state_dir: str | None = None
+    keep_state: bool = True
 
 
 # -- reading values ------------------------------------------------------------------
@@ -384,7 +394,48 @@ _KEYS = (
     "shutdown_grace",
     "restart",
     "simulated",
+    "state_dir",
 )
+
+
+def default_state_dir(source: str, environ: Mapping[str, str]) -> str:
+    """
+    Where a launcher run keeps its durable state when the file does not say:
+    C{$XDG_STATE_HOME/sglang-d-router/<file stem>-<hash of its absolute path>}
+    (C{~/.local/state} without C{XDG_STATE_HOME}). One directory per launcher
+    file, so two fleets never share a state, and the same file finds its
+    state again after a restart.
+    """
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative value is ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    absolute = os.path.abspath(source)
+    stem = os.path.splitext(os.path.basename(absolute))[0]
+    digest = hashlib.sha256(absolute.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return os.path.join(base, "sglang-d-router", f"{stem}-{digest}")
+
+
+def launcher_state_dir(config: LauncherConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """
+    The router's C{--state-dir} for a launcher run that gave none: the file's
+    C{state_dir} (relative to the file's directory), else L{default_state_dir};
+    C{None} with C{state_dir: false} (or for a config not read from a file).
+    """
+    if not config.keep_state:
+        return None
+    if config.state_dir is not None:
+        if config.source is None or os.path.isabs(config.state_dir):
+            return config.state_dir
+        return os.path.join(os.path.dirname(os.path.abspath(config.source)), config.state_dir)
+    if config.source is None:
+        return None
+    return default_state_dir(config.source, os.environ if environ is None else environ)
+
+
+def _state_dir(value: Any, where: str) -> str | bool:
+    if value is False:
+        return False
+    return _str(value, where)  # a path: never empty
 
 
 def parse_launcher_config(document: Any, source: str | None = None) -> LauncherConfig:
@@ -425,6 +476,9 @@ def parse_launcher_config(document: Any, source: str | None = None) -> LauncherC
     take("wait_timeout", lambda v, w: _float(v, w, positive=True))
     take("shutdown_grace", lambda v, w: _float(v, w, positive=True))
     take("restart", _restart)
+    take("state_dir", _state_dir)
+    if values.get("state_dir") is False:
+        values["state_dir"], values["keep_state"] = None, False
     gpus_per_worker = values.get("num_gpus_per_worker", defaults.num_gpus_per_worker)
 
     if backend == "simulated":
