@@ -302,7 +302,7 @@ class LauncherService(Service):
 
     # -- process events (from the monitor) -----------------------------------------
 
-    def process_started(self, name: str, pid: int) -> None:
+    def process_started(self, name: str, pid: int, url: str | None = None) -> None:
         m = self._workers[name]
         m.starts += 1
         m.pid = pid
