@@ -43,7 +43,14 @@ from twisted_router.launcher._ray_actor import (
     fill_argv,
     free_port_pair,
 )
-from twisted_router.launcher._ray_client import RAY_MISSING, RayUnavailable, import_ray
+from twisted_router.launcher._ray_client import (
+    RAY_MISSING,
+    ClusterOptions,
+    Interrupted,
+    RayCluster,
+    RayUnavailable,
+    import_ray,
+)
 from twisted_router.launcher._ray_supervisor import RayWorkerMonitor
 
 _T = TypeVar("_T")
@@ -223,6 +230,38 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+# -- the blocking client -------------------------------------------------------------------
+
+
+class SlowRay:
+    """Just C{wait} and C{get} of the ray module: nothing is ever ready."""
+
+    def __init__(self, on_wait: Callable[[], None] = lambda: None) -> None:
+        self.waits: list[float] = []
+        self.on_wait = on_wait
+
+    def wait(self, refs: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
+        self.waits.append(timeout)
+        self.on_wait()
+        return [], refs
+
+    def get(self, ref: Any) -> Any:
+        raise AssertionError("nothing is ready")
+
+
+def test_waits_are_sliced_so_a_stopping_router_is_not_held_up() -> None:
+    options = ClusterOptions(address="auto", num_workers=1, num_cpus_per_worker=1, num_gpus_per_worker=0,
+                             strategy="PACK")
+    slow = SlowRay()
+    cluster = RayCluster(options, ray=slow)
+    with pytest.raises(TimeoutError, match=r"placing the group took longer than wait_timeout \(0.05 s\)"):
+        cluster._wait(object(), 0.05, "placing the group")
+    assert slow.waits and max(slow.waits) <= 0.05
+    stopping = RayCluster(options, ray=SlowRay(on_wait=lambda: stopping.interrupt()))
+    with pytest.raises(Interrupted):
+        stopping._wait(object(), 600.0, "starting worker 0")
+
+
 # -- supervision -------------------------------------------------------------------------------
 
 
@@ -286,6 +325,9 @@ class FakeRay:
 
     def close(self) -> None:
         self.calls.append("close")
+
+    def interrupt(self) -> None:
+        self.calls.append("interrupt")
 
 
 class FakeOffload:
@@ -539,3 +581,26 @@ def test_a_start_that_returns_after_the_stop_kills_its_actor() -> None:
     pending[0].callback(None)
     success_result_of(d)
     assert h.ray.actors[0].killed and h.ray.calls[-1] == "close"
+    assert "interrupt" in h.ray.calls  # the real one cuts the waiting start short
+
+
+def test_a_router_stopped_while_connecting_reserves_and_starts_nothing() -> None:
+    h = ray_harness(2)
+    held: list[Deferred[Any]] = []
+    real_call_owner = h.offload.call_owner
+
+    def hold_connect(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if getattr(f, "__name__", "") == "_connect":
+            d: Deferred[Any] = Deferred()
+            held.append(d)
+            d.addCallback(lambda _: f(*args))
+            return d
+        return real_call_owner(f, *args)
+
+    h.offload.call_owner = hold_connect  # type: ignore[method-assign]
+    h.service.startService()
+    d = h.service.stopService()
+    assert_no_result(d)
+    held[0].callback(None)
+    success_result_of(d)
+    assert h.ray.calls == ["connect", "close"] and h.ray.actors == []

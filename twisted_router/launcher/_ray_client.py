@@ -15,13 +15,19 @@ optional extra (C{pip install 'twisted-router[ray]'}).
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted_router.launcher._ray_actor import Polled, Started, WorkerHost
 
-__all__ = ["RAY_MISSING", "RayCluster", "RayFacade", "RayUnavailable", "import_ray"]
+#: Longest a wait for a placement group or an actor's start blocks before it
+#: checks whether the router is stopping.
+_WAIT_SLICE = 1.0
+
+__all__ = ["RAY_MISSING", "ClusterOptions", "Interrupted", "RayCluster", "RayFacade", "RayUnavailable", "import_ray"]
 
 #: The one line C{backend: ray} fails with when Ray is not installed.
 RAY_MISSING = "launcher.backend: ray needs the ray package: pip install 'twisted-router[ray]'"
@@ -32,6 +38,10 @@ _LOCAL_OBJECT_STORE_BYTES = 80 * 1024 * 1024
 
 class RayUnavailable(Exception):
     """Ray cannot be imported here."""
+
+
+class Interrupted(Exception):
+    """A wait was cut short because the router is stopping."""
 
 
 def import_ray() -> Any:
@@ -67,6 +77,12 @@ class RayFacade(Protocol):
     def close(self) -> None:
         """Remove the placement group and disconnect; a C{local} cluster is shut down."""
 
+    def interrupt(self) -> None:
+        """
+        Make C{reserve} and C{start} calls in progress give up soon (the
+        router is stopping). Does not block: called on the reactor thread.
+        """
+
 
 @dataclass(frozen=True)
 class ClusterOptions:
@@ -89,6 +105,23 @@ class RayCluster:
         self._ray = ray if ray is not None else import_ray()
         self._group: Any = None
         self._actor_class: Any = None
+        self._halt = threading.Event()
+
+    def interrupt(self) -> None:
+        self._halt.set()
+
+    def _wait(self, ref: Any, timeout: float, what: str) -> Any:
+        """C{ray.get(ref)} within C{timeout}, in slices, giving up early once interrupted."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._halt.is_set():
+                raise Interrupted(f"{what}: the router is stopping")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{what} took longer than wait_timeout ({timeout:g} s)")
+            ready, _ = self._ray.wait([ref], timeout=min(left, _WAIT_SLICE))
+            if ready:
+                return self._ray.get(ref)
 
     def connect(self) -> str:
         ray, options = self._ray, self._options
@@ -97,7 +130,8 @@ class RayCluster:
             # the workers and no more, no dashboard, a small object store.
             ray.init(
                 num_cpus=max(1, int(options.num_workers * options.num_cpus_per_worker + 0.999)),
-                num_gpus=options.num_workers * options.num_gpus_per_worker,
+                # GPUs as this machine has them (none for simulated workers).
+                num_gpus=0 if options.num_gpus_per_worker == 0 else None,
                 include_dashboard=False,
                 object_store_memory=_LOCAL_OBJECT_STORE_BYTES,
                 _temp_dir=options.temp_dir,
@@ -128,8 +162,12 @@ class RayCluster:
         self._group = placement_group([self._bundle() for _ in range(options.num_workers)],
                                       strategy=options.strategy)
         try:
-            self._ray.get(self._group.ready(), timeout=timeout)
-        except Exception:
+            self._wait(
+                self._group.ready(),
+                timeout,
+                f"placing {options.num_workers} bundle(s) of {self._bundle()} ({options.strategy})",
+            )
+        except BaseException:
             remove_placement_group(self._group)
             self._group = None
             raise
@@ -151,9 +189,10 @@ class RayCluster:
         # loopback (Ray itself resolves 127.0.0.1 to the machine's address).
         ).remote("127.0.0.1" if options.address == "local" else None)
         try:
-            started: Started = self._ray.get(actor.start.remote(list(argv), dict(env), preferred_port),
-                                             timeout=timeout)
-        except Exception:
+            started: Started = self._wait(
+                actor.start.remote(list(argv), dict(env), preferred_port), timeout, f"starting worker {index}"
+            )
+        except BaseException:
             self._ray.kill(actor)
             raise
         return actor, started

@@ -174,8 +174,7 @@ class RayWorkerMonitor:
         self.running = True
         self._offload.start()
         d = self._track(self._offload.call_owner(self._connect))
-        d.addCallback(lambda described: self._connected(described))
-        d.addCallback(lambda _: self._track(self._offload.call(self._reserve)))
+        d.addCallback(self._connected)
         d.addCallbacks(self._reserved, self._cannot_run)
 
     def running_pid(self, name: str) -> int | None:
@@ -220,6 +219,8 @@ class RayWorkerMonitor:
         self.running = False
         for slot in self._slots.values():
             self._cancel_restart(slot)
+        if self._cluster is not None:
+            self._cluster.interrupt()  # a placement or a start still waiting gives up within a second
         self._stopping = Deferred.fromCoroutine(self._stop_all())
         return self._stopping
 
@@ -234,9 +235,12 @@ class RayWorkerMonitor:
         self._cluster = self._make_cluster()
         return self._cluster.connect()
 
-    def _connected(self, described: str) -> None:
+    def _connected(self, described: str) -> Deferred[None] | None:
         self._connected_to_cluster = True
         self.log.info("launcher: connected to the Ray cluster: {cluster}", cluster=described)
+        if not self.running:
+            return None  # stopped while connecting: reserve nothing
+        return self._track(self._offload.call(self._reserve))
 
     def _reserve(self) -> None:
         self._require().reserve(self._wait_timeout)
