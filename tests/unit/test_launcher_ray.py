@@ -11,6 +11,7 @@ pending until the test answers it, as the real one does while a worker runs.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,9 +50,10 @@ from twisted_router.launcher._ray_client import (
     Interrupted,
     RayCluster,
     RayUnavailable,
+    _check_reachable,
     import_ray,
 )
-from twisted_router.launcher._ray_supervisor import RayWorkerMonitor
+from twisted_router.launcher._ray_supervisor import STOP_PATIENCE, RayWorkerMonitor
 
 _T = TypeVar("_T")
 
@@ -337,6 +339,7 @@ class FakeOffload:
         self.polls: dict[int, Deferred[Polled]] = {}
         self.running = False
         self.stopped = False
+        self.abandoned = False
 
     def start(self) -> None:
         self.running = True
@@ -359,6 +362,9 @@ class FakeOffload:
     def stop(self) -> None:
         self.running = False
         self.stopped = True
+
+    def abandon(self) -> None:
+        self.abandoned = True
 
     def answer(self, pid: int, lines: Sequence[tuple[str, str]] = (), returncode: int | None = None) -> None:
         self.polls.pop(pid).callback(Polled(lines=tuple(lines), returncode=returncode))
@@ -604,3 +610,40 @@ def test_a_router_stopped_while_connecting_reserves_and_starts_nothing() -> None
     held[0].callback(None)
     success_result_of(d)
     assert h.ray.calls == ["connect", "close"] and h.ray.actors == []
+
+
+def test_a_connection_that_never_returns_does_not_hold_up_the_stop() -> None:
+    h = ray_harness(1)
+
+    def never(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return Deferred()  # ray.init retrying an address nothing answers at
+
+    h.offload.call_owner = never  # type: ignore[method-assign]
+    h.service.startService()
+    with capturedLogs() as events:
+        d = h.service.stopService()
+        h.advance(5.0 + STOP_PATIENCE - 0.5)  # shutdown_grace + patience
+        assert_no_result(d)
+        h.advance(1.0)
+        success_result_of(d)
+    assert h.offload.abandoned and not h.offload.stopped  # a blocked thread cannot be joined
+    assert "close" not in h.ray.calls
+    assert any("Ray call(s) still blocked 15 s after the stop" in formatEvent(e) for e in events)
+
+
+def test_an_address_nothing_listens_at_fails_before_ray_init() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+
+    class NoInit:
+        def init(self, **kwargs: Any) -> None:
+            raise AssertionError("ray.init would retry for ever")
+
+    options = ClusterOptions(address=f"127.0.0.1:{port}", num_workers=1, num_cpus_per_worker=1,
+                             num_gpus_per_worker=0, strategy="PACK")
+    with pytest.raises(ConnectionError, match=f"no Ray cluster answers at 127.0.0.1:{port}: Connection refused"):
+        RayCluster(options, ray=NoInit()).connect()
+    with pytest.raises(ConnectionError, match="expected HOST:PORT"):
+        _check_reachable("head:port")
+    _check_reachable("auto")  # Ray's to resolve

@@ -15,6 +15,7 @@ optional extra (C{pip install 'twisted-router[ray]'}).
 from __future__ import annotations
 
 import importlib
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -97,6 +98,23 @@ class ClusterOptions:
     namespace: str | None = None
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """
+    Fail at once when nothing listens at a C{HOST:PORT} address: C{ray.init}
+    would retry for ever. (C{auto} and C{ray://} addresses are Ray's to resolve.)
+    """
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except ValueError:
+        raise ConnectionError(f"launcher.ray_address: expected HOST:PORT, got {address!r}") from None
+    except OSError as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address}: {exc.strerror or exc}") from None
+
+
 class RayCluster:
     """L{RayFacade} on the real Ray API. Each method blocks; call it off the reactor thread."""
 
@@ -140,6 +158,7 @@ class RayCluster:
                 configure_logging=False,
             )
         else:
+            _check_reachable(options.address)
             ray.init(address=options.address, namespace=options.namespace, log_to_driver=False,
                      configure_logging=False)
         resources = ray.cluster_resources()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from threading import Thread
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -35,7 +36,12 @@ from twisted_router.launcher._ray_client import RayFacade
 from twisted_router.launcher._supervisor import ProcessEvents, restart_delay
 from twisted_router.upstream import describe_failure
 
-__all__ = ["Offload", "RayWorkerGone", "RayWorkerMonitor", "ThreadPools"]
+__all__ = ["STOP_PATIENCE", "Offload", "RayWorkerGone", "RayWorkerMonitor", "ThreadPools"]
+
+#: How long past C{shutdown_grace} stopping waits for Ray calls in flight
+#: before it gives up on them (a connection attempt to an address nothing
+#: answers at, or a node that no longer answers).
+STOP_PATIENCE = 10.0
 
 _T = TypeVar("_T")
 
@@ -55,6 +61,9 @@ class Offload(Protocol):
     def stop(self) -> None:
         """Stop the threads (after every call has returned)."""
 
+    def abandon(self) -> None:
+        """Leave threads still blocked in a call behind; they must not hold up the process's exit."""
+
 
 class ThreadPools:
     """
@@ -67,8 +76,8 @@ class ThreadPools:
 
     def __init__(self, reactor: IReactorFromThreads, max_threads: int) -> None:
         self._reactor = reactor
-        self._owner = ThreadPool(minthreads=1, maxthreads=1, name="ray-owner")
-        self._calls = ThreadPool(minthreads=0, maxthreads=max_threads, name="ray-calls")
+        self._owner = _DaemonThreadPool(minthreads=1, maxthreads=1, name="ray-owner")
+        self._calls = _DaemonThreadPool(minthreads=0, maxthreads=max_threads, name="ray-calls")
 
     def start(self) -> None:
         self._owner.start()
@@ -83,6 +92,24 @@ class ThreadPools:
     def stop(self) -> None:
         self._calls.stop()
         self._owner.stop()
+
+    def abandon(self) -> None:
+        # Joining would wait for the blocked call; daemon threads end with the process.
+        pass
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> Thread:
+    return Thread(*args, daemon=True, **kwargs)
+
+
+class _DaemonThreadPool(ThreadPool):
+    """
+    A thread pool of daemon threads: a Ray call that never returns (a
+    cluster address nothing answers at makes C{ray.init} retry for ever)
+    must not keep the stopped router's process alive.
+    """
+
+    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
 
 
 class RayWorkerGone(Exception):
@@ -361,15 +388,36 @@ class RayWorkerMonitor:
         # Each pending poll now reports its worker's exit (and its actor is
         # killed), or fails because the actor is gone; starts in flight find
         # the monitor stopped and kill what they started.
-        while self._inflight:
-            await DeferredList(list(self._inflight), consumeErrors=True)
-        if self._cluster is not None:
+        settled = await self._settle(self._clock.seconds() + self._kill_time + STOP_PATIENCE)
+        if self._cluster is not None and self._connected_to_cluster:
             try:
                 await self._offload.call_owner(self._cluster.close)
             except Exception:  # noqa: BLE001 - logged; the threads still stop
                 self.log.failure("launcher: removing the placement group or disconnecting from Ray failed")
-        self._offload.stop()
-        self.log.info("launcher: Ray actors and placement group removed")
+        if settled:
+            self._offload.stop()
+            self.log.info("launcher: Ray actors and placement group removed")
+        else:
+            self._offload.abandon()
+
+    async def _settle(self, deadline: float) -> bool:
+        """Wait for the Ray calls in flight until C{deadline}; whether they all returned."""
+        while self._inflight:
+            count = len(self._inflight)
+            calls = DeferredList(list(self._inflight), consumeErrors=True)
+            # Cancelling gives up on them: their threads may return later, to nobody.
+            timer = self._clock.callLater(max(0.0, deadline - self._clock.seconds()), calls.cancel)
+            await calls
+            if not timer.active():
+                self.log.warn(
+                    "launcher: {count} Ray call(s) still blocked {patience:g} s after the stop "
+                    "(is the cluster reachable?); not waiting for them",
+                    count=count,
+                    patience=self._kill_time + STOP_PATIENCE,
+                )
+                return False
+            timer.cancel()
+        return True
 
     def _ignore(self, failure: Failure, doing: str, slot: _Slot) -> None:
         self.log.debug(
