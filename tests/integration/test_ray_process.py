@@ -202,6 +202,21 @@ def test_ray_fleet_serves_replaces_a_killed_actor_and_leaves_nothing(
     replaced_after = time.monotonic() - killed_at
     assert session_of(victim_pid) is None, "the killed actor's simulator outlived it"
 
+    # SIGKILL worker 2's own process (not its actor): the pending call returns its exit status.
+    worker_pid, worker_url = starts[2][0]
+    os.kill(worker_pid, signal.SIGKILL)
+
+    def exited() -> dict[str, Any] | None:
+        workers = workers_by_url(router)
+        return workers[worker_url] if workers and workers[worker_url]["is_dead"] else None
+
+    dead = wait_until("the killed worker to be out of rotation", exited, 10.0)
+    assert "killed by signal 9" in dead["dead_reason"], dead
+    wait_until("a replacement for worker 2",
+               lambda: True if len(started(list(router.lines)).get(2, [])) > 1 else None, 30.0)
+    urls[2] = started(list(router.lines))[2][1][1]
+    wait_until("all Ray workers routable again", routable, 30.0)
+
     # SIGTERM: exit 0, actors killed, placement group removed, private cluster stopped.
     before = in_session(router.pid)
     assert len(before) > 4, describe(before)  # Ray's processes and the workers
