@@ -138,7 +138,7 @@ def test_simulator_option_table_matches_the_simulator_command_line() -> None:
     assert set(SIMULATOR_OPTIONS) == dests
 
 
-@pytest.mark.parametrize("name", ["simulated_launcher.yaml", "local_launcher.yaml"])
+@pytest.mark.parametrize("name", ["simulated_launcher.yaml", "local_launcher.yaml", "ray_launcher.yaml"])
 def test_the_examples_are_valid(name: str) -> None:
     config = load_launcher_config(str(REPO / "examples" / name))
     assert config.source == str(REPO / "examples" / name)
@@ -186,7 +186,7 @@ def test_the_simulated_example_is_the_documented_fleet() -> None:
         ("launcher: {model: m, restart: {enabled: 1}}", "launcher.restart.enabled: expected true or false, got 1"),
         ("launcher: {model: m, restart: {min_delay: fast}}", "launcher.restart.min_delay: expected a number"),
         # bad values
-        ("launcher: {backend: docker, model: m}", "launcher.backend: must be one of local, simulated, got 'docker'"),
+        ("launcher: {backend: docker, model: m}", "launcher.backend: must be one of local, simulated, ray, got 'docker'"),
         ("launcher: {model: m, num_workers: 0}", "launcher.num_workers: must be at least 1, got 0"),
         ("launcher: {model: m, num_gpus_per_worker: -1}", "launcher.num_gpus_per_worker: must be at least 1, got -1"),
         ("launcher: {model: m, worker_base_port: 65535}", "launcher.worker_base_port: must be at most 65534"),

@@ -32,6 +32,8 @@ from twisted_router.tasks import TaskType
 
 __all__ = [
     "BACKENDS",
+    "RAY_STRATEGIES",
+    "RAY_WORKERS",
     "SIMULATOR_OPTIONS",
     "LauncherConfig",
     "LauncherConfigError",
@@ -43,8 +45,15 @@ __all__ = [
     "parse_launcher_config",
 ]
 
-#: The process backends: real C{sglang serve} workers, or CPU simulators.
-BACKENDS = ("local", "simulated")
+#: The process backends: real C{sglang serve} workers, CPU simulators, or
+#: either of them as Ray actors across a cluster.
+BACKENDS = ("local", "simulated", "ray")
+
+#: Ray placement-group strategies (one bundle per worker).
+RAY_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+#: What a C{ray} backend's actors run.
+RAY_WORKERS = ("sglang", "simulated")
 
 #: The simulator's options a launcher file may set (see
 #: L{twisted_router.simulator.config.OPTIONS}). C{host} and C{port} are
@@ -121,8 +130,14 @@ class LauncherConfig:
         C{/health} answers 200.
     @ivar shutdown_grace: seconds between SIGTERM and SIGKILL of a worker's
         process group.
-    @ivar simulated: one entry per worker for the C{simulated} backend, empty
-        for C{local}.
+    @ivar simulated: one entry per worker for the C{simulated} backend (or
+        C{ray} with C{worker: simulated}), empty otherwise.
+    @ivar ray_address: C{ray} backend: the cluster to join (C{auto}, an
+        address), or C{local} for a private single-node cluster on loopback.
+    @ivar strategy: C{ray} backend: the placement group's strategy.
+    @ivar worker: C{ray} backend: what each actor runs (C{sglang} or C{simulated}).
+    @ivar num_cpus_per_worker: C{ray} backend: the CPUs of each bundle.
+    @ivar ray_temp_dir: C{ray_address: local}: Ray's session directory.
     @ivar source: the file the config came from, for messages.
     @ivar state_dir: the C{state_dir} key: where the router keeps its durable
         state (relative to the file's directory), C{None} for the default
@@ -145,9 +160,19 @@ class LauncherConfig:
     shutdown_grace: float = 15.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     simulated: tuple[SimulatedWorker, ...] = ()
+    ray_address: str = "auto"
+    strategy: str = "PACK"
+    worker: str = "sglang"
+    num_cpus_per_worker: float = 1.0
+    ray_temp_dir: str | None = None
     source: str | None = None
     state_dir: str | None = None
     keep_state: bool = True
+
+    @property
+    def runs_simulator(self) -> bool:
+        """Whether the workers are simulators (C{simulated}, or C{ray} with C{worker: simulated})."""
+        return self.backend == "simulated" or (self.backend == "ray" and self.worker == "simulated")
 
 
 # -- reading values ------------------------------------------------------------------
@@ -395,7 +420,35 @@ _KEYS = (
     "restart",
     "simulated",
     "state_dir",
+    "ray_address",
+    "ray_temp_dir",
+    "strategy",
+    "worker",
+    "num_cpus_per_worker",
 )
+
+#: Keys only the C{ray} backend reads.
+_RAY_KEYS = ("ray_address", "ray_temp_dir", "strategy", "worker", "num_cpus_per_worker")
+
+#: Keys the C{ray} backend refuses: each worker picks its ports on its node, and Ray gives out GPUs.
+_NOT_RAY_KEYS = {
+    "worker_host": "each worker listens on its node's Ray address",
+    "worker_base_port": "each worker picks a free port on its node",
+    "master_port_base": "each worker picks free ports on its node",
+    "scheduler_port_base": "each worker picks free ports on its node",
+    "internal_port_stride": "each worker picks free ports on its node",
+    "worker_gpu_ids": "Ray gives each worker num_gpus_per_worker GPUs of its node",
+}
+
+
+def _choice(choices: Sequence[str]) -> Callable[[Any, str], str]:
+    def read(value: Any, where: str) -> str:
+        text = _str(value, where)
+        if text not in choices:
+            raise LauncherConfigError(f"{where}: must be one of {', '.join(choices)}, got {_show(value)}")
+        return text
+
+    return read
 
 
 def default_state_dir(source: str, environ: Mapping[str, str]) -> str:
@@ -464,9 +517,28 @@ def parse_launcher_config(document: Any, source: str | None = None) -> LauncherC
     backend = values.get("backend", defaults.backend)
     if backend not in BACKENDS:
         raise LauncherConfigError(f"launcher.backend: must be one of {', '.join(BACKENDS)}, got {_show(backend)}")
+    if backend == "ray":
+        for key, why in _NOT_RAY_KEYS.items():
+            if key in data:
+                raise LauncherConfigError(f"launcher.{key}: not used with 'backend: ray' ({why})")
+        take("ray_address", _str)
+        take("ray_temp_dir", _str)
+        take("strategy", _choice(RAY_STRATEGIES))
+        take("worker", _choice(RAY_WORKERS))
+        take("num_cpus_per_worker", lambda v, w: _float(v, w, positive=True))
+        if "ray_temp_dir" in values and values.get("ray_address", defaults.ray_address) != "local":
+            raise LauncherConfigError(
+                "launcher.ray_temp_dir: only used with 'ray_address: local' (a cluster you started has its own)"
+            )
+    else:
+        for key in _RAY_KEYS:
+            if key in data:
+                raise LauncherConfigError(f"launcher.{key}: only used with 'backend: ray'")
+    simulators = backend == "simulated" or (backend == "ray" and values.get("worker", defaults.worker) == "simulated")
     take("model", _str)
     take("num_workers", lambda v, w: _int(v, w, minimum=1))
-    take("num_gpus_per_worker", lambda v, w: _int(v, w, minimum=1))
+    # A simulated worker on Ray needs no GPU; everything else runs on GPUs.
+    take("num_gpus_per_worker", lambda v, w: _int(v, w, minimum=0 if backend == "ray" and simulators else 1))
     take("worker_host", _str)
     take("worker_base_port", lambda v, w: _int(v, w, minimum=1, maximum=65534))
     take("worker_extra_args", _extra_args)
@@ -481,16 +553,21 @@ def parse_launcher_config(document: Any, source: str | None = None) -> LauncherC
         values["state_dir"], values["keep_state"] = None, False
     gpus_per_worker = values.get("num_gpus_per_worker", defaults.num_gpus_per_worker)
 
-    if backend == "simulated":
-        simulated, implied = _simulated(data.get("simulated"), "launcher.simulated", values.get("num_workers"), gpus_per_worker)
+    if simulators:
+        simulated, implied = _simulated(
+            data.get("simulated"), "launcher.simulated", values.get("num_workers"), max(1, gpus_per_worker)
+        )
         values["simulated"] = simulated
         values["num_workers"] = implied
     else:
         if "simulated" in data:
-            raise LauncherConfigError("launcher.simulated: only used with 'backend: simulated'")
-        if "model" not in values:
             raise LauncherConfigError(
-                "launcher.model: required for the local backend (the model path or id every worker serves)"
+                "launcher.simulated: only used with 'backend: simulated' (or 'backend: ray' with 'worker: simulated')"
+            )
+        if "model" not in values:
+            what = "the local backend" if backend == "local" else "Ray sglang workers"
+            raise LauncherConfigError(
+                f"launcher.model: required for {what} (the model path or id every worker serves)"
             )
     num_workers = values.get("num_workers", defaults.num_workers)
     take("worker_gpu_ids", lambda v, w: _gpu_ids(v, w, num_workers, gpus_per_worker))

@@ -23,6 +23,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted_router.launcher._config import LauncherConfig, LauncherConfigError
+from twisted_router.launcher._ray_actor import (
+    EXTRA_PORT_TOKENS,
+    HOST_TOKEN,
+    PORT_TOKEN,
+    PYTHON_TOKEN,
+)
+from twisted_router.launcher._ray_client import RayUnavailable, import_ray
 from twisted_router.simulator.config import SimulatorConfig
 from twisted_router.urls import WorkerURLError, normalize_worker_url
 
@@ -76,6 +83,9 @@ class WorkerSpec:
     @ivar argv: the worker's own command line (without the process-group wrapper).
     @ivar env: its whole environment.
     @ivar gpu_ids: its C{CUDA_VISIBLE_DEVICES}, or C{None} when not set.
+    @ivar placement: for the C{ray} backend, where it runs (C{Ray bundle 2
+        (1 CPU, 1 GPU)}); its node, port and URL are known only once it has
+        started there, and C{argv} holds placeholders the node fills in.
     """
 
     index: int
@@ -85,6 +95,7 @@ class WorkerSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     gpu_ids: str | None = None
+    placement: str | None = None
 
     @property
     def name(self) -> str:
@@ -290,6 +301,57 @@ def _simulated_argv(python: str, config: LauncherConfig, index: int, port: int) 
     return (python, "-m", "twisted_router.simulator", *argv, *config.worker_extra_args)
 
 
+def _ray_argv(config: LauncherConfig, index: int) -> tuple[str, ...]:
+    """
+    Worker C{index}'s command line for the C{ray} backend, with placeholders
+    its node fills in: the node's address, free ports there, its Python.
+    """
+    master, scheduler = EXTRA_PORT_TOKENS
+    if config.worker == "sglang":
+        assert config.model is not None  # the config refuses Ray sglang workers without one
+        return (
+            "sglang",
+            "serve",
+            "--model-path", config.model,
+            "--num-gpus", str(config.num_gpus_per_worker),
+            "--host", HOST_TOKEN,
+            "--port", PORT_TOKEN,
+            "--master-port", master,
+            "--scheduler-port", scheduler,
+            *config.worker_extra_args,
+        )
+    argv = list(_simulated_argv(PYTHON_TOKEN, config, index, 1))
+    # to_argv always spells --host and --port first: point them at the placeholders.
+    for flag, token in (("--host", HOST_TOKEN), ("--port", PORT_TOKEN)):
+        argv[argv.index(flag) + 1] = token
+    return tuple(argv)
+
+
+def _plan_ray(config: LauncherConfig, find_ray: Callable[[], object]) -> FleetPlan:
+    """The C{ray} backend's plan: one bundle per worker; ports and GPUs are decided on the nodes."""
+    try:
+        find_ray()
+    except RayUnavailable as exc:
+        raise LaunchPlanError(str(exc)) from None
+    gpus = config.num_gpus_per_worker
+    cpus = f"{config.num_cpus_per_worker:g}"
+    workers = tuple(
+        WorkerSpec(
+            index=index,
+            host="",
+            port=0,
+            url=f"ray-bundle-{index}",  # until the worker reports where it listens
+            argv=_ray_argv(config, index),
+            # The node's own environment, plus line-by-line output; Ray sets
+            # CUDA_VISIBLE_DEVICES to the GPUs of the worker's bundle.
+            env={"PYTHONUNBUFFERED": "1"},
+            placement=f"Ray bundle {index} ({cpus} CPU, {gpus} GPU)",
+        )
+        for index in range(config.num_workers)
+    )
+    return FleetPlan(config=config, workers=workers, gpu_source=f"Ray ({gpus} per worker)" if gpus else None)
+
+
 def process_group_argv(argv: Sequence[str], *, python: str, parent_pid: int) -> list[str]:
     """
     The command that runs C{argv} as the leader of a new process group.
@@ -346,6 +408,7 @@ def plan_fleet(
     list_gpus: Callable[[], list[str] | None] = list_nvidia_gpus,
     python: str = sys.executable,
     reserved_ports: Collection[int] = (),
+    find_ray: Callable[[], object] = import_ray,
 ) -> FleetPlan:
     """
     Decide every worker's port, GPUs, command line and environment.
@@ -358,8 +421,11 @@ def plan_fleet(
         router, and the router's own C{/health} would answer for it.
     @raise LaunchPlanError: this machine cannot run the fleet: C{sglang} is
         not on PATH, too few GPUs, no free ports (worker, master or
-        scheduler), or an address the router would refuse.
+        scheduler), or an address the router would refuse; for the C{ray}
+        backend, only that C{ray} cannot be imported (C{find_ray}).
     """
+    if config.backend == "ray":
+        return _plan_ray(config, find_ray)
     env = dict(os.environ if environ is None else environ)
     # Workers' output is relayed line by line; a block-buffered Python child
     # would hold its lines back until it exits, just when they are needed.

@@ -16,9 +16,10 @@ import os
 import re
 import sys
 from collections import deque
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -31,6 +32,8 @@ from twisted.python.failure import Failure
 from twisted_router.health import probe_health
 from twisted_router.launcher._lines import strip_timestamp
 from twisted_router.launcher._plan import FleetPlan, WorkerSpec, process_group_argv
+from twisted_router.launcher._ray_client import ClusterOptions, RayCluster
+from twisted_router.launcher._ray_supervisor import RayWorkerMonitor, ThreadPools
 from twisted_router.launcher._supervisor import WorkerMonitor, describe_exit
 from twisted_router.upstream import describe_failure, make_agent, make_http_client
 from twisted_router.urls import WorkerURLError, normalize_worker_url
@@ -65,6 +68,28 @@ class FleetHooks(Protocol):
 
     def worker_lost(self, url: str, reason: str) -> None:
         """The worker's process is gone: take it out of rotation at once."""
+
+
+class Supervisor(Protocol):
+    """
+    What runs the worker processes for the service: L{WorkerMonitor}
+    (C{local} and C{simulated}) or L{RayWorkerMonitor} (C{ray}). It reports
+    to the service as L{ProcessEvents}.
+    """
+
+    def addProcess(self, name: str, args: Sequence[str], *, env: dict[str, str] | None = None) -> None: ...
+
+    def startService(self) -> None: ...
+
+    def stopProcess(self, name: str) -> None: ...
+
+    def running_pid(self, name: str) -> int | None: ...
+
+    def mark_ready(self, name: str, pid: int) -> None: ...
+
+    def do_not_restart(self, name: str) -> None: ...
+
+    def stop_all(self) -> Deferred[None]: ...
 
 
 class LaunchFailed(Exception):
@@ -127,6 +152,8 @@ class LauncherService(Service):
         that must succeed before any worker is spawned; if it fails, none is.
         A fleet takes minutes of GPU loading to start: not for a router that
         then exits because its port is taken.
+    @param supervisor: makes what runs the workers, given this service to
+        report to (default: a L{WorkerMonitor} spawning local processes).
     """
 
     log = Logger()
@@ -146,6 +173,7 @@ class LauncherService(Service):
         parent_pid: int | None = None,
         killpg: Callable[[int, int], None] = os.killpg,
         start_after: Callable[[], Deferred[Any]] | None = None,
+        supervisor: Callable[[LauncherService], Supervisor] | None = None,
     ) -> None:
         self._plan = plan
         self._start_after = start_after
@@ -163,13 +191,17 @@ class LauncherService(Service):
         self._parent_pid = parent_pid
         self._workers = {spec.name: _Managed(spec) for spec in plan.workers}
         self._by_url = {_url_key(m.url): m for m in self._workers.values()}
-        self._monitor = WorkerMonitor(
-            reactor,
-            self,
-            restart=self._config.restart,
-            kill_time=self._config.shutdown_grace,
-            killpg=killpg,
-        )
+        self._monitor: Supervisor
+        if supervisor is not None:
+            self._monitor = supervisor(self)
+        else:
+            self._monitor = WorkerMonitor(
+                reactor,
+                self,
+                restart=self._config.restart,
+                kill_time=self._config.shutdown_grace,
+                killpg=killpg,
+            )
         self._progress = LoopingCall(self._log_progress)
         self._progress.clock = self._clock
         self._progress_interval = progress_interval
@@ -182,7 +214,7 @@ class LauncherService(Service):
     # -- public -------------------------------------------------------------------
 
     @property
-    def monitor(self) -> WorkerMonitor:
+    def monitor(self) -> Supervisor:
         """The process monitor running the workers (for inspection; the service drives it)."""
         return self._monitor
 
@@ -266,11 +298,14 @@ class LauncherService(Service):
             self.log.info(
                 "[worker {index}] {url}{gpus}: {command}",
                 index=spec.index,
-                url=spec.url,
+                url=spec.placement or spec.url,
                 gpus=f" on GPU {spec.gpu_ids}" if spec.gpu_ids is not None else "",
                 command=" ".join(spec.argv),
             )
-            argv = process_group_argv(spec.argv, python=self._python, parent_pid=parent_pid)
+            if spec.placement is None:
+                argv = process_group_argv(spec.argv, python=self._python, parent_pid=parent_pid)
+            else:
+                argv = list(spec.argv)  # run on its node as it is, with the node's ports filled in
             self._monitor.addProcess(spec.name, argv, env=dict(spec.env))
         self._monitor.startService()
         self._progress.start(self._progress_interval, now=False)
@@ -302,8 +337,10 @@ class LauncherService(Service):
 
     # -- process events (from the monitor) -----------------------------------------
 
-    def process_started(self, name: str, pid: int) -> None:
+    def process_started(self, name: str, pid: int, url: str | None = None) -> None:
         m = self._workers[name]
+        if url is not None and url != m.url:
+            self._moved(m, url)
         m.starts += 1
         m.pid = pid
         m.phase = "starting"
@@ -327,7 +364,13 @@ class LauncherService(Service):
         m.tail.append(line)
         # One timestamp per line: the router's log adds its own.
         self.log.info("[worker {index}] {line}", index=m.index, line=strip_timestamp(line), stream=stream)
-        if m.failed_loading and not m.port_in_use and not self._stopping and _ADDRESS_IN_USE.search(line):
+        if (
+            m.failed_loading
+            and not m.port_in_use
+            and not self._stopping
+            and m.spec.placement is None  # a Ray worker picks fresh ports on its next start
+            and _ADDRESS_IN_USE.search(line)
+        ):
             # Its last words arrived after the exit was reported; the restart
             # is scheduled only once its pipes are closed, so this is in time.
             self._port_in_use(m, line)
@@ -348,7 +391,7 @@ class LauncherService(Service):
         if m.registered:
             self._lost(m, f"launcher: worker process {why}")
         m.failed_loading = was_loading and not m.stopped_by_us
-        in_use = self._address_in_use(m) if m.failed_loading else None
+        in_use = self._address_in_use(m) if m.failed_loading and m.spec.placement is None else None
         if m.stopped_by_us:
             self.log.info("[worker {index}] stopped: {why}", index=m.index, why=why)
         elif in_use is not None:
@@ -531,6 +574,13 @@ class LauncherService(Service):
         )
         self._check_startup()
 
+    def _moved(self, m: _Managed, url: str) -> None:
+        """A Ray worker reported where it listens (its node's address and the port it picked there)."""
+        port = urlsplit(url).port or 0
+        self._by_url.pop(_url_key(m.url), None)
+        m.spec = replace(m.spec, url=url, host=urlsplit(url).hostname or "", port=port)
+        self._by_url[_url_key(url)] = m
+
     def _ports_of(self, m: _Managed) -> str:
         port = m.spec.port
         ports = [str(port), str(port + 1)]
@@ -564,20 +614,35 @@ class LauncherService(Service):
         if any(m.ever_ready for m in workers):
             self._outcome = "ready"
         elif settled:
-            self._outcome = "failed"
             limit = STARTUP_EXIT_LIMIT if self._config.restart.enabled else 1
-            message = (
+            self._fail(
                 f"no worker became ready ({len(self._workers)} launched; each exited "
                 f"{limit} time(s) or missed wait_timeout of {self._config.wait_timeout:g} s); "
                 "see the [worker N] lines above"
             )
-            self.log.critical("launcher: {message}", message=message)
-            self._failure = Failure(LaunchFailed(message))
-            waiters, self._failure_waiters = self._failure_waiters, []
-            for d in waiters:
-                d.errback(self._failure)
-            if self._on_failure is not None:
-                self._on_failure(self._failure)
+
+    def fleet_failed(self, message: str) -> None:
+        """
+        The supervisor cannot run the fleet at all (for Ray: no cluster at
+        C{ray_address}, or no room for the placement group): fail the start-up
+        like a fleet whose every worker failed, unless a worker was ready.
+        """
+        if self._stopping or self._outcome is not None:
+            self.log.error("{message}", message=message)
+            return
+        self._fail(message)
+
+    def _fail(self, message: str) -> None:
+        self._outcome = "failed"
+        if self._progress.running:
+            self._progress.stop()
+        self.log.critical("launcher: {message}", message=message.removeprefix("launcher: "))
+        self._failure = Failure(LaunchFailed(message))
+        waiters, self._failure_waiters = self._failure_waiters, []
+        for d in waiters:
+            d.errback(self._failure)
+        if self._on_failure is not None:
+            self._on_failure(self._failure)
 
     def _log_progress(self) -> None:
         """While workers are still loading, say so now and then: a model load takes minutes."""
@@ -599,6 +664,37 @@ def _url_key(url: str) -> str:
         return url
 
 
+def ray_supervisor(plan: FleetPlan, reactor: Any) -> Callable[[LauncherService], Supervisor]:
+    """
+    The C{ray} backend's supervisor for C{plan}: a L{RayWorkerMonitor} on the
+    real cluster, with its own bounded thread pools (one pending poll per
+    worker, and a few threads for starts and stops).
+    """
+    config = plan.config
+    options = ClusterOptions(
+        address=config.ray_address,
+        num_workers=config.num_workers,
+        num_cpus_per_worker=config.num_cpus_per_worker,
+        num_gpus_per_worker=config.num_gpus_per_worker,
+        strategy=config.strategy,
+        temp_dir=config.ray_temp_dir,
+    )
+
+    def make(service: LauncherService) -> Supervisor:
+        return RayWorkerMonitor(
+            service,
+            lambda: RayCluster(options),
+            ThreadPools(reactor, max_threads=config.num_workers + 4),
+            reactor,
+            restart=config.restart,
+            kill_time=config.shutdown_grace,
+            wait_timeout=config.wait_timeout,
+            on_fatal=service.fleet_failed,
+        )
+
+    return make
+
+
 def make_launcher_service(
     plan: FleetPlan,
     hooks: FleetHooks,
@@ -616,8 +712,15 @@ def make_launcher_service(
     sockets (and timers) open after the router stops.
     """
     agent, _ = make_agent(reactor, max_connections=1, persistent=False, connect_timeout=2)
+    supervisor = ray_supervisor(plan, reactor) if plan.config.backend == "ray" else None
     service = LauncherService(
-        plan, hooks, reactor, make_http_client(agent), on_failure=on_failure, start_after=start_after
+        plan,
+        hooks,
+        reactor,
+        make_http_client(agent),
+        on_failure=on_failure,
+        start_after=start_after,
+        supervisor=supervisor,
     )
     service.setName("launcher")
     return service

@@ -41,7 +41,7 @@ from twisted.runner.procmon import LoggingProtocol, ProcessMonitor
 
 from twisted_router.launcher._config import RestartPolicy
 
-__all__ = ["ProcessEvents", "WorkerMonitor", "describe_exit"]
+__all__ = ["ProcessEvents", "WorkerMonitor", "describe_exit", "restart_delay"]
 
 #: Longest line kept whole; a child that writes megabytes without a newline
 #: must not make the router buffer them.
@@ -55,6 +55,9 @@ _AFTER_KILL_PATIENCE = 5.0
 def describe_exit(reason: Failure) -> str:
     """C{exited with status 1} / C{was killed by signal 9 (SIGKILL)}, for logs and quarantine reasons."""
     value = reason.value
+    own = getattr(value, "exit_description", None)
+    if isinstance(own, str):
+        return own  # e.g. a Ray actor that died with its worker
     signal_number = getattr(value, "signal", None)
     if signal_number is not None:
         try:
@@ -68,11 +71,32 @@ def describe_exit(reason: Failure) -> str:
     return f"could not run: {reason.getErrorMessage()}"
 
 
+def restart_delay(
+    current: float | None, *, became_ready: bool, ran: float, policy: RestartPolicy
+) -> tuple[float, float]:
+    """
+    When to restart a worker that just ended, and the delay to use after the next quick death.
+
+    C{ProcessMonitor}'s rule (a process that ran less than C{threshold}
+    seconds waits C{current}, which doubles up to C{max_delay}; one that ran
+    longer is restarted at once and its delay reset), except that only a
+    start that became ready counts as having run: an exit before readiness
+    always backs off.
+
+    @param current: the delay this worker is due (C{None}: C{min_delay}).
+    @return: C{(delay now, next current)}.
+    """
+    if became_ready and ran >= policy.threshold:
+        return 0.0, policy.min_delay
+    delay = policy.min_delay if current is None else current
+    return delay, min(delay * 2, policy.max_delay)
+
+
 class ProcessEvents(Protocol):
     """What the L{WorkerMonitor} reports about each named process."""
 
-    def process_started(self, name: str, pid: int) -> None:
-        """The process was spawned (a restart too)."""
+    def process_started(self, name: str, pid: int, url: str | None = None) -> None:
+        """The process was spawned (a restart too); C{url}: where it listens, when only known now (Ray)."""
 
     def process_output(self, name: str, stream: str, line: str) -> None:
         """One line of its stdout or stderr."""
@@ -391,12 +415,12 @@ class WorkerMonitor(ProcessMonitor):
         self._ready.discard(name)
         now = self._time.seconds()
         ran = now - self.timeStarted.get(name, now)
-        if became_ready and ran >= self.threshold:
-            delay = 0.0
-            self.delay[name] = self.minRestartDelay
-        else:
-            delay = self.delay.get(name, self.minRestartDelay)
-            self.delay[name] = min(delay * 2, self.maxRestartDelay)
+        policy = RestartPolicy(
+            min_delay=self.minRestartDelay, max_delay=self.maxRestartDelay, threshold=self.threshold
+        )
+        delay, self.delay[name] = restart_delay(
+            self.delay.get(name), became_ready=became_ready, ran=ran, policy=policy
+        )
         if self.running and name in self._spawns:
             self.restart[name] = self._time.callLater(delay, self.startProcess, name)
             self._events.process_restart_scheduled(name, delay)
