@@ -295,7 +295,7 @@ class Router:
     async def _register(self, request: Request) -> Worker:
         url = _url_from_request(request)
         try:
-            worker, created = self._fleet.register(url)
+            worker, created = await self._fleet.register(url)
         except WorkerURLError as exc:
             raise BadRequest(str(exc)) from None
         if created:
