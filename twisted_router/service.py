@@ -251,8 +251,8 @@ def make_router_service(
         access_log=config.verbose,
         reactor=reactor,  # type: ignore[arg-type]
         max_request_body=config.max_request_body,
-        # Idle kept-alive client connections are closed after this long.
-        idle_timeout=max(60.0, 3 * config.timeout),
+        client_timeout=config.client_timeout,
+        keys=Keys(api=config.api_key, admin=config.admin_api_key),
     )
     listener = ListenerService(
         serverFromString(reactor, config.endpoint_description),
