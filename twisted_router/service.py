@@ -258,7 +258,7 @@ def make_router_service(
         serverFromString(reactor, config.endpoint_description),
         site,
         name="sglang-d-router",
-        scheme="https" if config.endpoint_description.startswith("ssl:") else "http",
+        scheme="https" if config.endpoint_description.lower().startswith("ssl:") else "http",
         on_failure=on_listen_failure,
     )
     # On stop, the HTTP side drains first (no new connections, requests in
