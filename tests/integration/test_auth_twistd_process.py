@@ -8,8 +8,10 @@ keys.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import requests
 
@@ -74,6 +76,18 @@ def test_keys_from_a_file_and_the_environment_under_twistd(processes: Processes,
     assert requests.get(f"{url}/workers", headers=bearer(API_KEY), timeout=10).status_code == 200
     remove = requests.post(f"{url}/remove_worker", json={"url": worker.url}, headers=bearer(API_KEY), timeout=10)
     assert remove.status_code == 403
+
+    # A body without a key is refused before it is sent: 401 instead of 100 Continue.
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        early = b""
+        while chunk := sock.recv(65536):
+            early += chunk
+    assert early.startswith(b"HTTP/1.1 401") and b"100 Continue" not in early, early
 
     # The keys never show in the log.
     assert API_KEY not in router.output() and ADMIN_KEY not in router.output()
