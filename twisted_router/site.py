@@ -40,10 +40,8 @@ import json
 from io import BytesIO
 from typing import IO, Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
@@ -56,67 +54,49 @@ from twisted_router.targets import BadTarget, normalize_target
 
 class RouterChannel(HTTPChannel):
     """
-    An HTTP/1.1 channel that gives each request C{request_timeout} seconds,
-    from its first byte until its body is whole, and can answer a request
-    before it is whole (L{answer_early}).
+    An HTTP/1.1 channel whose timeout is a deadline while a request arrives,
+    and that can answer a request before it is whole (L{answer_early}).
+
+    Twisted's timeout (C{timeOut}, the site's C{--client-timeout}) is reset
+    by every byte received; here, while a request arrives, only its first
+    byte resets it, so the request must be whole within C{timeOut} seconds of
+    that byte. Between requests it is the idle timeout it always was, and
+    while a request is answered Twisted suspends it. No timer is added: the
+    one Twisted keeps anyway is reset less often.
     """
 
     _log = Logger()
-    #: Seconds a whole request may take to arrive (None: no limit); set by the site.
-    request_timeout: float | None = None
     #: Whether a request on this channel was answered before it was whole;
     #: the connection closes once its body is read or its time is up.
     answered_early = False
-    _deadline: IDelayedCall | None = None
-    _closing = False
+    #: A request has started arriving and is not whole yet.
+    _receiving = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not self._handlingRequest and data and self.request_timeout:
-            # The first byte of a request (bytes of the next request arriving
+        if not self._receiving and not self._handlingRequest and data:
+            # The first byte of a request (bytes of the next request that arrive
             # while one is answered are buffered, and come back through here).
-            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+            self._receiving = True
+            super().resetTimeout()
         super().dataReceived(data)
 
+    def resetTimeout(self) -> None:
+        if not self._receiving:
+            super().resetTimeout()
+
     def allContentReceived(self) -> None:
-        self._disarm()  # the request is whole: answering it may take as long as it takes
+        self._receiving = False  # the request is whole: answering it may take as long as it takes
         super().allContentReceived()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._disarm()
-        super().connectionLost(reason)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
     def timeoutConnection(self) -> None:
-        # Twisted's idle timeout (the same number of seconds): between requests it
-        # closes the connection; in the middle of one it is the deadline's 408.
-        if self._closing:
-            return
-        if self._deadline is not None:
-            self._too_slow()
-        else:
-            self._closing = True
-            super().timeoutConnection()
-
-    def _too_slow(self) -> None:
-        self._disarm()
-        if self._closing:
-            return
-        self._closing = True
-        self._log.info(
-            "client {peer} did not send a whole request within {timeout:g}s (--client-timeout): closing",
-            peer=str(self.transport.getPeer()) if self.transport is not None else "?",
-            timeout=self.request_timeout,
-        )
-        if not self.answered_early:
-            self.answer_early(
-                408, f"the request did not arrive within {self.request_timeout:g}s (--client-timeout)"
+        if self._receiving and not self.answered_early:
+            self._log.info(
+                "client {peer} did not send a whole request within {timeout}s (--client-timeout): closing",
+                peer=str(self.transport.getPeer()) if self.transport is not None else "?",
+                timeout=self.timeOut,
             )
-        self.loseConnection()
+            self.answer_early(408, f"the request did not arrive within {self.timeOut:g}s (--client-timeout)")
+        super().timeoutConnection()
 
     def answer_early(
         self, status: int, message: str, headers: dict[bytes, bytes] | None = None
@@ -298,22 +278,16 @@ class RouterSite(Site):
         # request-path samples) and decodes whole multipart uploads into args.
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.noisy = False
-        self.client_timeout = client_timeout
         if client_timeout is not None:
-            # Between requests (Twisted suspends it while a request is
-            # answered; the proxy bounds stalls there).
+            # A deadline while a request arrives, the idle timeout between
+            # requests (RouterChannel); suspended while a request is answered
+            # (the proxy bounds stalls there).
             self.timeOut = client_timeout
         self.max_request_body = max_request_body
         self.keys = keys or Keys()
         self._access_log = access_log
         self.in_flight = InFlight()
         self.draining = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        if isinstance(channel, RouterChannel):
-            channel.request_timeout = self.client_timeout
-        return channel
 
     def set_draining(self, draining: bool) -> None:
         """While draining, new requests are answered 503 (C{/health}: C{draining}) and their connections closed."""
