@@ -66,9 +66,10 @@ class RouterChannel(HTTPChannel):
     """
 
     _log = Logger()
-    #: Whether a request on this channel was answered before it was whole;
-    #: the connection closes once its body is read or its time is up.
-    answered_early = False
+    #: The status of the answer to a request on this channel that was answered
+    #: before it was whole (0: none); the connection closes once its body is
+    #: read or its time is up.
+    answered_early = 0
     #: A request has started arriving and is not whole yet.
     _receiving = False
 
@@ -108,7 +109,7 @@ class RouterChannel(HTTPChannel):
         """
         if self.answered_early:
             return
-        self.answered_early = True
+        self.answered_early = status
         body = json.dumps({"error": message}).encode()
         head = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error"))]
         for name, value in {
