@@ -277,3 +277,13 @@ def test_oversized_body_with_expect_100_continue_is_refused_before_the_upload() 
     assert b"--max-request-body" in answer
     assert transport.disconnecting  # no body is on its way: closed at once
     assert not any(seen.request.path == b"/v1/images/generations" for seen in w0.seen)
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/images/%2F%0A/content", "/v1/videos/%2F%0A/content", "/v1/videos/%2F%0A"]
+)
+def test_a_path_werkzeug_would_redirect_is_a_400_not_a_500(path: str) -> None:
+    """An encoded slash leaving an empty segment made werkzeug raise RequestRedirect, answered 500."""
+    h, _ = make(1)
+    code, body = h.json("GET", path)
+    assert code == 400 and "encoded slash" in body["error"]
