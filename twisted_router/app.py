@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
+from werkzeug.routing import RequestRedirect
 
 from twisted_router.auth import (
     BASIC_ENDPOINTS,
@@ -334,7 +335,7 @@ class Router:
     async def _register(self, request: Request) -> Worker:
         url = _url_from_request(request)
         try:
-            worker, created = self._fleet.register(url)
+            worker, created = await self._fleet.register(url)
         except WorkerURLError as exc:
             raise BadRequest(str(exc)) from None
         if created:
@@ -467,6 +468,14 @@ class Router:
             return failure  # the client went away; Klein finishes nothing and logs nothing
         if failure.check(UpstreamBodyFailed):
             return b""  # the proxy aborted the client connection: nothing more may be written
+        if failure.check(RequestRedirect) and not request.startedWriting:  # type: ignore[attr-defined]
+            # Werkzeug matches some paths only once it has merged the empty segments
+            # an encoded slash (%2F) leaves, and asks for a redirect; the router never
+            # redirects, and such a path names nothing (found by test_hostile_input).
+            shown = request.path.decode("utf-8", "replace")[:200]
+            return answer_json(
+                request, 400, {"error": f"Invalid path {shown!r}: an encoded slash (%2F) leaves an empty segment"}
+            )
         if failure.check(RouterError) and not request.startedWriting:  # type: ignore[attr-defined]
             error: RouterError = failure.value
             for name, value in error.headers.items():

@@ -65,6 +65,7 @@ class RouterConfig:
     log_level: str = "info"
     max_video_jobs: int = 10_000
     max_request_body: int = 256 * 1024 * 1024
+    client_timeout: float = 60.0
     max_image_ids: int = 10_000
     shutdown_grace: float = 180.0
     max_inflight_per_worker: int = 0
@@ -141,6 +142,8 @@ class RouterConfig:
             raise ConfigError("--state-dir must name a directory")
         if self.max_request_body < 1:
             raise ConfigError(f"--max-request-body must be at least 1 byte, got {self.max_request_body}")
+        if not _positive_finite(self.client_timeout):
+            raise ConfigError(f"--client-timeout must be a positive number of seconds, got {self.client_timeout}")
         if self.max_video_jobs < 1 or self.max_image_ids < 1:
             raise ConfigError("--max-video-jobs and --max-image-ids must be at least 1")
         if self.max_inflight_per_worker < 0:
@@ -338,6 +341,14 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         help="largest request body accepted; larger ones are answered 413 without being stored",
     )
     parser.add_argument(
+        "--client-timeout",
+        type=_positive_float,
+        default=defaults.client_timeout,
+        metavar="SECONDS",
+        help="seconds a client may take to send a whole request (headers and body, from its first byte) "
+        "and to stay idle between requests; answers are not limited by it",
+    )
+    parser.add_argument(
         "--max-video-jobs",
         type=_positive_int,
         default=defaults.max_video_jobs,
@@ -487,6 +498,7 @@ def config_from_args(
         log_level=ns.log_level,
         max_video_jobs=ns.max_video_jobs,
         max_request_body=ns.max_request_body,
+        client_timeout=ns.client_timeout,
         max_image_ids=ns.max_image_ids,
         shutdown_grace=ns.shutdown_grace,
         max_inflight_per_worker=ns.max_inflight_per_worker,

@@ -6,7 +6,10 @@ host name each time (about 4% of the router's request-path samples under
 py-spy), even when the pool then reuses a connection. Workers are a handful of
 fixed C{host:port} pairs, so their endpoints are built once and reused. IP
 literals (the usual case) get a plain TCP endpoint, so a new connection does
-not go through a name lookup in the thread pool either.
+not go through a name lookup in the thread pool either. A host name's
+endpoint resolves it at every connection through a resolver that drops
+blocked addresses (L{twisted_router.resolution}: DNS rebinding cannot point
+a registered worker at a metadata service).
 
 With C{quiet=True} the endpoints open their connections quietly: Twisted logs
 "Starting factory" and "Stopping factory" for each new client connection,
@@ -28,10 +31,17 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+from twisted_router.resolution import CheckedEndpoint, checked_reactor
 
 #: More distinct workers than this in one router's life and the oldest endpoints are rebuilt.
 MAX_CACHED_ENDPOINTS = 4096
@@ -48,8 +58,15 @@ class WorkerEndpoints:
         connect_timeout: float,
         tls_policy: IPolicyForHTTPS | None = None,
         quiet: bool = False,
+        resolver: IHostnameResolver | None = None,
     ) -> None:
+        """
+        @param resolver: resolves workers' host names (default: the
+            reactor's C{nameResolver}); blocked addresses it returns are
+            never connected to.
+        """
         self._reactor = reactor
+        self._resolver = resolver
         self._quiet = quiet
         self._timeout = connect_timeout
         self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
@@ -75,7 +92,10 @@ class WorkerEndpoints:
         elif isIPv6Address(host):
             endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
         else:
-            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            checked, checking = checked_reactor(self._reactor, self._resolver or self._reactor.nameResolver)
+            endpoint = CheckedEndpoint(
+                HostnameEndpoint(checked, uri.host, uri.port, timeout=self._timeout), host, checking
+            )
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint

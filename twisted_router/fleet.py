@@ -26,6 +26,7 @@ from twisted_router.calls import WorkerCaller
 from twisted_router.control import FleetController
 from twisted_router.errors import BadRequest, NotFound, NoWorkers, RouterError
 from twisted_router.pool import Activity, UnknownWorker, Worker, WorkerPool
+from twisted_router.urls import normalize_worker_url
 
 __all__ = ["CapabilityRefresher", "Fleet", "unavailable"]
 
@@ -34,6 +35,11 @@ MODELS_TIMEOUT = 5.0
 
 #: Learns what a worker serves (its model card); fires with whether it could.
 CapabilityRefresher = Callable[[Worker], Awaitable[bool]]
+
+#: Checks where a canonical worker URL leads before it is registered (its
+#: host name resolved: L{twisted_router.resolution.check_worker_host});
+#: raises L{WorkerURLError} to refuse it.
+AddressCheck = Callable[[str], Awaitable[None]]
 
 
 def unavailable(pool: WorkerPool, *, video: bool, image_only: bool = False) -> RouterError:
@@ -67,11 +73,15 @@ class Fleet:
         caller: WorkerCaller,
         refresh_capabilities: CapabilityRefresher,
         timeout: float,
+        check_address: AddressCheck | None = None,
     ) -> None:
         """
         @param timeout: how long a worker's C{/health} may take when it is
             brought up.
+        @param check_address: run on every new worker URL before it is
+            registered (none: only C{urls.py}'s checks of its spelling).
         """
+        self._check_address = check_address
         self._pool = pool
         self._control = control
         self._caller = caller
@@ -80,14 +90,40 @@ class Fleet:
 
     # ------------------------------------------------------------------ joining
 
-    def register(self, url: str) -> tuple[Worker, bool]:
+    async def _checked(self, url: str) -> str:
+        """
+        The canonical URL, once its host name (if it has one) resolves only
+        to allowed addresses; checked before anything is registered, so a
+        refused URL leaves nothing behind. A registered URL is not checked
+        again (its connections are: L{twisted_router.resolution}).
+        """
+        canonical = normalize_worker_url(url)
+        if self._check_address is not None and self._pool.get(canonical) is None:
+            await self._check_address(canonical)
+        return canonical
+
+    async def register(self, url: str) -> tuple[Worker, bool]:
         """
         Register a worker (idempotently). A new worker gets no traffic until
         it has answered once (it is C{starting}); L{bring_up} admits it then.
 
+        @raise WorkerURLError: the URL is invalid or blocked, or its host
+            name resolves to a blocked address or not at all.
+        """
+        return self.register_restored(await self._checked(url))
+
+    def register_restored(self, url: str) -> tuple[Worker, bool]:
+        """
+        Register a worker from the router's own state file (C{--state-dir}),
+        synchronously, before the router serves: its host name was resolved
+        and checked when it was first registered, and every connection to it
+        is checked again (L{twisted_router.resolution}), so a name that now
+        resolves to a blocked address still gets no request. The URL's
+        spelling is checked again (a newer rule may block it).
+
         @raise WorkerURLError: the URL is invalid or blocked.
         """
-        worker, created = self._pool.add(url)
+        worker, created = self._pool.add(normalize_worker_url(url))
         if created:
             self.log.info("worker {worker} registered", worker=worker.display_id)
             self._pool.begin(worker, Activity.STARTING)  # no traffic before it has answered once
@@ -128,7 +164,7 @@ class Fleet:
 
         Called by the launcher; raises L{WorkerURLError} for an unusable URL.
         """
-        worker, created = self._pool.add(url)
+        worker, created = self._pool.add(await self._checked(url))
         worker.managed = True
         # A fresh process: awake, holding its GPU memory and its start-up weights.
         self._rejoin(worker, fresh_process=True)

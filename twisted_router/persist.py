@@ -105,7 +105,7 @@ class StateKeeper:
         with self._pool.changes():
             for record in doc.workers:
                 try:
-                    worker, _ = self._fleet.register(record.url)
+                    worker, _ = self._fleet.register_restored(record.url)
                 except WorkerURLError as exc:  # now blocked (a newer rule): keep it out, and say so
                     self.log.error(
                         "not restoring worker {url}: {reason}", url=record.url, reason=str(exc)

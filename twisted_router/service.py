@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IHostnameResolver, IReactorCore, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -45,6 +45,7 @@ from twisted_router.persist import StateKeeper
 from twisted_router.policies import make_policy
 from twisted_router.pool import Worker, WorkerPool
 from twisted_router.proxy import StreamingProxy
+from twisted_router.resolution import check_worker_host
 from twisted_router.site import RouterSite
 from twisted_router.statefile import LoadedState, open_state_dir
 from twisted_router.upstream import WorkerKeyAgent, make_agent, make_http_client
@@ -73,6 +74,7 @@ def build_router(
     agent: IAgent | None = None,
     rng: random.Random | None = None,
     on_quarantine: Callable[[Worker, str], None] | None = None,
+    resolver: IHostnameResolver | None = None,
 ) -> RouterParts:
     """
     Wire the router's pieces on an injected reactor.
@@ -82,10 +84,16 @@ def build_router(
     @param on_quarantine: called with the worker and the reason when the
         health checker quarantines a worker (the launcher restarts managed
         ones).
+    @param resolver: resolves workers' host names, at registration and at
+        every connection, so none that leads to a blocked address is used
+        (L{twisted_router.resolution}). Production leaves it to the
+        reactor's C{nameResolver}; with an injected C{agent} and no
+        resolver, host names are not resolved at registration.
     """
     connection_pool: HTTPConnectionPool | None = None
     if agent is None:
-        agent, connection_pool = make_agent(reactor, max_connections=config.max_connections)
+        resolver = resolver or reactor.nameResolver  # type: ignore[attr-defined]
+        agent, connection_pool = make_agent(reactor, max_connections=config.max_connections, resolver=resolver)
     if config.worker_api_key is not None:
         agent = WorkerKeyAgent(agent, config.worker_api_key)
     http = make_http_client(agent)
@@ -110,8 +118,20 @@ def build_router(
         max_queue=config.max_queue,
         queue_timeout=config.queue_timeout,
     )
+    check_address = None
+    if resolver is not None:
+        names = resolver
+
+        async def check_address(url: str) -> None:
+            await check_worker_host(url, names, reactor)
+
     fleet = Fleet(
-        pool=pool, control=control, caller=caller, refresh_capabilities=refresh, timeout=config.timeout
+        pool=pool,
+        control=control,
+        caller=caller,
+        refresh_capabilities=refresh,
+        timeout=config.timeout,
+        check_address=check_address,
     )
     jobs = JobOwners(
         pool, caller, max_video_jobs=config.max_video_jobs, max_image_ids=config.max_image_ids, clock=reactor
@@ -163,8 +183,8 @@ def router_site(parts: RouterParts, reactor: IReactorTime) -> RouterSite:
         reactor=reactor,
         max_request_body=config.max_request_body,
         on_finished=parts.router.metrics.events.observe,
-        # Idle kept-alive client connections are closed after this long.
-        idle_timeout=max(60.0, 3 * config.timeout),
+        client_timeout=config.client_timeout,
+        keys=Keys(api=config.api_key, admin=config.admin_api_key),
     )
 
 
@@ -184,15 +204,21 @@ class _StartupWorkers(Service):
         if warning is not None:
             self.log.warn("{warning}", warning=warning)
         for url in self._parts.config.worker_urls:
-            try:
-                worker, created = self._parts.fleet.register(url)
-            except WorkerURLError as exc:  # validated at start-up already; keep the service alive regardless
-                self.log.error("cannot register worker {url}: {reason}", url=url, reason=str(exc))
-                continue
-            if created:
-                d = Deferred.fromCoroutine(self._parts.fleet.bring_up(worker))
-                self._pending.add(d)
-                d.addBoth(self._settled, d)
+            d = Deferred.fromCoroutine(self._join(url))
+            self._pending.add(d)
+            d.addBoth(self._settled, d)
+
+    async def _join(self, url: str) -> bool:
+        try:
+            worker, created = await self._parts.fleet.register(url)
+        except WorkerURLError as exc:
+            # The spelling was validated at start-up; a host name that resolves to a
+            # blocked address (or not at all) is refused here. The router keeps running.
+            self.log.error("cannot register worker {url}: {reason}", url=url, reason=str(exc))
+            return False
+        if created:
+            return await self._parts.fleet.bring_up(worker)
+        return True
 
     def _settled(self, result: object, d: Deferred[bool]) -> None:
         self._pending.discard(d)
@@ -270,6 +296,7 @@ def make_router_service(
         serverFromString(reactor, config.endpoint_description),
         site,
         name="sglang-d-router",
+        scheme="https" if config.endpoint_description.lower().startswith("ssl:") else "http",
         on_failure=on_listen_failure,
     )
     # On stop, the HTTP side drains first (no new connections, requests in
@@ -322,7 +349,7 @@ def make_router_service(
                 access_log=False,
                 reactor=reactor,  # type: ignore[arg-type]
                 max_request_body=64 * 1024,
-                idle_timeout=60.0,
+                client_timeout=config.client_timeout,
             ),
             name="metrics",
             on_failure=on_listen_failure,

@@ -1,11 +1,28 @@
 """
-The router's HTTP server side: a Site whose requests have a bounded body and
-a canonical request-target.
+The router's HTTP server side: a Site whose requests have a bounded body, a
+bounded time to arrive, and a canonical request-target.
 
 Twisted buffers a whole request body (in memory, then a temporary file)
 before any route runs and sets no limit. A router open to a fleet's clients
 needs one: a body over C{max_request_body} bytes is not stored at all, and the
-request is answered 413 without reaching a route or a worker.
+request is answered 413 as soon as that is known (from C{Content-Length},
+with the headers; a chunked body, once it is too long), before the body is
+read, so a client waiting for C{100 Continue} never sends it.
+
+Routes (and the key each needs) are known only once Klein matches the whole
+request, after its body; but a request's headers come first
+(L{BoundedRequest.gotLength}). A request with a body that carries no valid
+key (with C{--api-key}/C{--admin-api-key}) therefore never has its body
+stored: it is read and dropped, and the route's own check answers 401 (the
+one open route, C{/health}, reads no body). Under C{Expect: 100-continue}
+it is answered 401 at once, and the client sends no body at all.
+
+Every request must arrive whole within C{--client-timeout} seconds of its
+first byte (L{RouterChannel}): Twisted's own timeout is an idle timeout,
+reset by every byte, which a client sending one header byte every few
+seconds (slowloris) would hold open forever. Answers are not limited by it:
+once the request is whole, the deadline is off, so a video download may
+stream for as long as it takes (the proxy bounds stalls).
 
 Every request-target is rewritten to its canonical origin form
 (L{twisted_router.targets}) before routing, so an absolute-form or oddly
@@ -34,10 +51,13 @@ from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
+from twisted_router.auth import Access, Keys, Unauthorized
 from twisted_router.drain import InFlight
+from twisted_router.errors import AuthenticationRequired
 from twisted_router.requestid import (
     CORRELATION_ID_HEADER,
     REQUEST_ID_HEADER,
@@ -54,31 +74,147 @@ _access_log = Logger(namespace="twisted_router.access")
 CLIENT_GONE = 499
 
 
-class BoundedRequest(Request):
-    """A request that stops storing its body once it is larger than the site allows."""
+class RouterChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel whose timeout is a deadline while a request arrives,
+    and that can answer a request before it is whole (L{answer_early}).
 
-    _too_large = False
+    Twisted's timeout (C{timeOut}, the site's C{--client-timeout}) is reset
+    by every byte received; here, while a request arrives, only its first
+    byte resets it, so the request must be whole within C{timeOut} seconds of
+    that byte. Between requests it is the idle timeout it always was, and
+    while a request is answered Twisted suspends it. No timer is added: the
+    one Twisted keeps anyway is reset less often.
+    """
+
+    _log = Logger()
+    #: The status of the answer to a request on this channel that was answered
+    #: before it was whole (0: none); the connection closes once its body is
+    #: read or its time is up.
+    answered_early = 0
+    #: A request has started arriving and is not whole yet.
+    _receiving = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._receiving and not self._handlingRequest and data:
+            # The first byte of a request (bytes of the next request that arrive
+            # while one is answered are buffered, and come back through here).
+            self._receiving = True
+            super().resetTimeout()
+        super().dataReceived(data)
+
+    def resetTimeout(self) -> None:
+        if not self._receiving:
+            super().resetTimeout()
+
+    def allContentReceived(self) -> None:
+        self._receiving = False  # the request is whole: answering it may take as long as it takes
+        super().allContentReceived()
+
+    def timeoutConnection(self) -> None:
+        if self._receiving and not self.answered_early:
+            self._log.info(
+                "client {peer} did not send a whole request within {timeout}s (--client-timeout): closing",
+                peer=str(self.transport.getPeer()) if self.transport is not None else "?",
+                timeout=self.timeOut,
+            )
+            self.answer_early(408, f"the request did not arrive within {self.timeOut:g}s (--client-timeout)")
+        super().timeoutConnection()
+
+    def answer_early(
+        self, status: int, message: str, headers: dict[bytes, bytes] | None = None
+    ) -> None:
+        """
+        Send the router's JSON error for a request that is not whole yet
+        (Twisted's Request can only answer once it is), with
+        C{Connection: close}. Nothing more is answered on this connection.
+        """
+        if self.answered_early:
+            return
+        self.answered_early = status
+        body = json.dumps({"error": message}).encode()
+        head = [b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"Error"))]
+        for name, value in {
+            b"content-type": b"application/json",
+            b"content-length": str(len(body)).encode(),
+            b"connection": b"close",
+            **(headers or {}),
+        }.items():
+            head.append(name + b": " + value)
+        if self.transport is not None:
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+
+
+class BoundedRequest(Request):
+    """
+    A request that stops storing its body once it is larger than the site
+    allows, or when it carries no valid key, and answers the first at once.
+    """
+
+    _dropping = False
     _received = 0
     _bad_target: str | None = None
     #: Set by the Site when processing starts (L{RouterSite.begin}).
     record: RequestRecord | None = None
     _reported = False
 
+    def _site(self) -> RouterSite | None:
+        site = getattr(self.channel, "site", None)
+        return site if isinstance(site, RouterSite) else None
+
     def _limit(self) -> int:
         site = getattr(self.channel, "site", None)
         return getattr(site, "max_request_body", 0) or 0
 
+    def _expects_continue(self) -> bool:
+        expect = self.requestHeaders.getRawHeaders(b"expect") or []
+        return bool(expect) and expect[0].lower() == b"100-continue"
+
     def gotLength(self, length: int | None) -> None:
+        # Called once the headers are in, before any of the body (length None: chunked).
         limit = self._limit()
         if limit and length is not None and length > limit:
-            self._too_large = True
-            # No "100 Continue" for a body we will refuse: the client may then skip the upload.
-            self.requestHeaders.removeHeader(b"expect")
-            self._discard_body()
+            self._refuse_body(413, f"request body larger than {limit} bytes (--max-request-body)")
             return
+        site = self._site()
+        if site is not None and length != 0 and site.keys.any:
+            try:
+                site.keys.check(Access.CLIENT, self.getHeader(b"authorization"))
+            except Unauthorized as exc:
+                if self._expects_continue():
+                    # Nothing of the body is on its way yet: say so now, and it never will be.
+                    self._refuse_body(401, str(exc), AuthenticationRequired(str(exc)).headers)
+                else:
+                    # No key, no storage: the route's own check answers 401.
+                    self._drop_body()
+                return
         super().gotLength(length)
 
-    def _discard_body(self) -> None:
+    def _refuse_body(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+        """
+        Answer now, before the body, and close: at once when the client waits
+        for C{100 Continue} (no body is on its way), else once what it sends
+        of the body has been read and dropped (closing on unread data would
+        reset the connection and could lose the answer) or its time is up.
+        """
+        waiting = self._expects_continue()
+        # No "100 Continue" for a body we refuse: the client skips the upload.
+        self.requestHeaders.removeHeader(b"expect")
+        self._drop_body()
+        channel = self.channel
+        site = self._site()
+        headers = dict(headers or {})
+        if site is not None:
+            site.begin(self)  # its id, on this answer too
+            assert self.record is not None
+            headers[REQUEST_ID_HEADER] = self.record.request_id.encode()
+        if isinstance(channel, RouterChannel):
+            channel.answer_early(status, message, headers)
+            if waiting:
+                channel.loseConnection()
+
+    def _drop_body(self) -> None:
+        self._dropping = True
         old: IO[bytes] | None = self.content
         if old is not None:
             old.close()
@@ -86,13 +222,12 @@ class BoundedRequest(Request):
         self.content = empty
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
+        if self._dropping:
             return
         self._received += len(data)
         limit = self._limit()
         if limit and self._received > limit:  # chunked bodies announce no length
-            self._too_large = True
-            self._discard_body()
+            self._refuse_body(413, f"request body larger than {limit} bytes (--max-request-body)")
             return
         super().handleContentChunk(data)
 
@@ -106,11 +241,14 @@ class BoundedRequest(Request):
 
     def process(self) -> None:
         site = getattr(self.channel, "site", None)
-        if isinstance(site, RouterSite):
+        channel = self.channel
+        if isinstance(site, RouterSite) and self.record is None:
             site.begin(self)
-        if self._too_large:
-            # The rest of the refused body may still be on its way: close.
-            self._refuse(413, f"request body larger than {self._limit()} bytes (--max-request-body)", close=True)
+        if isinstance(channel, RouterChannel) and channel.answered_early:
+            # Answered before its body (413, 401): the body is read now, close.
+            if isinstance(site, RouterSite):
+                site.end(self, channel.answered_early)
+            channel.loseConnection()
         elif self._bad_target is not None:
             self._refuse(400, self._bad_target, close=False)
         elif isinstance(site, RouterSite) and site.draining:
@@ -161,14 +299,16 @@ class BoundedRequest(Request):
 
 class RouterSite(Site):
     """
-    The router's Site: bounded request bodies, request ids, and one
-    C{twisted.logger} access line per request when asked for (instead of
-    Twisted's own access log).
+    The router's Site: bounded request bodies and request times, request
+    ids, and one C{twisted.logger} access line per request when asked for
+    (instead of Twisted's own access log).
 
     @ivar on_finished: told about every request once it has ended (metrics).
     """
 
     requestFactory = BoundedRequest
+    # HTTP/1.1 only, as before (Twisted's HTTP/2 needs the h2 package, not installed).
+    protocol = RouterChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -177,22 +317,32 @@ class RouterSite(Site):
         access_log: bool,
         reactor: IReactorTime,
         max_request_body: int,
-        idle_timeout: float | None = None,
+        client_timeout: float | None = None,
+        keys: Keys | None = None,
         on_finished: Callable[[FinishedRequest], None] | None = None,
         request_ids: RequestIds | None = None,
     ) -> None:
+        """
+        @param client_timeout: C{--client-timeout}: seconds a request may take
+            to arrive whole (from its first byte), and an idle kept-alive
+            connection may stay open between requests (None: Twisted's 12
+            hours of idle time, and no request deadline).
+        @param keys: the router's keys: a request with a body and no valid
+            key never has its body stored.
+        """
         # parsePOSTFormSubmission=False: the router never reads form fields, bodies
         # go to workers untouched. Otherwise Twisted parses the Content-Type of
         # every POST through the email package (py-spy: ~8% of the router's
         # request-path samples) and decodes whole multipart uploads into args.
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.noisy = False
-        if idle_timeout is not None:
-            # How long an idle kept-alive client connection stays open between
-            # requests (Twisted's default is 12 hours of held sockets). During a
-            # request Twisted suspends it; the proxy bounds stalls there.
-            self.timeOut = idle_timeout
+        if client_timeout is not None:
+            # A deadline while a request arrives, the idle timeout between
+            # requests (RouterChannel); suspended while a request is answered
+            # (the proxy bounds stalls there).
+            self.timeOut = client_timeout
         self.max_request_body = max_request_body
+        self.keys = keys or Keys()
         self._access_log = access_log
         self.in_flight = InFlight()
         self.draining = False

@@ -33,7 +33,7 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHostnameResolver, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -293,6 +293,7 @@ def make_agent(
     persistent: bool = True,
     connect_timeout: float = 10.0,
     cached_connection_timeout: int = 4,
+    resolver: IHostnameResolver | None = None,
 ) -> tuple[Agent, HTTPConnectionPool]:
     """
     An L{Agent} for calls to workers and the connection pool under it, which
@@ -322,12 +323,15 @@ def make_agent(
     @param connect_timeout: Seconds allowed for the TCP connect.
     @param cached_connection_timeout: Seconds an idle pooled connection is
         kept; keep it below the workers' keep-alive timeout.
+    @param resolver: resolves workers' host names at each connection
+        (default: the reactor's); blocked addresses are never connected to.
     """
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = max_connections
     pool.cachedConnectionTimeout = cached_connection_timeout
     agent = Agent.usingEndpointFactory(
-        reactor, WorkerEndpoints(reactor, connect_timeout=connect_timeout, quiet=True), pool=pool
+        reactor, WorkerEndpoints(reactor, connect_timeout=connect_timeout, quiet=True, resolver=resolver),
+        pool=pool,
     )
     return agent, pool
 

@@ -15,9 +15,10 @@ C{0xa9.0xfe.0xa9.0xfe}, C{0251.0376.0251.0376}, C{169.254.43518}), IPv6
 forms that carry an IPv4 address (IPv4-mapped, IPv4-compatible, 6to4, NAT64,
 Teredo, ISATAP), and the public wildcard-DNS names that answer with the
 address written inside them (C{169.254.169.254.nip.io}, C{a9fea9fe.sslip.io}).
-Any other name that I{resolves} to a blocked address is not caught here
-(see docs/security.md); that needs resolving at registration or egress rules
-on the host.
+Any other name that I{resolves} to a blocked address is caught by
+L{twisted_router.resolution}, which resolves host names at registration and
+again at every connection and asks L{address_blocked_reason} about each
+address it gets (see docs/security.md).
 
 The canonical form is C{scheme://host:port}: scheme and host lowercased, IPv6
 literals compressed and in brackets, numeric IPv4 spellings (C{2130706433},
@@ -34,7 +35,9 @@ from urllib.parse import quote, urlsplit
 __all__ = [
     "BlockedWorkerURL",
     "WorkerURLError",
+    "address_blocked_reason",
     "display_id_for",
+    "host_name_of",
     "normalize_worker_url",
     "worker_id_for",
 ]
@@ -493,6 +496,35 @@ def normalize_worker_url(raw: str) -> str:
     port_number = _normalize_port(port, raw)
     canonical_host = _normalize_host(host, raw)
     return f"{scheme}://{canonical_host}:{port_number}"
+
+
+def address_blocked_reason(address: str) -> str | None:
+    """
+    Why a resolved address may not be connected to, or C{None} if it may.
+
+    For the addresses a resolver returns for a worker's host name: the same
+    rules as for an address written in the URL (embedded IPv4 forms
+    included). A zone (C{fe80::1%eth0}) is ignored; anything that is not an
+    IP address is refused, since the router could not tell where it leads.
+    """
+    text = address.partition("%")[0]
+    try:
+        parsed = ipaddress.ip_address(text)
+    except ValueError:
+        return "not an IP address"
+    return _blocked_reason(parsed)
+
+
+def host_name_of(url: str) -> tuple[str, int] | None:
+    """
+    The DNS name and port of a canonical worker URL, or C{None} when its host
+    is an IP address (checked here already, and never resolved).
+    """
+    netloc = url.partition("://")[2]
+    host, _, port = netloc.rpartition(":")
+    if host.startswith("[") or _ends_in_number(host):
+        return None
+    return host, int(port)
 
 
 def worker_id_for(url: str) -> str:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHostnameResolver, IReactorTime
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from tests.support.deferreds import success_result_of
 from twisted_router.config import RouterConfig
+from twisted_router.pool import Worker
 from twisted_router.service import RouterParts, build_router
 from twisted_router.simulator.app import SimulatedWorker
 from twisted_router.simulator.config import SimulatorConfig
@@ -211,11 +212,14 @@ class Fleet:
 class RouterHarness:
     """A router wired to a fake fleet, driven through an in-memory client."""
 
-    def __init__(self, fleet: Fleet | None = None, **config: Any) -> None:
+    def __init__(
+        self, fleet: Fleet | None = None, *, resolver: IHostnameResolver | None = None, **config: Any
+    ) -> None:
+        """@param resolver: resolves workers' host names at registration (none: not resolved)."""
         self.fleet = fleet or Fleet()
         self.clock = self.fleet.clock
         self.config = RouterConfig(**config)
-        self.parts: RouterParts = build_router(self.config, self.clock, agent=self.fleet.agent)
+        self.parts: RouterParts = build_router(self.config, self.clock, agent=self.fleet.agent, resolver=resolver)
         self.pool = self.parts.pool
         self.client = StubTreq(self.parts.router.app.resource())
 
@@ -226,8 +230,14 @@ class RouterHarness:
             self.fleet.agent.flush()
             self.clock.advance(0)
 
+    def enroll(self, url: str) -> tuple[Worker, bool]:
+        """Register a worker without bringing it up (it stays C{starting})."""
+        d = Deferred.fromCoroutine(self.parts.fleet.register(url))
+        self.pump()
+        return success_result_of(d)
+
     def register(self, url: str) -> None:
-        worker, _ = self.parts.fleet.register(url)
+        worker, _ = self.enroll(url)
         d = Deferred.fromCoroutine(self.parts.fleet.bring_up(worker))
         self.pump()
         success_result_of(d)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
+LISTENING = re.compile(r"listening on (https?://[0-9.]+:\d+)")
 
 
 @dataclass

@@ -39,6 +39,7 @@ def test_defaults_match_the_design() -> None:
     assert config.log_level == "info"
     assert config.access_log is True  # one line per request unless --access-log off
     assert config_from_args(["--access-log", "off"]).access_log is False
+    assert config.client_timeout == 60.0  # well under the 360 s idle timeout it replaced
 
 
 def test_command_line_defaults_equal_dataclass_defaults() -> None:
@@ -75,6 +76,7 @@ def test_every_flag_parses() -> None:
             "--routing-algorithm", "round-robin",
             "--max-video-jobs", "11",
             "--max-image-ids", "12",
+            "--client-timeout", "7.5",
             "--verbose",
             "--log-level", "warn",
         ]
@@ -94,6 +96,7 @@ def test_every_flag_parses() -> None:
         log_level="warn",
         max_video_jobs=11,
         max_image_ids=12,
+        client_timeout=7.5,
     )
 
 
@@ -155,6 +158,8 @@ def test_port_zero_is_allowed() -> None:
         ({"log_level": "loud"}, "--log-level"),
         ({"max_video_jobs": 0}, "--max-video-jobs"),
         ({"max_image_ids": 0}, "--max-image-ids"),
+        ({"client_timeout": 0}, "--client-timeout"),
+        ({"client_timeout": float("inf")}, "--client-timeout"),
     ],
 )
 def test_invalid_value_raises_config_error_naming_the_flag(kwargs: dict[str, Any], flag: str) -> None:
@@ -171,7 +176,7 @@ def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("field", ["timeout", "health_check_interval", "health_check_timeout"])
+@pytest.mark.parametrize("field", ["timeout", "health_check_interval", "health_check_timeout", "client_timeout"])
 def test_nan_durations_are_refused(field: str) -> None:
     """NaN is not a positive number of seconds; a NaN timer would never fire (or stall the heap)."""
     with pytest.raises(ConfigError) as info:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import URI
 
 from twisted_router.endpoints import WorkerEndpoints
+from twisted_router.resolution import CheckedEndpoint
 
 
 def endpoints() -> WorkerEndpoints:
@@ -28,7 +29,7 @@ def test_ip_literals_skip_name_resolution() -> None:
     v6 = factory.endpointForURI(URI.fromBytes(b"http://[::1]:30000/"))
     named = factory.endpointForURI(URI.fromBytes(b"http://gpu-node-1:30000/"))
     assert isinstance(v4, TCP4ClientEndpoint) and isinstance(v6, TCP6ClientEndpoint)
-    assert isinstance(named, HostnameEndpoint)
+    assert isinstance(named, CheckedEndpoint)  # a HostnameEndpoint whose resolver drops blocked addresses
 
 
 def test_connect_uses_the_configured_timeout() -> None:

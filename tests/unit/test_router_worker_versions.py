@@ -62,7 +62,7 @@ def _post_json(harness: RouterHarness, path: str, body: Any) -> tuple[Any, bytes
 class WarmUpTests(TestCase):
     def test_a_warming_worker_stays_starting_until_health_is_200(self) -> None:
         harness, (url,), _ = _fleet_of_simulators(1, api_version="upstream", warmup_seconds=20)
-        worker, _ = harness.parts.fleet.register(url)
+        worker, _ = harness.enroll(url)
         self.assertTrue(_finish(harness, Deferred.fromCoroutine(harness.parts.fleet.bring_up(worker))) is False)
         self.assertEqual(worker.activity, Activity.STARTING)
         self.assertFalse(worker.is_dead)

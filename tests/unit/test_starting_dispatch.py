@@ -15,7 +15,7 @@ def starting(h: RouterHarness, name: str, *, up: bool) -> str:
     url, _ = h.fleet.add(name)
     if not up:
         h.fleet.down.add(url.split("//")[1])
-    h.parts.fleet.register(url)
+    h.enroll(url)
     worker = h.pool.get(url)
     assert worker is not None and worker.state == "starting"
     return url

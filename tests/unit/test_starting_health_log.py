@@ -14,7 +14,7 @@ def test_a_worker_that_never_answers_is_reported_as_starting_at_a_decreasing_rat
     h, _ = make_router(0, health_check_interval=10, health_check_failure_threshold=3)
     url, _ = h.fleet.add("loading")
     h.fleet.down.add("loading:8000")
-    h.parts.fleet.register(url)
+    h.enroll(url)
     with capturedLogs() as events:
         for _ in range(20):
             h.parts.health.check_all()
