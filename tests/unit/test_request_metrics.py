@@ -105,6 +105,17 @@ def test_routes_are_templates_and_router_answers_have_no_worker() -> None:
     assert routes == {"/health", "/workers/<path:worker_key>", "none", "/v1/images/<image_id>/content"}
 
 
+def test_a_request_cut_by_the_client_timeout_is_counted_408() -> None:
+    h, _, _ = router(1, client_timeout=20.0)
+    h.open(b"POST " + IMAGES.encode() + b" HTTP/1.1\r\nHost: r\r\nContent-Length: 10\r\n\r\nhello")
+    h.open(b"GET /hea")  # not even its request line
+    h.clock.advance(20)
+    samples = scrape(h.parts.router.metrics)
+    assert value(samples, "sglang_router_requests_total", route="none", method="other", status="408", worker="none") == 2
+    duration = "sglang_router_request_duration_seconds_sum"
+    assert value(samples, duration, route="none", method="other", worker="none") == 40.0
+
+
 def test_hostile_methods_share_one_label() -> None:
     h, _, _ = router(1)
     h.send("BREW", "/health")

@@ -161,9 +161,12 @@ def test_the_routers_own_errors_carry_the_id() -> None:
     }
     raw = parse_answer(h.open(b"GET /a%zz HTTP/1.1\r\nHost: r\r\nX-Request-ID: e-400\r\n\r\n").value())
     refusals[raw.status] = raw
+    slow = h.open(b"GET /v1/models HTTP/1.1\r\nHost: r\r\nX-Request-ID: e-408\r\nAccept: */*\r\n")
+    h.clock.advance(h.parts.config.client_timeout)  # --client-timeout: the rest never came
+    refusals[408] = parse_answer(slow.value())
     h.site.set_draining(True)
     refusals[503] = h.send("GET", "/v1/models", headers={"X-Request-ID": "e-503"})
-    assert set(refusals) == {400, 401, 404, 413, 503}
+    assert set(refusals) == {400, 401, 404, 408, 413, 503}
     for status, answer in refusals.items():
         assert answer.status == status
         assert answer.header(b"x-request-id") == f"e-{status}".encode(), status
