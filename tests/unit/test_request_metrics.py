@@ -7,13 +7,11 @@ real Site: counts, and histogram counts, sums and buckets checked exactly
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.server import Request
 
-from tests.support.fleet import Fleet
-from tests.support.site import SiteHarness
+from tests.support.site import site_router as router
 from twisted_router.metrics import LATENCY_BUCKETS, WORKER_STATES, RouterMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -36,19 +34,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def workers_named(samples: Samples) -> set[str]:
     return {dict(labels).get("worker", "") for _, labels in samples} - {""}
-
-
-def router(n: int = 2, **config: Any) -> tuple[SiteHarness, list[str], list[Any]]:
-    fleet = Fleet()
-    config.setdefault("routing_algorithm", "round-robin")
-    harness = SiteHarness(fleet, **config)
-    urls, workers = [], []
-    for i in range(n):
-        url, worker = fleet.add(f"w{i}")
-        harness.register(url)
-        urls.append(url)
-        workers.append(worker)
-    return harness, urls, workers
 
 
 def test_a_generation_is_counted_with_exact_latency_ttfb_and_bytes() -> None:

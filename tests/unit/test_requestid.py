@@ -7,31 +7,18 @@ answer (the router's own errors too); W3C trace headers passed untouched.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 
-from tests.support.fleet import FakeWorker, Fleet
-from tests.support.site import SiteHarness, parse_answer
+from tests.support.fleet import FakeWorker
+from tests.support.site import parse_answer
+from tests.support.site import site_router as router
 from twisted_router.requestid import MAX_REQUEST_ID_LENGTH, RequestIds, accept_request_id
 
 IMAGES = b"/v1/images/generations"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 GENERATED = re.compile(r"[0-9a-f]{16}-[0-9a-f]+")
-
-
-def router(n: int = 2, **config: Any) -> tuple[SiteHarness, list[str], list[FakeWorker]]:
-    fleet = Fleet()
-    config.setdefault("routing_algorithm", "round-robin")
-    harness = SiteHarness(fleet, **config)
-    urls, workers = [], []
-    for i in range(n):
-        url, worker = fleet.add(f"w{i}")
-        harness.register(url)
-        urls.append(url)
-        workers.append(worker)
-    return harness, urls, workers
 
 
 def received(worker: FakeWorker, name: bytes) -> list[bytes] | None:
