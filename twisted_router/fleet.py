@@ -148,6 +148,8 @@ class Fleet:
                 health=health.error or f"HTTP {health.status_code}",
             )
             return False
+        if worker in self._pool:
+            self._pool.record_probe_success(worker)  # a probe like the health checker's, and it passed
         if not await self._refresh(worker):
             return False
         if worker.activity is Activity.STARTING and worker in self._pool:
@@ -166,6 +168,7 @@ class Fleet:
         """
         worker, created = self._pool.add(await self._checked(url))
         worker.managed = True
+        self._pool.record_probe_success(worker)  # the launcher's readiness check is a /health probe
         # A fresh process: awake, holding its GPU memory and its start-up weights.
         self._rejoin(worker, fresh_process=True)
         self.log.info(

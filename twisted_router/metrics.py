@@ -25,7 +25,7 @@ never share series. The series are listed in C{docs/metrics.md}.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -76,25 +76,20 @@ NONE = "none"
 QueueStatus = Callable[[], Mapping[str, float]]
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: the registry keys collectors by identity
 class PoolCollector(Collector):
     """
     Per-worker and fleet series from a L{WorkerPool}, read at scrape time.
 
-    @param fleet_version: the fleet's weight version now (the controller's).
-    @param queue_status: the router-side queue's C{queued_requests} and
+    @ivar fleet_version: the fleet's weight version now (the controller's).
+    @ivar queue_status: the router-side queue's C{queued_requests} and
         C{oldest_queued_wait} (the dispatcher's).
     """
 
-    def __init__(
-        self,
-        pool: WorkerPool,
-        *,
-        fleet_version: Callable[[], str] | None = None,
-        queue_status: QueueStatus | None = None,
-    ) -> None:
-        self._pool = pool
-        self._fleet_version = fleet_version
-        self._queue_status = queue_status
+    pool: WorkerPool
+    _: KW_ONLY
+    fleet_version: Callable[[], str] | None = None
+    queue_status: QueueStatus | None = None
 
     def collect(self) -> Iterator[Metric]:
         labels = ["worker"]
@@ -139,7 +134,7 @@ class PoolCollector(Collector):
         jobs = GaugeMetricFamily(
             f"{PREFIX}worker_running_jobs", "Video jobs created on the worker not yet seen finished", labels=labels
         )
-        for worker in self._pool.workers():
+        for worker in self.pool.workers():
             name = [worker.url]
             active.add_metric(name, worker.active_requests)
             up.add_metric(name, 1 if worker.routable else 0)
@@ -155,7 +150,7 @@ class PoolCollector(Collector):
             work.add_metric(name, worker.predicted_work)
             speed.add_metric(name, worker.speed.units_per_second)
             jobs.add_metric(name, worker.running_jobs)
-        counts = self._pool.counts()
+        counts = self.pool.counts()
         fleet = GaugeMetricFamily(f"{PREFIX}workers", "Registered workers by state", labels=["state"])
         fleet.add_metric(["total"], counts["total_workers"])
         fleet.add_metric(["routable"], counts["healthy_workers"])
@@ -163,14 +158,14 @@ class PoolCollector(Collector):
         fleet.add_metric(["sleeping"], counts["sleeping_workers"])
         fleet.add_metric(["busy"], counts["busy_workers"])
         yield from (active, up, dead, sleeping, failures, requests, failed, state, version, work, speed, jobs, fleet)
-        if self._fleet_version is not None:
+        if self.fleet_version is not None:
             info = GaugeMetricFamily(
                 f"{PREFIX}fleet_weight_version_info", "1, labelled with the fleet's weight version", labels=["version"]
             )
-            info.add_metric([self._fleet_version()], 1)
+            info.add_metric([self.fleet_version()], 1)
             yield info
-        if self._queue_status is not None:
-            status = self._queue_status()
+        if self.queue_status is not None:
+            status = self.queue_status()
             yield GaugeMetricFamily(
                 f"{PREFIX}queued_requests", "Generations waiting in the router-side queue",
                 value=status["queued_requests"],

@@ -37,7 +37,8 @@ Every request gets an id (the client's C{X-Request-ID} when it is safe,
 else a new one, L{twisted_router.requestid}) before anything else happens:
 it is forwarded to the worker on every attempt, returned on every answer
 (the router's own errors too, which are written through the same
-L{BoundedRequest.write}), and, with the request's route, worker, status,
+L{BoundedRequest.write}, and the answers sent before a request is whole:
+413, 401, 408), and, with the request's route, worker, status,
 duration and sizes, handed to the site's C{on_finished} observer (metrics)
 and to the access log when the request ends, answered or abandoned.
 """
@@ -72,6 +73,9 @@ _access_log = Logger(namespace="twisted_router.access")
 
 #: The status recorded for a request whose client went away before its answer was complete (nginx's convention).
 CLIENT_GONE = 499
+
+#: The method and path recorded for a request answered before they were read (C{--client-timeout}'s 408).
+UNREAD = b"-"
 
 
 class RouterChannel(HTTPChannel):
@@ -118,8 +122,31 @@ class RouterChannel(HTTPChannel):
                 peer=str(self.transport.getPeer()) if self.transport is not None else "?",
                 timeout=self.timeOut,
             )
-            self.answer_early(408, f"the request did not arrive within {self.timeOut:g}s (--client-timeout)")
+            self._time_out()
         super().timeoutConnection()
+
+    def _time_out(self) -> None:
+        """
+        Answer 408 to the request that did not arrive in time, with its id,
+        and report it (access line, metrics) as ended now, having started
+        C{timeOut} seconds ago (its first byte: the deadline runs from it).
+        """
+        message = f"the request did not arrive within {self.timeOut:g}s (--client-timeout)"
+        site = getattr(self, "site", None)
+        if not isinstance(site, RouterSite):
+            self.answer_early(408, message)
+            return
+        started = site.clock.seconds() - (self.timeOut or 0)  # set: it has just run out
+        # The request arriving is the last one (a finished one has been removed);
+        # none when not even its request line is in.
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, BoundedRequest):
+            request.answer_early(408, message, started=started)
+            site.end(request, 408)
+        else:
+            record = site.new_record(started)
+            self.answer_early(408, message, {REQUEST_ID_HEADER: record.request_id.encode()})
+            site.report(record, UNREAD, UNREAD, 408, bytes_in=0, bytes_out=0)
 
     def answer_early(
         self, status: int, message: str, headers: dict[bytes, bytes] | None = None
@@ -201,17 +228,27 @@ class BoundedRequest(Request):
         # No "100 Continue" for a body we refuse: the client skips the upload.
         self.requestHeaders.removeHeader(b"expect")
         self._drop_body()
+        self.answer_early(status, message, headers)
+        if waiting and self.channel is not None:
+            self.channel.loseConnection()
+
+    def answer_early(
+        self, status: int, message: str, headers: dict[bytes, bytes] | None = None, *, started: float | None = None
+    ) -> None:
+        """
+        Answer before this request is whole (413, 401, 408), with its id
+        (given now if it has none yet, as starting at C{started}).
+        """
         channel = self.channel
         site = self._site()
         headers = dict(headers or {})
         if site is not None:
-            site.begin(self)  # its id, on this answer too
+            if self.record is None:
+                site.begin(self, started)
             assert self.record is not None
             headers[REQUEST_ID_HEADER] = self.record.request_id.encode()
         if isinstance(channel, RouterChannel):
             channel.answer_early(status, message, headers)
-            if waiting:
-                channel.loseConnection()
 
     def _drop_body(self) -> None:
         self._dropping = True
@@ -273,10 +310,14 @@ class BoundedRequest(Request):
         super().write(data)
 
     def connectionLost(self, reason: object) -> None:
-        site = getattr(self.channel, "site", None)
+        channel = self.channel
+        site = getattr(channel, "site", None)
         super().connectionLost(reason)
         if not self.finished and isinstance(site, RouterSite):
-            site.end(self, CLIENT_GONE)  # the client went away before the answer was complete
+            early = channel.answered_early if isinstance(channel, RouterChannel) else 0
+            # Answered before it was whole (and gone before its body was read): that answer;
+            # else the client went away before the answer was complete.
+            site.end(self, early or CLIENT_GONE)
 
     def _refuse(self, status: int, message: str, *, close: bool) -> None:
         """Answer with the router's JSON error without reaching a route."""
@@ -354,11 +395,13 @@ class RouterSite(Site):
         """While draining, new requests are answered 503 (C{/health}: C{draining}) and their connections closed."""
         self.draining = draining
 
-    def begin(self, request: BoundedRequest) -> None:
+    def begin(self, request: BoundedRequest, started: float | None = None) -> None:
         """
         Give C{request} its id and its record. The id replaces the client's
         C{X-Request-ID} (and a hostile C{X-Correlation-ID} is dropped), so
         the worker receives exactly the id the client gets back.
+
+        @param started: when it started, if earlier than now (reactor seconds).
         """
         headers = request.requestHeaders
         given = headers.getRawHeaders(REQUEST_ID_HEADER)
@@ -369,7 +412,11 @@ class RouterSite(Site):
         headers.setRawHeaders(REQUEST_ID_HEADER, [request_id.encode()])
         if fallback is not None and given is None and _single(fallback) != request_id.encode():
             headers.removeHeader(CORRELATION_ID_HEADER)
-        request.record = RequestRecord(request_id, self.clock.seconds())
+        request.record = RequestRecord(request_id, self.clock.seconds() if started is None else started)
+
+    def new_record(self, started: float) -> RequestRecord:
+        """The record, with a new id, of a request that has none to read it from (its headers never came)."""
+        return RequestRecord(self._ids.new(), started)
 
     def log(self, request: HTTPRequest) -> None:
         # Called by Request.finish() instead of Twisted's access log line.
@@ -382,16 +429,32 @@ class RouterSite(Site):
         if record is None or request._reported:
             return
         request._reported = True
+        # Twisted sets a request's method and path once it is whole: not for one
+        # answered (408, 413, 401) and gone before that.
+        whole = request.path is not None
+        self.report(
+            record,
+            request.method if whole else UNREAD,
+            request.path if whole else UNREAD,
+            status,
+            bytes_in=request._received,
+            bytes_out=request.sentLength,
+        )
+
+    def report(
+        self, record: RequestRecord, method: bytes, path: bytes, status: int, *, bytes_in: int, bytes_out: int
+    ) -> None:
+        """One request has ended now with C{status}: tell the observer, and log its access line."""
         now = self.clock.seconds()
         done = FinishedRequest(
             record=record,
-            method=request.method,
-            path=request.path,
+            method=method,
+            path=path,
             status=status,
             duration=now - record.started,
             time_to_first_byte=None if record.first_byte is None else record.first_byte - record.started,
-            bytes_in=request._received,
-            bytes_out=request.sentLength,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
         )
         if self.on_finished is not None:
             self.on_finished(done)

@@ -7,12 +7,14 @@ L{tests.support.processes}) and every one is stopped when the test ends, whateve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support.processes import ServerProcess, python_module, start_process
+from tests.support.live import twistd_env, twistd_router_argv
+from tests.support.processes import ServerProcess, python_module, sigkill_all, start_process
 
 
 class Processes:
@@ -59,6 +61,15 @@ class Processes:
             argv += ["--worker-urls", *(w.url for w in workers)]
         return self.start(argv)
 
+    def twistd_router(
+        self, workers: Sequence[ServerProcess], *args: str, env: dict[str, str] | None = None
+    ) -> ServerProcess:
+        """Start C{twistd -n sglang-d-router} in front of C{workers}, as L{router} does the console router."""
+        argv = twistd_router_argv("--host", "127.0.0.1", "--port", "0", "--health-check-interval", "1", *args)
+        if workers:
+            argv += ["--worker-urls", *(w.url for w in workers)]
+        return self.start(argv, env={**twistd_env(), **(env or {})})
+
     def stop_all(self) -> None:
         for proc in reversed(self.started):
             proc.stop(grace=5.0)
@@ -71,3 +82,13 @@ def processes() -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+@pytest.fixture
+def worker_groups() -> Iterator[set[int]]:
+    """Process groups of launched workers; whatever is left of them is SIGKILLed when the test ends."""
+    groups: set[int] = set()
+    try:
+        yield groups
+    finally:
+        sigkill_all(os.killpg, groups)

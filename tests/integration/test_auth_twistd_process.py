@@ -15,8 +15,6 @@ from urllib.parse import urlsplit
 
 import requests
 
-from tests.integration.test_router_process import BIN
-
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes
 
@@ -33,15 +31,8 @@ def test_keys_from_a_file_and_the_environment_under_twistd(processes: Processes,
     key_file = tmp_path / "admin.key"
     key_file.write_text(ADMIN_KEY + "\n")
     key_file.chmod(0o600)
-    router = processes.start(
-        [
-            str(BIN / "twistd"), "-n", "--pidfile=", "sglang-d-router",
-            "--host", "127.0.0.1", "--port", "0",
-            "--health-check-interval", "1",
-            "--admin-api-key-file", str(key_file),
-            "--worker-urls", worker.url,
-        ],
-        env={"SGLANG_D_ROUTER_API_KEY": API_KEY},
+    router = processes.twistd_router(
+        [worker], "--admin-api-key-file", str(key_file), env={"SGLANG_D_ROUTER_API_KEY": API_KEY}
     )
     assert API_KEY not in " ".join(router.argv) and ADMIN_KEY not in " ".join(router.argv)
     router.wait_for_line(r"worker 127\.0\.0\.1:\d+ is up")

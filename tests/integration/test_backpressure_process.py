@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from tests.integration.test_router_process import (
+from tests.support.live import (
     MB,
     call,
     proc_status_kb,

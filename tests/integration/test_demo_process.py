@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tests.integration.test_router_process import call, wait_until
+from tests.support.live import call, wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes

@@ -12,20 +12,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from tests.integration.test_router_process import (
+from tests.support.live import (
     call,
     post_image,
     sim,
     wait_for_workers,
     wait_until,
+    workers_by_url,
 )
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes
-
-
-def _worker(workers: list[dict[str, Any]], url: str) -> dict[str, Any]:
-    return next(w for w in workers if w["url"] == url)
 
 
 def test_hung_worker_is_quarantined_and_traffic_continues(processes: Processes) -> None:
@@ -54,8 +51,7 @@ def test_hung_worker_is_quarantined_and_traffic_continues(processes: Processes) 
 
         # Health checks quarantine it within threshold x (interval + probe timeout), give or take.
         def quarantined() -> dict[str, Any] | None:
-            workers = call(router.url, "GET", "/workers").json()["workers"]
-            entry = _worker(workers, hung.url)
+            entry = workers_by_url(router)[hung.url]
             return entry if entry["is_dead"] else None
 
         entry = wait_until("the hung worker to be quarantined", quarantined, timeout=15)
@@ -65,22 +61,22 @@ def test_hung_worker_is_quarantined_and_traffic_continues(processes: Processes) 
         after = [post_image(router.url, timeout=20) for _ in range(6)]
         assert [(r.status, r.worker) for r in after] == [(200, "healthy")] * 6
         # No in-flight count leaked on either worker once the timed-out requests are over.
-        def settled() -> list[dict[str, Any]] | None:
-            workers = call(router.url, "GET", "/workers").json()["workers"]
-            return workers if all(w["active_requests"] == 0 for w in workers) else None
+        def settled() -> dict[str, dict[str, Any]] | None:
+            workers = workers_by_url(router)
+            return workers if all(w["active_requests"] == 0 for w in workers.values()) else None
 
         workers = wait_until("in-flight counts back to 0", settled, timeout=10)
         timed_out = sum(1 for r in during if r.status == 504)
-        assert _worker(workers, hung.url)["failed_requests"] >= timed_out
+        assert workers[hung.url]["failed_requests"] >= timed_out
         print(f"hung worker quarantined {detected_after:.1f}s after SIGSTOP")
     finally:
         hung.signal_group(signal.SIGCONT)
 
     # Back from the hang, it stays out (it may hold stale weights) until an operator re-admits it.
     time.sleep(1.5)  # three health intervals
-    workers = call(router.url, "GET", "/workers").json()["workers"]
-    assert _worker(workers, hung.url)["is_dead"] is True
-    worker_id = _worker(workers, hung.url)["worker_id"]
+    entry = workers_by_url(router)[hung.url]
+    assert entry["is_dead"] is True
+    worker_id = entry["worker_id"]
     reply = call(router.url, "PUT", f"/workers/{worker_id}", {"is_dead": False})
     assert reply.status == 200 and reply.json()["worker"]["is_dead"] is False
     served = {post_image(router.url).worker for _ in range(6)}

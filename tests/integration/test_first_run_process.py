@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.live import BIN, REPO_ROOT
 from tests.support.processes import python_module
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 STAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}")
 
 

@@ -17,10 +17,10 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from tests.integration.test_router_process import (
+from tests.support.live import (
     SMALL_IMAGE,
     Reply,
     call,
@@ -28,14 +28,11 @@ from tests.integration.test_router_process import (
     sim,
     wait_for_workers,
     wait_until,
+    workers_by_url,
 )
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes
-
-
-def _workers(router_url: str) -> dict[str, dict[str, Any]]:
-    return {w["url"]: w for w in call(router_url, "GET", "/workers").json()["workers"]}
 
 
 def test_refit_with_a_hung_worker_serves_from_the_updated_one(processes: Processes) -> None:
@@ -85,7 +82,7 @@ def test_refit_with_a_hung_worker_serves_from_the_updated_one(processes: Process
         assert results[ready.url]["success"] is True
         assert results[hung.url]["success"] is False
         assert "timed out" in results[hung.url]["error"]
-        workers = _workers(router.url)
+        workers = workers_by_url(router)
         assert workers[hung.url]["is_dead"] is True
         assert workers[hung.url]["weight_version"] is None
         assert workers[ready.url]["state"] == "ready"
@@ -122,7 +119,7 @@ def test_hung_worker_stops_getting_requests_and_its_requests_are_retried(process
 
         def watch() -> None:
             while not stop_watching.is_set() and not seen_out:
-                entry = _workers(router.url)[hung.url]
+                entry = workers_by_url(router)[hung.url]
                 if entry["state"] in ("suspect", "dead"):
                     seen_out.append((time.monotonic() - hung_at, entry["state"], entry["total_requests"]))
                 time.sleep(0.05)
@@ -141,7 +138,7 @@ def test_hung_worker_stops_getting_requests_and_its_requests_are_retried(process
             watcher.join(timeout=30)
         entry = wait_until(
             "the hung worker to be quarantined",
-            lambda: (w if (w := _workers(router.url)[hung.url])["is_dead"] else None),
+            lambda: (w if (w := workers_by_url(router)[hung.url])["is_dead"] else None),
             timeout=20,
         )
         assert seen_out, "the hung worker was never seen suspect or dead"
@@ -190,13 +187,13 @@ def test_abandoned_generations_keep_counting_until_the_worker_finishes(processes
     for _ in range(4):
         _send_and_hang_up(router.url, payload)
     hung_up_at = time.monotonic()
-    active_after = _workers(router.url)[worker.url]["active_requests"]
+    active_after = workers_by_url(router)[worker.url]["active_requests"]
     print(f"in flight right after 4 clients hung up: {active_after}")
     assert active_after >= 3  # the first may have finished already; the rest are queued on the worker
 
     settled = wait_until(
         "the abandoned generations to finish",
-        lambda: (w if (w := _workers(router.url)[worker.url])["active_requests"] == 0 else None),
+        lambda: (w if (w := workers_by_url(router)[worker.url])["active_requests"] == 0 else None),
         timeout=30,
     )
     drained_after = time.monotonic() - hung_up_at

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.integration.test_router_process import SMALL_IMAGE, call, wait_until
+from tests.support.live import SMALL_IMAGE, call, wait_until
 from tests.support.processes import python_module
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tests.integration.test_router_process import (
+from tests.support.live import (
     call,
     post_image,
     sim,

@@ -13,115 +13,36 @@ worker behind.
 from __future__ import annotations
 
 import os
-import random
-import re
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration.test_router_process import REPO_ROOT, call, wait_until
-from tests.support.processes import ServerProcess, python_module
+from tests.support.launched import (
+    STARTED,
+    free_port_range,
+    group_alive,
+    started_workers,
+    write_fleet,
+)
+from tests.support.live import (
+    SMALL_IMAGE,
+    all_routable,
+    call,
+    terminate,
+    twistd_env,
+    twistd_router_argv,
+    wait_until,
+    workers_by_url,
+)
+from tests.support.processes import python_module
 
 if TYPE_CHECKING:  # the fixture's type; conftest.py is imported by pytest itself
     from tests.integration.conftest import Processes
-
-STARTED = re.compile(r"\[worker (\d+)\] started(?: again \(start \d+\))?, pid (\d+)")
-SMALL_IMAGE = {"prompt": "a red fox", "size": "512x512", "num_inference_steps": 4}
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def free_port_range(count: int) -> int:
-    """An even base port such that C{count} ports from it are free on 127.0.0.1 right now."""
-    for _ in range(100):
-        base = random.randrange(20000, 45000, 2)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no free port range found")
-
-
-def write_fleet(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "fleet.yaml"
-    path.write_text(textwrap.dedent(body))
-    return path
-
-
-def started_workers(router: ServerProcess) -> dict[int, list[int]]:
-    """Worker index -> pids it has run as, in order, from the router's log."""
-    seen: dict[int, list[int]] = {}
-    for line in list(router.lines):
-        m = STARTED.search(line)
-        if m:
-            seen.setdefault(int(m.group(1)), []).append(int(m.group(2)))
-    return seen
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@pytest.fixture
-def worker_groups() -> Iterator[set[int]]:
-    """Process groups of launched workers; whatever is left of them is SIGKILLed at the end."""
-    groups: set[int] = set()
-    try:
-        yield groups
-    finally:
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def workers_by_url(router: ServerProcess) -> dict[str, dict[str, Any]] | None:
-    reply = call(router.url, "GET", "/workers", timeout=5.0)
-    if reply.status != 200:
-        return None
-    return {w["url"]: w for w in reply.json()["workers"]}
-
-
-def all_routable(router: ServerProcess, urls: list[str]) -> dict[str, dict[str, Any]] | None:
-    workers = workers_by_url(router)
-    if workers is None or set(workers) != set(urls):
-        return None
-    if all(not w["is_dead"] and w.get("task_type") for w in workers.values()):
-        return workers
-    return None
-
-
-def terminate(proc: ServerProcess, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-    proc.popen.send_signal(sig)
-    try:
-        return proc.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{proc.argv} did not exit within {timeout}s of {sig!r}\n{proc.output()}") from None
-
-
-def twistd_env() -> dict[str, str]:
-    # Not needed with a current install (see test_first_run_process.py); kept for a venv
-    # editable-installed before the install put the repository on sys.path.
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -151,15 +72,7 @@ def test_launched_fleet_serves_survives_a_sigkill_and_stops_without_orphans(
               - {{task_type: T2V}}
         """,
     )
-    router = processes.start(
-        python_module(
-            "twisted_router",
-            "--host", "127.0.0.1", "--port", "0",
-            "--health-check-interval", "1",
-            "--launcher-config", str(fleet),
-            "--worker-urls", external.url,
-        )
-    )
+    router = processes.router([external], "--launcher-config", str(fleet))
     # The router listens at once; only the external worker serves until a launched one is ready.
     urls = [f"http://127.0.0.1:{base + 2 * i}" for i in range(3)]
     workers = wait_until("all launched workers routable", lambda: all_routable(router, [*urls, external.url]), 30.0)
@@ -313,11 +226,7 @@ def test_twistd_runs_and_stops_the_fleet(processes: Processes, worker_groups: se
     base = free_port_range(2)
     fleet = write_fleet(tmp_path, f"launcher: {{backend: simulated, worker_base_port: {base}}}\n")
     router = processes.start(
-        [
-            str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "sglang-d-router",
-            "--host", "127.0.0.1", "--port", "0", "--launcher-config", str(fleet),
-        ],
-        env=twistd_env(),
+        twistd_router_argv("--host", "127.0.0.1", "--port", "0", "--launcher-config", str(fleet)), env=twistd_env()
     )
     wait_until("the worker routable", lambda: all_routable(router, [f"http://127.0.0.1:{base}"]), 20.0)
     worker_groups.update(pid for runs in started_workers(router).values() for pid in runs)
@@ -359,7 +268,7 @@ def test_no_worker_ready_exits_non_zero(how: str, tmp_path: Path, worker_groups:
     if how == "console":
         argv, env = python_module("twisted_router", *options), None
     else:
-        argv = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "sglang-d-router", *options]
+        argv = twistd_router_argv(*options)
         env = {**os.environ, **twistd_env()}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, start_new_session=True)
     worker_groups.update(int(m.group(2)) for m in STARTED.finditer(done.stdout))

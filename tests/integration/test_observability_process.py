@@ -7,18 +7,13 @@ serves the same series as C{/metrics} on the main port.
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_router_process import (
-    BIN,
-    REPO_ROOT,
+from tests.support.live import (
     SMALL_IMAGE,
-    Reply,
     call,
     sim,
     wait_for_workers,
@@ -31,20 +26,6 @@ if TYPE_CHECKING:
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "rojo=00f067aa0ba902b7"
 IMAGES = "/v1/images/generations"
-
-
-def send(base_url: str, path: str, headers: dict[str, str], payload: Any = None, timeout: float = 30.0) -> Reply:
-    host, _, port = base_url.removeprefix("http://").partition(":")
-    assert host == "127.0.0.1"
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        body = None if payload is None else json.dumps(payload).encode()
-        conn.request("POST" if body is not None else "GET", path, body=body,
-                     headers={**headers, "content-type": "application/json"})
-        response = conn.getresponse()
-        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-    finally:
-        conn.close()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -69,11 +50,11 @@ def test_ids_round_trip_json_logs_parse_and_metrics_have_their_own_port(processe
     assert main != metrics_url
     wait_for_workers(router, 2)
 
-    given = send(main, IMAGES, {"X-Request-ID": "obs-given-1", "traceparent": TRACEPARENT, "tracestate": TRACESTATE},
-                 SMALL_IMAGE)
-    generated = send(main, IMAGES, {"traceparent": TRACEPARENT}, SMALL_IMAGE)
-    hostile = send(main, IMAGES, {"X-Request-ID": "x" * 300}, SMALL_IMAGE)
-    refused = send(main, "/workers/nobody", {"X-Request-ID": "obs-404"})
+    trace = {"traceparent": TRACEPARENT, "tracestate": TRACESTATE}
+    given = call(main, "POST", IMAGES, SMALL_IMAGE, headers={"X-Request-ID": "obs-given-1", **trace})
+    generated = call(main, "POST", IMAGES, SMALL_IMAGE, headers={"traceparent": TRACEPARENT})
+    hostile = call(main, "POST", IMAGES, SMALL_IMAGE, headers={"X-Request-ID": "x" * 300})
+    refused = call(main, "GET", "/workers/nobody", headers={"X-Request-ID": "obs-404"})
     assert [r.status for r in (given, generated, hostile, refused)] == [200, 200, 200, 404]
     assert given.headers["x-request-id"] == "obs-given-1"
     assert refused.headers["x-request-id"] == "obs-404"
@@ -117,19 +98,9 @@ def test_ids_round_trip_json_logs_parse_and_metrics_have_their_own_port(processe
 
 def test_twistd_writes_json_lines_with_the_request_id(processes: Processes) -> None:
     (worker,) = processes.workers(sim("obs-twistd"))
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    router = processes.start(
-        [
-            str(BIN / "twistd"), "-n", "--pidfile=", "sglang-d-router",
-            "--host", "127.0.0.1", "--port", "0",
-            "--health-check-interval", "1",
-            "--log-format", "json", "--access-log", "on",
-            "--worker-urls", worker.url,
-        ],
-        env=env,
-    )
+    router = processes.twistd_router([worker], "--log-format", "json", "--access-log", "on")
     wait_for_workers(router, 1)
-    reply = send(router.url, IMAGES, {"X-Request-ID": "twistd-1"}, SMALL_IMAGE)
+    reply = call(router.url, "POST", IMAGES, SMALL_IMAGE, headers={"X-Request-ID": "twistd-1"})
     assert (reply.status, reply.headers["x-request-id"]) == (200, "twistd-1")
 
     def access_line() -> dict[str, Any] | None:

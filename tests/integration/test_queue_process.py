@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from tests.integration.test_router_process import call, sim, wait_for_workers, wait_until
+from tests.support.live import call, sim, wait_for_workers, wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes

@@ -29,14 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration.test_launcher_process import (
+from tests.support.launched import write_fleet
+from tests.support.live import (
     SMALL_IMAGE,
+    all_routable,
+    call,
     terminate,
+    wait_until,
     workers_by_url,
-    write_fleet,
 )
-from tests.integration.test_router_process import call, wait_until
-from tests.support.processes import python_module
+from tests.support.processes import sigkill_all
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes
@@ -102,11 +104,7 @@ def sessions() -> Iterator[set[int]]:
         yield sids
     finally:
         for sid in sids:
-            for pid in in_session(sid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            sigkill_all(os.kill, in_session(sid))
 
 
 def started(router_lines: list[str]) -> dict[int, list[tuple[int, str]]]:
@@ -142,14 +140,7 @@ def test_ray_fleet_serves_replaces_a_killed_actor_and_leaves_nothing(
         """,
     )
     began = time.monotonic()
-    router = processes.start(
-        python_module(
-            "twisted_router",
-            "--host", "127.0.0.1", "--port", "0",
-            "--health-check-interval", "1",
-            "--launcher-config", str(fleet),
-        )
-    )
+    router = processes.router([], "--launcher-config", str(fleet))
     sessions.add(router.pid)  # start_process gives it a session of its own
     router.wait_for_line(r"3/3 workers ready", timeout=90.0)
     ready_after = time.monotonic() - began
@@ -160,10 +151,7 @@ def test_ray_fleet_serves_replaces_a_killed_actor_and_leaves_nothing(
     assert all(url.startswith("http://127.0.0.1:") for url in urls), urls
 
     def routable() -> dict[str, dict[str, Any]] | None:
-        workers = workers_by_url(router)
-        if workers is None or set(workers) != set(urls):
-            return None
-        return workers if all(not w["is_dead"] and w.get("task_type") for w in workers.values()) else None
+        return all_routable(router, urls)  # the URLs as they are then: a replacement changes one
 
     wait_until("all Ray workers routable", routable, 20.0)
     served = {call(router.url, "POST", "/v1/images/generations", SMALL_IMAGE).worker for _ in range(6)}

@@ -11,7 +11,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from tests.integration.test_router_process import SMALL_IMAGE, call, wait_for_workers
+from tests.support.live import SMALL_IMAGE, call, wait_for_workers
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Processes

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from tests.integration.test_router_process import (
+from tests.support.live import (
     REPO_ROOT,
     Reply,
     call,
@@ -31,6 +31,7 @@ from tests.integration.test_router_process import (
     sim,
     wait_for_workers,
     wait_until,
+    workers_by_url,
 )
 from tests.support.processes import ServerProcess
 
@@ -60,13 +61,6 @@ def refit(
 def control(router: ServerProcess, what: str) -> Reply:
     """C{release} or C{resume} the fleet's memory through the router."""
     return call(router.url, "POST", f"/{what}_memory_occupation", {}, timeout=30.0)
-
-
-def fleet(router: ServerProcess) -> dict[str, dict[str, Any]]:
-    """The router's C{/workers}, keyed by worker URL."""
-    reply = call(router.url, "GET", "/workers", timeout=5.0)
-    assert reply.status == 200, reply
-    return {w["url"]: w for w in reply.json()["workers"]}
 
 
 def sim_state(worker: ServerProcess) -> dict[str, Any]:
@@ -99,7 +93,7 @@ def wait_state(
     router: ServerProcess, worker: ServerProcess, state: str, timeout: float = 15.0
 ) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        payload = fleet(router)[worker.url]
+        payload = workers_by_url(router)[worker.url]
         return payload if payload["state"] == state else None
 
     return wait_until(f"{worker.url} to be {state!r}", reached, timeout)
@@ -124,13 +118,13 @@ def traffic_while_syncing(
     kinds = ["image", "native"]
     while time.monotonic() < deadline:
         reply = generate(router, kinds[len(during) % 2])
-        payload = fleet(router)[syncing.url]
+        payload = workers_by_url(router)[syncing.url]
         if not payload["syncing"]:
             return during, served_ok(reply)
         assert payload["state"] == "syncing", payload
         during.append(served_ok(reply))
         time.sleep(0.05)
-    raise AssertionError(f"{syncing.url} still syncing after 15s: {fleet(router)[syncing.url]}")
+    raise AssertionError(f"{syncing.url} still syncing after 15s: {workers_by_url(router)[syncing.url]}")
 
 
 def spread(router: ServerProcess, count: int) -> Counter[Served]:
@@ -156,7 +150,7 @@ def test_refit_updates_every_worker_and_every_answer(processes: Processes) -> No
     assert body["weight_version"] == "a1", body
     assert sorted(r["worker_url"] for r in body["results"]) == sorted([a.url, b.url]), body
     assert all(r["success"] and r["status_code"] == 200 for r in body["results"]), body
-    for payload in fleet(router).values():
+    for payload in workers_by_url(router).values():
         assert payload["state"] == "ready", payload
         assert (payload["weight_version"], payload["model_path"]) == ("a1", "/ckpt/a"), payload
     for worker in (a, b):
@@ -187,7 +181,7 @@ def test_failed_refit_quarantines_the_worker(processes: Processes) -> None:
     assert results[bad.url]["success"] is False and results[bad.url]["status_code"] == 400, body
     assert "rolled back" in str(results[bad.url]["body"]), body
     assert results[good.url]["success"] and results[flipped.url]["success"], body
-    dead = fleet(router)[bad.url]
+    dead = workers_by_url(router)[bad.url]
     assert dead["is_dead"] is True and dead["state"] == "dead", dead
     assert "u1" in dead["dead_reason"] and "failed" in dead["dead_reason"], dead
     assert sim_state(bad)["weights_version"] == 0  # the worker rolled back
@@ -203,7 +197,7 @@ def test_failed_refit_quarantines_the_worker(processes: Processes) -> None:
     results = {r["worker_url"]: r for r in body["results"]}
     assert set(results) == {good.url, flipped.url}, body  # the dead worker is not asked
     assert results[flipped.url]["success"] is False and results[good.url]["success"] is True, body
-    workers = fleet(router)
+    workers = workers_by_url(router)
     assert workers[flipped.url]["is_dead"] is True, workers[flipped.url]
     assert "u2" in workers[flipped.url]["dead_reason"], workers[flipped.url]
     assert workers[good.url]["weight_version"] == "u2", workers[good.url]
@@ -291,7 +285,7 @@ def test_worker_that_slept_through_a_refit_is_caught_up_on_wake(processes: Proce
     body = woke.json()
     assert [r["worker_url"] for r in body["results"]] == [b.url], body
     assert body["catching_up"] == [b.url], body
-    assert fleet(router)[b.url]["syncing"] is True
+    assert workers_by_url(router)[b.url]["syncing"] is True
     during, last = traffic_while_syncing(router, b)
     assert during and set(during) == {("a", "v1")}, during
     assert last[1] == "v1", last
@@ -402,7 +396,7 @@ def _joined(thread: threading.Thread, out: dict[str, Any], timeout: float = 30.0
 
 def _wait_updating(router: ServerProcess, count: int) -> None:
     def updating() -> bool | None:
-        states = [w["state"] for w in fleet(router).values()]
+        states = [w["state"] for w in workers_by_url(router).values()]
         return True if states.count("updating") == count else None
 
     wait_until(f"{count} worker(s) updating", updating, timeout=10.0)
@@ -450,7 +444,7 @@ def test_concurrent_refits_run_one_after_the_other(processes: Processes) -> None
     assert elapsed >= 1.0, elapsed
     assert most_queued == {w.url: 1 for w in workers}, most_queued
     assert call(router.url, "GET", "/health").json()["weight_version"] == "second"
-    for payload in fleet(router).values():
+    for payload in workers_by_url(router).values():
         assert payload["weight_version"] == "second", payload
     for w in workers:
         state = sim_state(w)

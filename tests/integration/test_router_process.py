@@ -11,132 +11,30 @@ process group when the test ends.
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
-import twisted_router
-from tests.support.processes import ServerProcess
+from tests.support.live import (
+    BIN,
+    MB,
+    Reply,
+    call,
+    connection,
+    post_image,
+    proc_status_kb,
+    sim,
+    terminate,
+    wait_for_workers,
+    wait_until,
+)
 
 if TYPE_CHECKING:  # the fixture's type; conftest.py is imported by pytest itself
     from tests.integration.conftest import Processes
 
-T = TypeVar("T")
-
-BIN = Path(sys.executable).parent
-REPO_ROOT = Path(twisted_router.__file__).resolve().parents[1]
-MB = 1_000_000
 MIB = 1024 * 1024
-
-# A small image request: 512x512 and 8 steps, a few ms of simulated GPU time.
-SMALL_IMAGE = {"prompt": "a red fox in snow", "size": "512x512", "num_inference_steps": 8}
-
-
-# -- a tiny stdlib HTTP client --------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def worker(self) -> str | None:
-        return self.headers.get("x-worker-id")
-
-
-def _connection(base_url: str, timeout: float) -> http.client.HTTPConnection:
-    parts = urlsplit(base_url)
-    assert parts.hostname == "127.0.0.1", base_url
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-
-
-def call(
-    base_url: str,
-    method: str,
-    path: str,
-    payload: Any = None,
-    timeout: float = 30.0,
-) -> Reply:
-    """One request on a fresh connection; any status is returned, never raised."""
-    conn = _connection(base_url, timeout)
-    try:
-        headers = {}
-        body = None
-        if payload is not None:
-            body = json.dumps(payload).encode()
-            headers["content-type"] = "application/json"
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        data = response.read()
-        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-    finally:
-        conn.close()
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 15.0) -> T:
-    """Call C{probe} until it returns something other than None, at most C{timeout} seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            result = probe()
-        except (OSError, http.client.HTTPException) as exc:
-            last = exc
-        else:
-            if result is not None:
-                return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
-
-
-def wait_for_workers(router: ServerProcess, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
-    """Poll C{GET /workers} until C{count} workers are registered and every task type is known."""
-
-    def ready() -> list[dict[str, Any]] | None:
-        reply = call(router.url, "GET", "/workers", timeout=5.0)
-        if reply.status != 200:
-            return None
-        workers: list[dict[str, Any]] = reply.json()["workers"]
-        if len(workers) == count and all(w.get("task_type") for w in workers):
-            return workers
-        return None
-
-    return wait_until(f"{count} workers with a known task type at {router.url}", ready, timeout)
-
-
-def post_image(base_url: str, payload: Mapping[str, Any] = SMALL_IMAGE, timeout: float = 30.0) -> Reply:
-    return call(base_url, "POST", "/v1/images/generations", dict(payload), timeout=timeout)
-
-
-def proc_status_kb(pid: int) -> dict[str, int]:
-    """The C{Vm*} lines of C{/proc/<pid>/status}, in kB."""
-    figures: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name.startswith("Vm") and value.strip().endswith("kB"):
-            figures[name] = int(value.split()[0])
-    return figures
-
-
-def sim(worker_id: str, *args: str) -> list[str]:
-    # Checkpoints in these tests are /ckpt/...: the simulator accepts them only when told.
-    return ["--worker-id", worker_id, "--weights-prefix", "/ckpt/", *args]
 
 
 # -- routing ----------------------------------------------------------------------------------
@@ -285,31 +183,9 @@ def _healthy(url: str) -> Reply | None:
     return reply if reply.status == 200 else None
 
 
-def _terminate(proc: ServerProcess, timeout: float = 15.0) -> int:
-    proc.popen.send_signal(signal.SIGTERM)
-    try:
-        return proc.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(
-            f"{proc.argv} did not exit within {timeout}s of SIGTERM\n{proc.output()}"
-        ) from None
-
-
 def test_twistd_plugin_serves_and_stops_on_sigterm(processes: Processes) -> None:
     (worker,) = processes.workers(sim("w"))
-    # twistd finds plugins through the twisted/plugins directories on sys.path. Both installs
-    # provide one now (test_first_run_process.py checks it without PYTHONPATH); naming the
-    # repository keeps this test working in a venv editable-installed before that was so.
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    router = processes.start(
-        [
-            str(BIN / "twistd"), "-n", "--pidfile=", "sglang-d-router",
-            "--host", "127.0.0.1", "--port", "0",
-            "--health-check-interval", "1",
-            "--worker-urls", worker.url,
-        ],
-        env=env,
-    )
+    router = processes.twistd_router([worker])
     assert "listening on http://127.0.0.1:" in router.output()
 
     reply = wait_until("twistd router /health to answer 200", lambda: _healthy(router.url))
@@ -319,7 +195,7 @@ def test_twistd_plugin_serves_and_stops_on_sigterm(processes: Processes) -> None
     # (twisted.application.app._exitWithSignal), so a parent sees "terminated by SIGTERM";
     # process managers such as systemd count that as a clean stop. What matters is that the
     # shutdown ran to completion instead of the process being killed half-way.
-    code = _terminate(router)
+    code = terminate(router, timeout=15.0)
     assert code in (0, -signal.SIGTERM), router.output()
     assert "Server Shut Down." in router.output(), router.output()
 
@@ -337,7 +213,7 @@ def test_console_script_stops_cleanly_on_sigterm(processes: Processes) -> None:
     wait_until("console-script router /health to answer 200", lambda: _healthy(router.url))
     assert post_image(router.url).status == 200  # a pooled upstream connection is open
 
-    assert _terminate(router) == 0, router.output()
+    assert terminate(router, timeout=15.0) == 0, router.output()
 
 
 # -- streaming --------------------------------------------------------------------------------
@@ -363,7 +239,7 @@ def test_200_mb_video_streams_through_router_in_bounded_memory(processes: Proces
     wait_until("the video to complete", completed, timeout=20.0)
 
     before = proc_status_kb(router.pid)
-    conn = _connection(router.url, timeout=30.0)
+    conn = connection(router.url, timeout=30.0)
     started = time.monotonic()
     try:
         conn.request("GET", f"/v1/videos/{video_id}/content")

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
-import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from tests.integration.test_router_process import (
-    BIN,
-    REPO_ROOT,
+from tests.support.live import (
     SMALL_IMAGE,
     call,
     post_image,
     sim,
+    wait_exit,
     wait_for_workers,
     wait_until,
 )
@@ -60,13 +57,6 @@ def _start_requests(pool: ThreadPoolExecutor, router: ServerProcess, count: int)
     return futures
 
 
-def _wait_exit(router: ServerProcess, timeout: float) -> int:
-    try:
-        return router.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"router did not exit within {timeout}s\n{router.output()}") from None
-
-
 def _drain_and_check(router: ServerProcess, *, count: int) -> int:
     keep_alive = _open_connection(router)
     with ThreadPoolExecutor(max_workers=count) as pool:
@@ -92,7 +82,7 @@ def _drain_and_check(router: ServerProcess, *, count: int) -> int:
 
         results = [f.result(timeout=90) for f in futures]
     assert results == [200] * count, (results, router.output())
-    code = _wait_exit(router, timeout=30)
+    code = wait_exit(router, timeout=30)
     assert "every request in flight has finished" in router.output()
     return code
 
@@ -106,16 +96,7 @@ def test_sigterm_lets_requests_in_flight_finish(processes: Processes) -> None:
 
 def test_sigterm_under_twistd_drains_too(processes: Processes) -> None:
     workers = processes.workers(sim("a", "--base-ms", "1500"))
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    router = processes.start(
-        [
-            str(BIN / "twistd"), "-n", "--pidfile=", "sglang-d-router",
-            "--host", "127.0.0.1", "--port", "0",
-            "--health-check-interval", "1",
-            "--worker-urls", workers[0].url,
-        ],
-        env=env,
-    )
+    router = processes.twistd_router(workers)
     wait_for_workers(router, 1)
     # twistd ends a signal-stopped process by re-raising the signal (see test_router_process).
     assert _drain_and_check(router, count=3) in (0, -signal.SIGTERM)
@@ -128,7 +109,7 @@ def test_grace_expiry_cuts_the_rest_and_exits(processes: Processes) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = _start_requests(pool, router, 3)
         router.popen.send_signal(signal.SIGTERM)
-        assert _wait_exit(router, timeout=30) == 0
+        assert wait_exit(router, timeout=30) == 0
         results = [f.result(timeout=30) for f in futures]
     assert 200 not in results and all(isinstance(r, str) for r in results), results  # cut, never a fake whole answer
     assert "shutdown grace of 1s expired: 3 request(s)" in router.output()

@@ -7,9 +7,9 @@ it first answers: real processes on 127.0.0.1.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from tests.integration.test_router_process import call, post_image, sim, wait_until
+from tests.support.live import call, post_image, sim, wait_until, workers_by_url
 from tests.support.processes import python_module
 
 if TYPE_CHECKING:
@@ -20,10 +20,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _workers(router_url: str) -> dict[str, dict[str, Any]]:
-    return {w["url"]: w for w in call(router_url, "GET", "/workers").json()["workers"]}
 
 
 def test_refit_skips_a_starting_worker_which_is_caught_up_when_it_comes_up(processes: Processes) -> None:
@@ -40,9 +36,9 @@ def test_refit_skips_a_starting_worker_which_is_caught_up_when_it_comes_up(proce
     router = processes.router([], "--worker-urls", ready.url, late_url)
     wait_until(
         "the ready worker to be up",
-        lambda: True if _workers(router.url).get(ready.url, {}).get("state") == "ready" else None,
+        lambda: True if workers_by_url(router).get(ready.url, {}).get("state") == "ready" else None,
     )
-    assert _workers(router.url)[late_url]["state"] == "starting"
+    assert workers_by_url(router)[late_url]["state"] == "starting"
 
     refit = call(router.url, "POST", "/update_weights_from_disk", {"model_path": "/ckpt/1", "weight_version": "v1"})
     print(f"\nrefit with a starting worker: HTTP {refit.status} {refit.json()}")
@@ -52,7 +48,7 @@ def test_refit_skips_a_starting_worker_which_is_caught_up_when_it_comes_up(proce
     late.wait_for_line(r"listening on", timeout=20)
     entry = wait_until(
         "the late worker to be caught up",
-        lambda: (w if (w := _workers(router.url)[late_url])["state"] in ("ready", "dead") else None),
+        lambda: (w if (w := workers_by_url(router)[late_url])["state"] in ("ready", "dead") else None),
         timeout=20,
     )
     print(f"late worker after it came up: state {entry['state']}, weight_version {entry['weight_version']}, "

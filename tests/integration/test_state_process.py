@@ -12,25 +12,23 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import pytest
-
-from tests.integration.test_launcher_process import free_port_range, started_workers, write_fleet
-from tests.integration.test_router_process import (
-    BIN,
-    REPO_ROOT,
+from tests.support.launched import free_port_range, started_workers, write_fleet
+from tests.support.live import (
     SMALL_IMAGE,
     Reply,
     call,
     post_image,
     sim,
+    twistd_env,
+    twistd_router_argv,
     wait_for_workers,
     wait_until,
+    workers_by_url,
 )
 from tests.support.processes import ServerProcess, python_module
 
@@ -41,20 +39,6 @@ STATE_FILE = "router-state.json"
 INTERRUPTED = "was in progress when the router stopped"
 
 
-@pytest.fixture
-def worker_groups() -> Iterator[set[int]]:
-    """Process groups of launched workers a killed router left behind: SIGKILLed when the test ends."""
-    groups: set[int] = set()
-    try:
-        yield groups
-    finally:
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 def kill_router(router: ServerProcess) -> None:
     """SIGKILL: no shutdown code runs, so only what is already on disk survives."""
     router.signal_group(signal.SIGKILL)
@@ -63,10 +47,6 @@ def kill_router(router: ServerProcess) -> None:
 
 def worker_path(url: str) -> str:
     return "/workers/" + quote(url, safe="")
-
-
-def workers_by_url(router: ServerProcess) -> dict[str, dict[str, Any]]:
-    return {w["url"]: w for w in call(router.url, "GET", "/workers", timeout=5.0).json()["workers"]}
 
 
 def healthy(router: ServerProcess, count: int) -> dict[str, Any]:
@@ -270,11 +250,7 @@ def test_a_corrupt_state_file_stops_the_start_with_one_line(tmp_path: Path) -> N
     assert "listening" not in out
 
     (state_dir / STATE_FILE).write_text('{"name": "not ours"}')
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    code, out, err = _exit_of(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "sglang-d-router", "--port", "0", "--state-dir", str(state_dir)],
-        env=env,
-    )
+    code, out, err = _exit_of(twistd_router_argv("--port", "0", "--state-dir", str(state_dir)), env=twistd_env())
     assert code == 2, (out, err)
     assert err.count("\n") == 1 and "not a sglang-d-router-state file" in err, err
     # Neither touched the file.

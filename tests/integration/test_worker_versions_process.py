@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import msgpack
 
-from tests.integration.test_router_process import (
+from tests.support.live import (
     SMALL_IMAGE,
     Reply,
     call,

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -144,3 +144,12 @@ def running(argv: Sequence[str], **kwargs: object) -> Iterator[ServerProcess]:
 def python_module(module: str, *args: str) -> list[str]:
     """argv that runs C{python -m module args} with the interpreter running the tests."""
     return [sys.executable, "-m", module, *args]
+
+
+def sigkill_all(kill: Callable[[int, int], None], ids: Iterable[int]) -> None:
+    """SIGKILL each of C{ids} with C{kill} (C{os.kill} or C{os.killpg}); ids already gone are skipped."""
+    for each in ids:
+        try:
+            kill(each, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 
-from tests.support.fleet import Fleet, RouterHarness
+from tests.support.fleet import FakeWorker, Fleet, RouterHarness
 from twisted_router.service import router_site
 from twisted_router.site import RouterSite
 
@@ -87,3 +87,20 @@ class SiteHarness(RouterHarness):
         raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         transport = self.open(raw)
         return parse_answer(transport.value())
+
+
+def site_router(n: int = 2, **config: Any) -> tuple[SiteHarness, list[str], list[FakeWorker]]:
+    """
+    A L{SiteHarness} over C{n} registered fake workers w0, w1, ... (round-robin
+    unless C{config} says otherwise), their URLs, and the workers.
+    """
+    fleet = Fleet()
+    config.setdefault("routing_algorithm", "round-robin")
+    harness = SiteHarness(fleet, **config)
+    urls, workers = [], []
+    for i in range(n):
+        url, worker = fleet.add(f"w{i}")
+        harness.register(url)
+        urls.append(url)
+        workers.append(worker)
+    return harness, urls, workers

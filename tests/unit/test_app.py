@@ -9,7 +9,7 @@ import json
 from urllib.parse import quote
 
 import pytest
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.server import Request
 
@@ -72,6 +72,20 @@ def test_register_worker_by_query_and_json_and_probe_capabilities() -> None:
     # registering again is idempotent
     code, body = h.json("POST", "/workers", json={"url": url_a})
     assert code == 200 and len(h.pool) == 2
+
+
+def test_a_registered_worker_shows_its_registration_probe_before_the_health_loop_probes_it() -> None:
+    h, _ = make(0)
+    url, _ = h.fleet.add("a")
+    h.clock.advance(50)
+    code, body = h.json("POST", "/workers", json={"url": url})
+    assert code == 200 and body["worker"]["last_probe_ok_at"] == 50.0  # its /health was 200 at 50 s
+    h.clock.advance(3)
+    url_b, _ = h.fleet.add("managed")
+    d = Deferred.fromCoroutine(h.parts.fleet.worker_ready(url_b))  # the launcher's readiness probe passed
+    h.pump()
+    success_result_of(d)
+    assert h.json("GET", "/workers/" + quote(url_b, safe=""))[1]["worker"]["last_probe_ok_at"] == 53.0
 
 
 @pytest.mark.parametrize(

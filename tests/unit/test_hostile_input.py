@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 
 from tests.support.fleet import Fleet, RouterHarness
 from tests.support.resolvers import FakeResolver
-from tests.unit.test_urls import _blocked_spellings
+from tests.support.strategies import blocked_spellings
 from twisted_router.site import RouterSite
 from twisted_router.urls import address_blocked_reason, host_name_of
 
@@ -70,7 +70,7 @@ TRICKY_URLS = [
     " ",
 ]
 
-worker_urls = st.one_of(_blocked_spellings(), st.sampled_from(TRICKY_URLS), st.text(max_size=40))
+worker_urls = st.one_of(blocked_spellings(), st.sampled_from(TRICKY_URLS), st.text(max_size=40))
 
 #: Ids: anything, percent-encoded into one path segment.
 ids = st.one_of(

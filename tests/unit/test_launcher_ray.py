@@ -359,6 +359,26 @@ class FakeOffload:
 
     call_owner = call
 
+    def hold(self, method: str, function: str) -> list[Deferred[Any]]:
+        """
+        Make C{self.<method>} (C{call} or C{call_owner}) hold each call of the
+        function named C{function} until its Deferred (in the list returned)
+        is fired; it then runs. Other calls run as before.
+        """
+        held: list[Deferred[Any]] = []
+        real = getattr(self, method)
+
+        def holding(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            if getattr(f, "__name__", "") == function:
+                d: Deferred[Any] = Deferred()
+                held.append(d)
+                d.addCallback(lambda _: f(*args))
+                return d
+            return real(f, *args)  # type: ignore[no-any-return]
+
+        setattr(self, method, holding)
+        return held
+
     def stop(self) -> None:
         self.running = False
         self.stopped = True
@@ -569,18 +589,7 @@ def test_actors_that_never_start_fail_the_launch_after_the_startup_limit() -> No
 
 def test_a_start_that_returns_after_the_stop_kills_its_actor() -> None:
     h = ray_harness(1)
-    pending: list[Deferred[Any]] = []
-    real_call = h.offload.call
-
-    def hold_starts(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if getattr(f, "__name__", "") == "start":
-            d: Deferred[Any] = Deferred()
-            pending.append(d)
-            d.addCallback(lambda _: f(*args))
-            return d
-        return real_call(f, *args)
-
-    h.offload.call = hold_starts  # type: ignore[method-assign]
+    pending = h.offload.hold("call", "start")
     h.service.startService()
     d = h.service.stopService()
     assert_no_result(d)  # waits for the start in flight
@@ -592,18 +601,7 @@ def test_a_start_that_returns_after_the_stop_kills_its_actor() -> None:
 
 def test_a_router_stopped_while_connecting_reserves_and_starts_nothing() -> None:
     h = ray_harness(2)
-    held: list[Deferred[Any]] = []
-    real_call_owner = h.offload.call_owner
-
-    def hold_connect(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if getattr(f, "__name__", "") == "_connect":
-            d: Deferred[Any] = Deferred()
-            held.append(d)
-            d.addCallback(lambda _: f(*args))
-            return d
-        return real_call_owner(f, *args)
-
-    h.offload.call_owner = hold_connect  # type: ignore[method-assign]
+    held = h.offload.hold("call_owner", "_connect")
     h.service.startService()
     d = h.service.stopService()
     assert_no_result(d)

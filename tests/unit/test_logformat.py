@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from twisted.application.service import Application, MultiService
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from tests.support.fleet import Fleet
-from tests.support.site import SiteHarness
+from tests.support.site import SiteHarness, parse_answer
 from twisted_router import tap
 from twisted_router.logformat import event_as_json_line, log_observer
 
@@ -90,8 +91,6 @@ def test_a_client_that_hangs_up_is_logged_499(events: list[dict[str, Any]]) -> N
     h = router(1)
     h.fleet.workers["w0:8000"].hold(b"POST", IMAGES.encode())
     channel = h.site.buildProtocol(None)
-    from twisted.internet.testing import StringTransport
-
     channel.makeConnection(StringTransport())
     channel.dataReceived(b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}")
     h.pump()
@@ -101,6 +100,52 @@ def test_a_client_that_hangs_up_is_logged_499(events: list[dict[str, Any]]) -> N
     h.pump()
     lines = access_lines(events)
     assert [line["status"] for line in lines] == [499]
+
+
+def test_a_request_cut_by_the_client_timeout_is_answered_and_logged_408_with_its_id(
+    events: list[dict[str, Any]],
+) -> None:
+    h = router(1, client_timeout=20.0)
+    h.clock.advance(100)
+    transport = h.open(b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nX-Request-ID: slow-1\r\nAccept: */*\r\nContent-Le")
+    h.clock.advance(20)
+    answer = parse_answer(transport.value())
+    assert answer.status == 408 and answer.header(b"x-request-id") == b"slow-1"
+    assert "--client-timeout" in answer.json()["error"]
+    (line,) = access_lines(events)
+    assert {k: line[k] for k in ("method", "path", "route", "status", "worker", "request_id")} == {
+        "method": "-",  # never read whole: nothing of it is trusted
+        "path": "-",
+        "route": "-",
+        "status": 408,
+        "worker": "-",
+        "request_id": "slow-1",
+    }
+    assert line["duration_ms"] == 20000.0  # from its first byte
+
+
+def test_a_request_line_that_never_arrives_gets_a_new_id_and_is_logged_408(events: list[dict[str, Any]]) -> None:
+    h = router(1, client_timeout=20.0)
+    transport = h.open(b"GET /hea")
+    h.clock.advance(20)
+    answer = parse_answer(transport.value())
+    request_id = answer.header(b"x-request-id")
+    assert answer.status == 408 and request_id is not None
+    (line,) = access_lines(events)
+    assert (line["status"], line["path"], line["request_id"]) == (408, "-", request_id.decode())
+
+
+def test_a_client_that_hangs_up_after_an_early_413_is_logged_413(events: list[dict[str, Any]]) -> None:
+    h = router(1, max_request_body=16)
+    channel = h.site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Length: 100\r\n\r\n")
+    assert parse_answer(transport.value()).status == 413
+    channel.connectionLost(Failure(ConnectionDone()))  # before sending its body
+    (line,) = access_lines(events)
+    assert (line["status"], line["method"], line["path"]) == (413, "-", "-")
+    assert line["request_id"] == parse_answer(transport.value()).header(b"x-request-id").decode()  # type: ignore[union-attr]
 
 
 def test_no_access_lines_when_off_but_with_verbose(events: list[dict[str, Any]]) -> None:

@@ -44,6 +44,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from tests.support.deferreds import assert_no_result, failure_result_of, success_result_of
+from tests.support.downstream import FakeDownstreamRequest
 from twisted_router.proxy import (
     HOP_BY_HOP_HEADERS,
     BodyRelay,
@@ -944,40 +945,6 @@ def test_forward_on_already_disconnected_request(logged: list[dict[str, Any]]) -
 
 # --------------------------------------------------------------------------
 # Backpressure (invisible through iosim, so unit-tested on the relay)
-
-
-class FakeChannel:
-    pass
-
-
-class FakeDownstreamRequest:
-    """Records what the relay does to the downstream request."""
-
-    def __init__(self) -> None:
-        self.channel: Any = FakeChannel()
-        self.producer: Any = None
-        self.streaming: bool | None = None
-        self.unregistered = 0
-        self.written: list[bytes] = []
-        self.method = b"GET"
-        self.uri = b"/"
-        self.content = io.BytesIO()
-        self.requestHeaders = Headers()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer, self.streaming = producer, streaming
-
-    def unregisterProducer(self) -> None:
-        if self.channel is None:
-            raise AttributeError("'NoneType' object has no attribute 'unregisterProducer'")
-        self.unregistered += 1
-        self.producer = None
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def notifyFinish(self) -> Deferred[None]:
-        return Deferred()
 
 
 def test_relay_registers_upstream_as_push_producer_and_propagates_pause() -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 
+from tests.support.control import A, B, C, Fleet, make_fleet
 from tests.support.deferreds import assert_no_result, success_result_of
 from tests.support.fleet import make_router
-from tests.unit.test_control import A, B, C, Fleet, make_fleet
 from twisted_router.app import parse_refit
 from twisted_router.pool import Activity
 

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from tests.support.deferreds import assert_no_result, failure_result_of
-from tests.unit.test_proxy import FakeDownstreamRequest
+from tests.support.downstream import FakeDownstreamRequest
 from twisted_router.proxy import BodyRelay
 
 

@@ -7,13 +7,11 @@ real Site: counts, and histogram counts, sums and buckets checked exactly
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.server import Request
 
-from tests.support.fleet import Fleet
-from tests.support.site import SiteHarness
+from tests.support.site import site_router as router
 from twisted_router.metrics import LATENCY_BUCKETS, WORKER_STATES, RouterMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -36,19 +34,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def workers_named(samples: Samples) -> set[str]:
     return {dict(labels).get("worker", "") for _, labels in samples} - {""}
-
-
-def router(n: int = 2, **config: Any) -> tuple[SiteHarness, list[str], list[Any]]:
-    fleet = Fleet()
-    config.setdefault("routing_algorithm", "round-robin")
-    harness = SiteHarness(fleet, **config)
-    urls, workers = [], []
-    for i in range(n):
-        url, worker = fleet.add(f"w{i}")
-        harness.register(url)
-        urls.append(url)
-        workers.append(worker)
-    return harness, urls, workers
 
 
 def test_a_generation_is_counted_with_exact_latency_ttfb_and_bytes() -> None:
@@ -103,6 +88,17 @@ def test_routes_are_templates_and_router_answers_have_no_worker() -> None:
     assert value(samples, requests, route="none", method="POST", status="413", worker="none") == 1
     routes = {dict(labels).get("route") for name, labels in samples if name == requests}
     assert routes == {"/health", "/workers/<path:worker_key>", "none", "/v1/images/<image_id>/content"}
+
+
+def test_a_request_cut_by_the_client_timeout_is_counted_408() -> None:
+    h, _, _ = router(1, client_timeout=20.0)
+    h.open(b"POST " + IMAGES.encode() + b" HTTP/1.1\r\nHost: r\r\nContent-Length: 10\r\n\r\nhello")
+    h.open(b"GET /hea")  # not even its request line
+    h.clock.advance(20)
+    samples = scrape(h.parts.router.metrics)
+    assert value(samples, "sglang_router_requests_total", route="none", method="other", status="408", worker="none") == 2
+    duration = "sglang_router_request_duration_seconds_sum"
+    assert value(samples, duration, route="none", method="other", worker="none") == 40.0
 
 
 def test_hostile_methods_share_one_label() -> None:

@@ -7,31 +7,18 @@ answer (the router's own errors too); W3C trace headers passed untouched.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 
-from tests.support.fleet import FakeWorker, Fleet
-from tests.support.site import SiteHarness, parse_answer
+from tests.support.fleet import FakeWorker
+from tests.support.site import parse_answer
+from tests.support.site import site_router as router
 from twisted_router.requestid import MAX_REQUEST_ID_LENGTH, RequestIds, accept_request_id
 
 IMAGES = b"/v1/images/generations"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 GENERATED = re.compile(r"[0-9a-f]{16}-[0-9a-f]+")
-
-
-def router(n: int = 2, **config: Any) -> tuple[SiteHarness, list[str], list[FakeWorker]]:
-    fleet = Fleet()
-    config.setdefault("routing_algorithm", "round-robin")
-    harness = SiteHarness(fleet, **config)
-    urls, workers = [], []
-    for i in range(n):
-        url, worker = fleet.add(f"w{i}")
-        harness.register(url)
-        urls.append(url)
-        workers.append(worker)
-    return harness, urls, workers
 
 
 def received(worker: FakeWorker, name: bytes) -> list[bytes] | None:
@@ -161,9 +148,12 @@ def test_the_routers_own_errors_carry_the_id() -> None:
     }
     raw = parse_answer(h.open(b"GET /a%zz HTTP/1.1\r\nHost: r\r\nX-Request-ID: e-400\r\n\r\n").value())
     refusals[raw.status] = raw
+    slow = h.open(b"GET /v1/models HTTP/1.1\r\nHost: r\r\nX-Request-ID: e-408\r\nAccept: */*\r\n")
+    h.clock.advance(h.parts.config.client_timeout)  # --client-timeout: the rest never came
+    refusals[408] = parse_answer(slow.value())
     h.site.set_draining(True)
     refusals[503] = h.send("GET", "/v1/models", headers={"X-Request-ID": "e-503"})
-    assert set(refusals) == {400, 401, 404, 413, 503}
+    assert set(refusals) == {400, 401, 404, 408, 413, 503}
     for status, answer in refusals.items():
         assert answer.status == status
         assert answer.header(b"x-request-id") == f"e-{status}".encode(), status

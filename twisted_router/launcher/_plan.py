@@ -11,11 +11,9 @@ impossible fleet before it spawns anything.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -28,6 +26,7 @@ from twisted_router.launcher._ray_actor import (
     HOST_TOKEN,
     PORT_TOKEN,
     PYTHON_TOKEN,
+    bindable,
 )
 from twisted_router.launcher._ray_client import RayUnavailable, import_ray
 from twisted_router.simulator.config import SimulatorConfig
@@ -119,18 +118,13 @@ def port_is_free(host: str, port: int) -> bool:
     Whether a server could listen on C{host:port} now, found by binding it.
 
     C{SO_REUSEADDR} is set like a real server sets it, so a port held only
-    by connections in TIME_WAIT counts as free.
+    by connections in TIME_WAIT counts as free (the check a Ray node makes
+    for its workers, L{bindable}).
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise LaunchPlanError(f"launcher.worker_host: cannot listen on {host}: {exc.strerror}") from None
-    return True
+    try:
+        return bindable(host, port)
+    except OSError as exc:
+        raise LaunchPlanError(f"launcher.worker_host: cannot listen on {host}: {exc.strerror}") from None
 
 
 def router_listen_ports(config: RouterConfig) -> frozenset[int]:

@@ -31,7 +31,9 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["HOST_TOKEN", "PORT_TOKEN", "PYTHON_TOKEN", "Started", "Polled", "WorkerHost", "fill_argv", "free_port_pair"]
+__all__ = [
+    "HOST_TOKEN", "PORT_TOKEN", "PYTHON_TOKEN", "Started", "Polled", "WorkerHost", "bindable", "fill_argv", "free_port_pair",
+]
 
 #: Placeholders in a planned command line, filled in on the node.
 HOST_TOKEN = "{host}"
@@ -69,7 +71,14 @@ def fill_argv(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return [values.get(arg, arg) for arg in argv]
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
+    """
+    Whether a server could listen on C{host:port} now, found by binding it
+    (C{SO_REUSEADDR} set as a real server sets it, so a port held only by
+    connections in TIME_WAIT counts as free).
+
+    @raise OSError: C{host} cannot be listened on at all.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,7 +103,7 @@ def free_port_pair(
     host: str,
     preferred: int | None = None,
     *,
-    is_free: Callable[[str, int], bool] = _bindable,
+    is_free: Callable[[str, int], bool] = bindable,
     any_port: Callable[[str], int] = _any_free_port,
     attempts: int = 100,
 ) -> int:
