@@ -7,6 +7,7 @@ Klein application, exercised on every endpoint in memory.
 from __future__ import annotations
 
 import json
+import re
 from base64 import b64encode
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,29 @@ def test_keys_from_options_files_and_environment(tmp_path: Path) -> None:
 def test_bad_keys_stop_the_start(argv: list[str], environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_args(argv, environ=environ)
+
+
+def test_a_bad_key_is_reported_under_the_name_it_came_from(tmp_path: Path) -> None:
+    """An empty key file is the file's fault: the message names the file option and the file, or the variable."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    cases = [
+        (["--api-key-file", str(empty)], {}, f"^--api-key-file {re.escape(str(empty))} must not be empty$"),
+        (["--admin-api-key-file", str(short)], {}, f"^--admin-api-key-file {re.escape(str(short))} must be at least 16"),
+        (["--worker-api-key-file", str(empty)], {}, f"^--worker-api-key-file {re.escape(str(empty))} must not be empty$"),
+        ([], {"SGLANG_D_ROUTER_ADMIN_API_KEY": ""}, r"^\$SGLANG_D_ROUTER_ADMIN_API_KEY must not be empty$"),
+        ([], {"SGLANG_D_ROUTER_API_KEY": "a key"}, r"^\$SGLANG_D_ROUTER_API_KEY must be printable ASCII"),
+        (["--api-key", ""], {}, "^--api-key must not be empty$"),
+    ]
+    for argv, environ, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(argv, environ=environ)
+    # The workers' own key may be short (its length is theirs to choose), from any source.
+    short.write_text("k\n")
+    assert config_from_args(["--worker-api-key-file", str(short)], environ={}).worker_api_key == "k"
+    assert config_from_args([], environ={"SGLANG_D_ROUTER_WORKER_API_KEY": "k"}).worker_api_key == "k"
 
 
 def test_twistd_options_take_the_same_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
