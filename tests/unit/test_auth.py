@@ -17,7 +17,7 @@ from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python import usage
 
 from tests.support.fleet import RouterHarness, make_router
-from twisted_router import tap
+from twisted_router import auth, tap
 from twisted_router.app import Router
 from twisted_router.auth import (
     BASIC_ENDPOINTS,
@@ -249,6 +249,58 @@ def test_catch_all_off_is_404_json() -> None:
     assert h.call("GET", "/v1/models")[0] == 200
     h2, _ = make_router(1, admin_api_key=ADMIN, catch_all=False)
     assert _call(h2, "GET", "/get_server_info", ADMIN, {})[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        ("GET", "/workers", {}),
+        ("POST", "/v1/images/generations", {"json": {"prompt": "fox"}}),
+        ("POST", "/workers", {"json": {"url": "http://127.0.0.1:41001"}}),
+        ("GET", "/dashboard", {}),
+    ],
+)
+def test_more_than_one_authorization_header_is_refused(method: str, path: str, kwargs: dict[str, Any]) -> None:
+    """Which of several headers counts would be up to each hop: none does, even if every one is the admin key."""
+    guarded, _ = make_router(1, api_key=API, admin_api_key=ADMIN)
+    before = len(guarded.pool)
+    admin, wrong = bearer_of(ADMIN), bearer_of(WRONG)
+    for values in ([admin, admin], [wrong, admin], [admin, wrong], [admin, basic_of(ADMIN)]):
+        headers = {"Authorization": values}
+        code, body, response = guarded.call(method, path, headers=headers, **kwargs)
+        assert code == 401, (values, code, body)
+        assert response.headers.getRawHeaders("content-type") == ["application/json"]
+        assert "error" in json.loads(body)
+    assert len(guarded.pool) == before  # nothing registered on the way
+    code, _, _ = guarded.call(method, path, headers={"Authorization": [f"Bearer {ADMIN}"]}, **kwargs)
+    assert code != 401
+
+
+def bearer_of(key: str) -> str:
+    return f"Bearer {key}"
+
+
+def basic_of(key: str) -> str:
+    return "Basic " + b64encode(f"operator:{key}".encode()).decode()
+
+
+def test_a_repeated_header_still_costs_both_comparisons(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[bytes] = []
+    real = auth.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    keys = Keys(api=API, admin=ADMIN)
+    with pytest.raises(Unauthorized, match="one Authorization header"):
+        keys.check(Access.CLIENT, [f"Bearer {API}".encode(), f"Bearer {API}".encode()])
+    assert len(compared) == 2
+    keys.check(Access.CLIENT, [f"Bearer {API}".encode()])  # one value in a list is the header itself
+    keys.check(Access.CLIENT, f"Bearer {API}".encode())
+    Keys().check(Access.ADMIN, [b"Bearer a", b"Bearer b"])  # no keys: nothing is checked, the worker decides
+    Keys(api=API).check(Access.OPEN, [b"Bearer a", b"Bearer b"])
 
 
 # ---------------------------------------------------------------- configuration
