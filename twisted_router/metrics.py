@@ -32,10 +32,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from twisted_router.errors import answer_json
 from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.requestid import FinishedRequest
 
@@ -394,13 +394,21 @@ class RouterMetrics:
 
 
 class _MetricsPage(Resource):
-    """C{GET /metrics} of the metrics-only port."""
+    """C{GET /metrics} of the metrics-only port (C{/metrics/anything}: 404; other methods: 405), JSON errors."""
 
     isLeaf = True
 
     def __init__(self, metrics: RouterMetrics) -> None:
         super().__init__()
         self._metrics = metrics
+
+    def render(self, request: Request) -> bytes:
+        if request.postpath:
+            return _not_found(request)
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return answer_json(request, 405, {"error": "only GET /metrics is served here"})
+        return super().render(request)  # type: ignore[no-any-return]
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE.encode())
@@ -410,7 +418,8 @@ class _MetricsPage(Resource):
 def metrics_resource(metrics: RouterMetrics) -> Resource:
     """
     What C{--metrics-listen} serves: C{/metrics} only, without keys (every
-    other path is 404).
+    other path is a 404 with a JSON C{{"error": ...}}, as on the main port,
+    not Twisted's HTML page).
 
     Rendered on the reactor thread like the main port's C{/metrics}
     (C{prometheus_client.twisted.MetricsResource} renders in a thread pool,
@@ -421,12 +430,24 @@ def metrics_resource(metrics: RouterMetrics) -> Resource:
     return root
 
 
+def _not_found(request: Request) -> bytes:
+    return answer_json(request, 404, {"error": "not found: only GET /metrics is served here"})
+
+
+class _NotFound(Resource):
+    """Any path but C{/metrics} on the metrics port, whatever the method."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _not_found(request)
+
+
 class _MetricsRoot(Resource):
     """The metrics port's root: C{/metrics}, else 404."""
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return notFound()
+        return _NotFound()
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(404)
-        return b"Not Found: only /metrics is served here\n"
+        return _not_found(request)
