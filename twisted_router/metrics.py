@@ -272,8 +272,18 @@ class RequestMetrics:
         self._bound: dict[tuple[str, str, int, str], _Bound] = {}
         #: Per worker URL, the (metric, label values) children that name it.
         self._children: dict[str, set[tuple[Counter | Histogram, tuple[str, ...]]]] = {}
-        self._states: dict[Worker, str] = {}
+        #: The state each worker was last seen in, from its registration on:
+        #: a worker is only signalled as a change when it leaves the state it
+        #: registered in, so without this its first transition (the first
+        #: worker's "ready", a restored worker's quarantine) had no "was".
+        self._states: dict[Worker, str] = {worker: worker.state for worker in pool.workers()}
+        pool.on_added(self._worker_added)
         pool.on_change(self._pool_changed)
+        pool.on_busy(self._pool_changed)  # a worker going busy (syncing, updating, ...) is a state change too
+
+    def _worker_added(self, worker: Worker) -> None:
+        """A newly registered worker's state (C{starting}, usually): its first change is logged from it."""
+        self._states[worker] = worker.state
 
     def _child(self, metric: Counter | Histogram, worker: str, *labels: str) -> Counter | Histogram:
         """A labelled child, remembered under its worker so it can be removed with it."""
@@ -346,15 +356,16 @@ class RequestMetrics:
         current = self._pool.workers()
         states = {worker: worker.state for worker in current}
         for worker, state in states.items():
-            before = self._states.get(worker)  # None: not seen since it registered
+            before = self._states.get(worker)  # known from its registration on (None: never, but say so)
             if before == state:
                 continue
             if state == "dead":
                 self._child(self.quarantines, worker.url, worker.url).inc()  # type: ignore[union-attr]
-            if before is not None or state == "dead":
+            if before is None:
+                _state_log.info("worker {worker} is now {state}", worker=worker.url, state=state)
+            else:
                 _state_log.info(
-                    "worker {worker} is now {state} (was {previous})",
-                    worker=worker.url, state=state, previous=before or "registered",
+                    "worker {worker} is now {state} (was {previous})", worker=worker.url, state=state, previous=before
                 )
         for worker in set(self._states) - set(states):
             _state_log.info("worker {worker} left the pool", worker=worker.url)
