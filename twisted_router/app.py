@@ -158,7 +158,9 @@ class Router:
         """
         try:
             self._keys.check(
-                access_of(endpoint), request.getHeader(b"authorization"), basic=endpoint in BASIC_ENDPOINTS
+                access_of(endpoint),
+                request.requestHeaders.getRawHeaders(b"authorization"),
+                basic=endpoint in BASIC_ENDPOINTS,
             )
         except Unauthorized as exc:
             raise AuthenticationRequired(str(exc), basic=endpoint in BROWSER_ENDPOINTS) from None

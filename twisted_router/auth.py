@@ -15,6 +15,7 @@ from __future__ import annotations
 import binascii
 import hmac
 from base64 import b64decode
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -150,22 +151,35 @@ class Keys:
     def any(self) -> bool:
         return self.api is not None or self.admin is not None
 
-    def check(self, access: Access, authorization: bytes | None, *, basic: bool = False) -> None:
+    def check(
+        self, access: Access, authorization: bytes | Sequence[bytes] | None, *, basic: bool = False
+    ) -> None:
         """
         Let the request through or raise.
 
+        @param authorization: the C{Authorization} header, or all of its
+            values (C{getRawHeaders}): more than one is refused, since which
+            one a proxy in front, the router and a worker would each read
+            is anyone's guess.
         @param basic: also take a key sent as HTTP Basic credentials (only
             for L{BASIC_ENDPOINTS}: a browser sends those by itself).
 
-        @raise Unauthorized: a key is required and the header carries none, or a wrong one.
+        @raise Unauthorized: a key is required and the header carries none,
+            a wrong one, or is sent more than once.
         @raise Forbidden: the API key was given where only the admin key will do.
         """
         if access is Access.OPEN or not self.any:
             return
+        repeated = False
+        if authorization is not None and not isinstance(authorization, bytes):
+            repeated = len(authorization) > 1
+            authorization = authorization[0] if len(authorization) == 1 else None
         token = bearer_token(authorization) or (basic_password(authorization) if basic else None) or b""
-        # Both comparisons always run, each in constant time.
+        # Both comparisons always run, each in constant time (a repeated header too, with no token).
         is_admin = _matches(token, self.admin)
         is_api = _matches(token, self.api)
+        if repeated:
+            raise Unauthorized("send one Authorization header, not several")
         if is_admin:
             return
         if access is Access.ADMIN and self.admin is not None:

@@ -100,10 +100,49 @@ def open_state(config: RouterConfig, launch_plan: FleetPlan | None) -> tuple[Rou
         raise ConfigError(str(exc)) from None
 
 
+def check_listen_endpoints(config: RouterConfig, reactor: object) -> None:
+    """
+    Build the router's server endpoints (C{--listen}, or C{--host}/C{--port},
+    and C{--metrics-listen}) once before anything starts, so a mistyped
+    endpoint, an unknown endpoint type or a missing or unreadable TLS key or
+    certificate (C{ssl:} loads them as it is parsed) is one line and status 2,
+    not a traceback. A port that is only found busy when bound is still the
+    listener's one log line and status 1.
+
+    @raise ConfigError: one line naming the option, the endpoint and why.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    main_option = "--listen" if config.listen else "--host/--port"
+    for option, description in ((main_option, config.endpoint_description), ("--metrics-listen", config.metrics_listen)):
+        if description is None:
+            continue
+        try:
+            serverFromString(reactor, description)
+        except Exception as exc:  # noqa: BLE001 - every parse or load error of an endpoint plugin is a bad option
+            raise ConfigError(f"{option} {description!r} cannot be used: {_endpoint_error(exc)}") from None
+
+
+def _endpoint_error(exc: Exception) -> str:
+    """One readable line for an endpoint parse error (OpenSSL's come as nested tuples)."""
+    from OpenSSL import SSL, crypto
+
+    if isinstance(exc, (SSL.Error, crypto.Error)):
+        parts = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+        reasons = [": ".join(str(p) for p in part if p) for part in parts if isinstance(part, tuple)]
+        return "the TLS key or certificate was rejected (OpenSSL: " + ("; ".join(reasons) or "no reason") + ")"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run the router until it is stopped."""
     try:
         config = config_from_args(argv)
+        from twisted.internet import reactor
+
+        check_listen_endpoints(config, reactor)
         launch_plan = plan_launch(config)
         config, state = open_state(config, launch_plan)
     except ConfigError as exc:

@@ -197,26 +197,37 @@ def _check_key(option: str, key: str, min_length: int = 16) -> None:
 
 
 def resolve_key(
-    option: str, value: str | None, path: str | None, env_name: str, environ: Mapping[str, str]
+    option: str,
+    value: str | None,
+    path: str | None,
+    env_name: str,
+    environ: Mapping[str, str],
+    min_length: int = 16,
 ) -> str | None:
     """
     A key from C{--option}, C{--option-file} (its content, surrounding whitespace
     stripped) or the environment variable C{env_name}, in that order; giving
-    both the option and its file is an error.
+    both the option and its file is an error. The key is checked here, so a
+    bad one is reported under the name it came from (an empty file is the
+    file's fault, not C{--option}'s).
 
-    @raise ConfigError: both given, or the file cannot be read.
+    @raise ConfigError: both given, the file cannot be read, or the key is
+        empty, not printable ASCII or shorter than C{min_length}.
     """
     if value is not None and path is not None:
         raise ConfigError(f"give {option} or {option}-file, not both")
+    key, source = value, option
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.read().strip()
+                key, source = f.read().strip(), f"{option}-file {path}"
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{option}-file: cannot read {path}: {exc}") from None
-    if value is not None:
-        return value
-    return environ.get(env_name)
+    elif value is None:
+        key, source = environ.get(env_name), f"${env_name}"
+    if key is not None:
+        _check_key(source, key, min_length=min_length)
+    return key
 
 
 def _positive_finite(value: float) -> bool:
@@ -479,7 +490,7 @@ def config_from_args(
             "--admin-api-key", ns.admin_api_key, ns.admin_api_key_file, ADMIN_API_KEY_ENV, env
         ),
         worker_api_key=resolve_key(
-            "--worker-api-key", ns.worker_api_key, ns.worker_api_key_file, WORKER_API_KEY_ENV, env
+            "--worker-api-key", ns.worker_api_key, ns.worker_api_key_file, WORKER_API_KEY_ENV, env, min_length=1
         ),
         catch_all=ns.catch_all == "on",
         host=ns.host,

@@ -281,8 +281,9 @@ class FleetController:
         them meanwhile; each one stops being busy when its own outcome is
         applied.
         """
-        for worker in targets:
-            self._pool.begin(worker, activity)
+        with self._pool.changes():  # all busy at once: one change
+            for worker in targets:
+                self._pool.begin(worker, activity)
 
         def done(worker: Worker, reply: WorkerReply) -> None:
             self._pool.end(worker, activity)

@@ -123,10 +123,10 @@ class Fleet:
 
         @raise WorkerURLError: the URL is invalid or blocked.
         """
-        worker, created = self._pool.add(normalize_worker_url(url))
+        # No traffic before it has answered once: it registers as starting.
+        worker, created = self._pool.add(normalize_worker_url(url), activity=Activity.STARTING)
         if created:
             self.log.info("worker {worker} registered", worker=worker.display_id)
-            self._pool.begin(worker, Activity.STARTING)  # no traffic before it has answered once
         return worker, created
 
     async def bring_up(self, worker: Worker) -> bool:
@@ -166,7 +166,8 @@ class Fleet:
 
         Called by the launcher; raises L{WorkerURLError} for an unusable URL.
         """
-        worker, created = self._pool.add(await self._checked(url))
+        # Starting until the control plane admits it (below), as any new worker.
+        worker, created = self._pool.add(await self._checked(url), activity=Activity.STARTING)
         worker.managed = True
         self._pool.record_probe_success(worker)  # the launcher's readiness check is a /health probe
         # A fresh process: awake, holding its GPU memory and its start-up weights.

@@ -32,10 +32,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from twisted_router.errors import answer_json
 from twisted_router.pool import Activity, Worker, WorkerPool
 from twisted_router.requestid import FinishedRequest
 
@@ -267,8 +267,18 @@ class RequestMetrics:
         self._bound: dict[tuple[str, str, int, str], _Bound] = {}
         #: Per worker URL, the (metric, label values) children that name it.
         self._children: dict[str, set[tuple[Counter | Histogram, tuple[str, ...]]]] = {}
-        self._states: dict[Worker, str] = {}
+        #: The state each worker was last seen in, from its registration on:
+        #: a worker is only signalled as a change when it leaves the state it
+        #: registered in, so without this its first transition (the first
+        #: worker's "ready", a restored worker's quarantine) had no "was".
+        self._states: dict[Worker, str] = {worker: worker.state for worker in pool.workers()}
+        pool.on_added(self._worker_added)
         pool.on_change(self._pool_changed)
+        pool.on_busy(self._pool_changed)  # a worker going busy (syncing, updating, ...) is a state change too
+
+    def _worker_added(self, worker: Worker) -> None:
+        """A newly registered worker's state (C{starting}, usually): its first change is logged from it."""
+        self._states[worker] = worker.state
 
     def _child(self, metric: Counter | Histogram, worker: str, *labels: str) -> Counter | Histogram:
         """A labelled child, remembered under its worker so it can be removed with it."""
@@ -341,15 +351,16 @@ class RequestMetrics:
         current = self._pool.workers()
         states = {worker: worker.state for worker in current}
         for worker, state in states.items():
-            before = self._states.get(worker)  # None: not seen since it registered
+            before = self._states.get(worker)  # known from its registration on (None: never, but say so)
             if before == state:
                 continue
             if state == "dead":
                 self._child(self.quarantines, worker.url, worker.url).inc()  # type: ignore[union-attr]
-            if before is not None or state == "dead":
+            if before is None:
+                _state_log.info("worker {worker} is now {state}", worker=worker.url, state=state)
+            else:
                 _state_log.info(
-                    "worker {worker} is now {state} (was {previous})",
-                    worker=worker.url, state=state, previous=before or "registered",
+                    "worker {worker} is now {state} (was {previous})", worker=worker.url, state=state, previous=before
                 )
         for worker in set(self._states) - set(states):
             _state_log.info("worker {worker} left the pool", worker=worker.url)
@@ -389,13 +400,21 @@ class RouterMetrics:
 
 
 class _MetricsPage(Resource):
-    """C{GET /metrics} of the metrics-only port."""
+    """C{GET /metrics} of the metrics-only port (C{/metrics/anything}: 404; other methods: 405), JSON errors."""
 
     isLeaf = True
 
     def __init__(self, metrics: RouterMetrics) -> None:
         super().__init__()
         self._metrics = metrics
+
+    def render(self, request: Request) -> bytes:
+        if request.postpath:
+            return _not_found(request)
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return answer_json(request, 405, {"error": "only GET /metrics is served here"})
+        return super().render(request)  # type: ignore[no-any-return]
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE.encode())
@@ -405,7 +424,8 @@ class _MetricsPage(Resource):
 def metrics_resource(metrics: RouterMetrics) -> Resource:
     """
     What C{--metrics-listen} serves: C{/metrics} only, without keys (every
-    other path is 404).
+    other path is a 404 with a JSON C{{"error": ...}}, as on the main port,
+    not Twisted's HTML page).
 
     Rendered on the reactor thread like the main port's C{/metrics}
     (C{prometheus_client.twisted.MetricsResource} renders in a thread pool,
@@ -416,12 +436,24 @@ def metrics_resource(metrics: RouterMetrics) -> Resource:
     return root
 
 
+def _not_found(request: Request) -> bytes:
+    return answer_json(request, 404, {"error": "not found: only GET /metrics is served here"})
+
+
+class _NotFound(Resource):
+    """Any path but C{/metrics} on the metrics port, whatever the method."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _not_found(request)
+
+
 class _MetricsRoot(Resource):
     """The metrics port's root: C{/metrics}, else 404."""
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return notFound()
+        return _NotFound()
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(404)
-        return b"Not Found: only /metrics is served here\n"
+        return _not_found(request)

@@ -80,6 +80,7 @@ class StateKeeper:
         self._pending: IDelayedCall | None = None
         self._body_cache: tuple[bytes, dict[str, object]] | None = None
         self._attached = False
+        self._restored = False
         #: Writes done, for tests and the benchmark notes.
         self.writes = 0
 
@@ -138,6 +139,7 @@ class StateKeeper:
                 count=len(cut_short),
             )
         self._journal = journal
+        self._restored = True
         self.log.info(
             "state restored: weight version {version}, {workers} worker(s), {images} image and {videos} video owner(s)",
             version=doc.weight_version,
@@ -158,6 +160,13 @@ class StateKeeper:
         """
         if not self._attached:
             self._attached = True
+            # Where the durable state lives, said once: a launcher run keeps
+            # it by default, in a directory the operator may not have chosen.
+            self.log.info(
+                "durable state in {path} ({how})",
+                path=self._store.path.path,
+                how="restored from it" if self._restored else "no state file yet: started empty",
+            )
             self._pool.on_change(self._fleet_changed)
             self._pool.on_added(self._worker_added)
             self._control.journal = self

@@ -361,6 +361,8 @@ class WorkerPool:
         self._release_listeners: list[Callable[[Worker], None]] = []
         self._batch_depth = 0
         self._changed_in_batch = False
+        self._busy_listeners: list[Callable[[], None]] = []
+        self._busy_in_batch = False
 
     # -- change signal ----------------------------------------------------
 
@@ -373,6 +375,15 @@ class WorkerPool:
         signalled: it never lets a waiting request in.
         """
         self._listeners.append(listener)
+
+    def on_busy(self, listener: Callable[[], None]) -> None:
+        """
+        Call C{listener} after a worker begins an activity (the transitions
+        L{on_change} leaves out), batched like them by L{changes}: for
+        observers of every state change, such as the state log, not for
+        requests waiting for a worker.
+        """
+        self._busy_listeners.append(listener)
 
     @contextmanager
     def changes(self) -> Iterator[None]:
@@ -391,9 +402,13 @@ class WorkerPool:
             yield
         finally:
             self._batch_depth -= 1
-            if self._batch_depth == 0 and self._changed_in_batch:
-                self._changed_in_batch = False
-                self._signal()
+            if self._batch_depth == 0:
+                changed, busy = self._changed_in_batch, self._busy_in_batch
+                self._changed_in_batch = self._busy_in_batch = False
+                if changed:
+                    self._signal()
+                elif busy:
+                    self._signal_busy()
 
     def _changed(self) -> None:
         if self._batch_depth:
@@ -403,6 +418,16 @@ class WorkerPool:
 
     def _signal(self) -> None:
         for listener in list(self._listeners):
+            listener()
+
+    def _went_busy(self) -> None:
+        if self._batch_depth:
+            self._busy_in_batch = True
+        else:
+            self._signal_busy()
+
+    def _signal_busy(self) -> None:
+        for listener in list(self._busy_listeners):
             listener()
 
     def on_added(self, listener: Callable[[Worker], None]) -> None:
@@ -415,10 +440,13 @@ class WorkerPool:
 
     # -- membership -----------------------------------------------------
 
-    def add(self, raw_url: str) -> tuple[Worker, bool]:
+    def add(self, raw_url: str, *, activity: Activity | None = None) -> tuple[Worker, bool]:
         """
         Register a worker, idempotently.
 
+        @param activity: what a new worker is busy with from its registration
+            on (C{STARTING}: no traffic before it has answered once); the
+            added listeners see it in that state. An existing worker keeps its own.
         @return: C{(worker, created)}; C{created} is C{False} when the URL (in
             any spelling) is already registered, and the existing worker,
             with its state, is returned.
@@ -429,6 +457,7 @@ class WorkerPool:
         if existing is not None:
             return existing, False
         worker = Worker.for_url(url, registered_at=self._now())
+        worker.activity = activity
         self._workers[url] = worker
         for listener in list(self._added_listeners):
             listener(worker)
@@ -642,7 +671,9 @@ class WorkerPool:
         """
         if worker.is_dead:
             raise ValueError(f"worker {worker.display_id} is quarantined; it cannot begin {activity.description}")
-        worker.activity = activity
+        if worker.activity is not activity:
+            worker.activity = activity
+            self._went_busy()
 
     def end(self, worker: Worker, activity: Activity | None = None) -> bool:
         """

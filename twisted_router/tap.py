@@ -59,9 +59,12 @@ class Options(usage.Options):
                 )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
-        from twisted_router.cli import open_state
+        from twisted.internet import reactor  # twistd has installed the one it was asked for by now
+
+        from twisted_router.cli import check_listen_endpoints, open_state
 
         try:
+            check_listen_endpoints(self.config, reactor)
             self.config, self.state = open_state(self.config, self.launch_plan)
         except ConfigError as exc:
             # Not a usage mistake: one line and status 2, as the console script says it

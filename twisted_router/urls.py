@@ -134,8 +134,25 @@ class BlockedWorkerURL(WorkerURLError):
     """
 
 
+def redact_userinfo(raw: str) -> str:
+    """
+    C{raw} with any C{user:password@} in its authority replaced by C{***@}:
+    a refused URL is quoted back in 400 answers and logs, and a password
+    in it must not be (with or without a scheme, whatever else is wrong).
+    """
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "", raw
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return raw
+    return f"{scheme}{sep}***@{authority.rpartition('@')[2]}{rest[end:]}"
+
+
 def _show(raw: str) -> str:
-    """Quote a user-supplied value for an error message, cut to a sane length."""
+    """Quote a user-supplied value for an error message, cut to a sane length, without credentials."""
+    raw = redact_userinfo(raw)
     if len(raw) > 200:
         raw = raw[:200] + "..."
     return repr(raw)

@@ -111,6 +111,15 @@ def test_register_rejects_bad_input_without_registering(kwargs: dict, needle: st
     assert len(h.pool) == 0
 
 
+def test_a_refused_worker_url_is_quoted_without_its_password() -> None:
+    h, _ = make(0)
+    for url in ("http://user:s3cret-pw@127.0.0.1:41001", "s3cret-pw@127.0.0.1:41001", "ftp://u:s3cret-pw@x:1"):
+        code, body = h.json("POST", "/workers", json={"url": url})
+        assert code == 400
+        assert "s3cret-pw" not in body["error"] and "***@" in body["error"], body
+    assert len(h.pool) == 0
+
+
 def test_get_put_delete_worker_by_encoded_id() -> None:
     h, _ = make(1)
     wid = h.pool.workers()[0].worker_id

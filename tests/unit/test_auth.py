@@ -7,6 +7,7 @@ Klein application, exercised on every endpoint in memory.
 from __future__ import annotations
 
 import json
+import re
 from base64 import b64encode
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python import usage
 
 from tests.support.fleet import RouterHarness, make_router
-from twisted_router import tap
+from twisted_router import auth, tap
 from twisted_router.app import Router
 from twisted_router.auth import (
     BASIC_ENDPOINTS,
@@ -250,6 +251,58 @@ def test_catch_all_off_is_404_json() -> None:
     assert _call(h2, "GET", "/get_server_info", ADMIN, {})[0] == 404
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        ("GET", "/workers", {}),
+        ("POST", "/v1/images/generations", {"json": {"prompt": "fox"}}),
+        ("POST", "/workers", {"json": {"url": "http://127.0.0.1:41001"}}),
+        ("GET", "/dashboard", {}),
+    ],
+)
+def test_more_than_one_authorization_header_is_refused(method: str, path: str, kwargs: dict[str, Any]) -> None:
+    """Which of several headers counts would be up to each hop: none does, even if every one is the admin key."""
+    guarded, _ = make_router(1, api_key=API, admin_api_key=ADMIN)
+    before = len(guarded.pool)
+    admin, wrong = bearer_of(ADMIN), bearer_of(WRONG)
+    for values in ([admin, admin], [wrong, admin], [admin, wrong], [admin, basic_of(ADMIN)]):
+        headers = {"Authorization": values}
+        code, body, response = guarded.call(method, path, headers=headers, **kwargs)
+        assert code == 401, (values, code, body)
+        assert response.headers.getRawHeaders("content-type") == ["application/json"]
+        assert "error" in json.loads(body)
+    assert len(guarded.pool) == before  # nothing registered on the way
+    code, _, _ = guarded.call(method, path, headers={"Authorization": [f"Bearer {ADMIN}"]}, **kwargs)
+    assert code != 401
+
+
+def bearer_of(key: str) -> str:
+    return f"Bearer {key}"
+
+
+def basic_of(key: str) -> str:
+    return "Basic " + b64encode(f"operator:{key}".encode()).decode()
+
+
+def test_a_repeated_header_still_costs_both_comparisons(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[bytes] = []
+    real = auth.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    keys = Keys(api=API, admin=ADMIN)
+    with pytest.raises(Unauthorized, match="one Authorization header"):
+        keys.check(Access.CLIENT, [f"Bearer {API}".encode(), f"Bearer {API}".encode()])
+    assert len(compared) == 2
+    keys.check(Access.CLIENT, [f"Bearer {API}".encode()])  # one value in a list is the header itself
+    keys.check(Access.CLIENT, f"Bearer {API}".encode())
+    Keys().check(Access.ADMIN, [b"Bearer a", b"Bearer b"])  # no keys: nothing is checked, the worker decides
+    Keys(api=API).check(Access.OPEN, [b"Bearer a", b"Bearer b"])
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -284,6 +337,29 @@ def test_keys_from_options_files_and_environment(tmp_path: Path) -> None:
 def test_bad_keys_stop_the_start(argv: list[str], environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_args(argv, environ=environ)
+
+
+def test_a_bad_key_is_reported_under_the_name_it_came_from(tmp_path: Path) -> None:
+    """An empty key file is the file's fault: the message names the file option and the file, or the variable."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    cases = [
+        (["--api-key-file", str(empty)], {}, f"^--api-key-file {re.escape(str(empty))} must not be empty$"),
+        (["--admin-api-key-file", str(short)], {}, f"^--admin-api-key-file {re.escape(str(short))} must be at least 16"),
+        (["--worker-api-key-file", str(empty)], {}, f"^--worker-api-key-file {re.escape(str(empty))} must not be empty$"),
+        ([], {"SGLANG_D_ROUTER_ADMIN_API_KEY": ""}, r"^\$SGLANG_D_ROUTER_ADMIN_API_KEY must not be empty$"),
+        ([], {"SGLANG_D_ROUTER_API_KEY": "a key"}, r"^\$SGLANG_D_ROUTER_API_KEY must be printable ASCII"),
+        (["--api-key", ""], {}, "^--api-key must not be empty$"),
+    ]
+    for argv, environ, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(argv, environ=environ)
+    # The workers' own key may be short (its length is theirs to choose), from any source.
+    short.write_text("k\n")
+    assert config_from_args(["--worker-api-key-file", str(short)], environ={}).worker_api_key == "k"
+    assert config_from_args([], environ={"SGLANG_D_ROUTER_WORKER_API_KEY": "k"}).worker_api_key == "k"
 
 
 def test_twistd_options_take_the_same_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,8 +98,13 @@ def test_the_page_loads_nothing_from_elsewhere_and_never_parses_data_as_html() -
         assert sink not in text, sink
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
     assert not re.search(r"""url\(\s*["']?(https?:)?//""", text)
-    # It reads the router's own JSON, by relative paths, every second.
+    # It reads the router's own JSON, by paths on the page's origin, every second.
     assert 'fetchJson("/health")' in text and 'fetchJson("/workers")' in text
+    # A fetch URL relative to a page opened as https://user:KEY@host/dashboard
+    # would carry the credentials, and fetch refuses it: every fetch names the
+    # origin (scheme, host and port, never credentials) itself.
+    calls = re.findall(r"\bfetch\(\s*([^,)]*)", text)
+    assert calls and all(url.startswith("location.origin + ") for url in calls), calls
     assert "var POLL_MS = 1000;" in text
 
 

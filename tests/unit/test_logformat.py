@@ -162,7 +162,12 @@ def test_quarantine_is_logged_as_a_state_change(events: list[dict[str, Any]]) ->
     h.fleet.down.add("w0:8000")
     h.send("POST", IMAGES, body=b"{}", headers={"X-Request-ID": "q-1"})
     changes = [e for e in events if e.get("log_format", "").startswith("worker {worker} is now")]
-    assert [(e["worker"], e["state"]) for e in changes] == [("http://w0:8000", "dead")]
+    # Each worker came up (from starting: the first one too), then w0 was quarantined.
+    assert [(e["worker"], e["state"], e["previous"]) for e in changes] == [
+        ("http://w0:8000", "ready", "starting"),
+        ("http://w1:8001", "ready", "starting"),
+        ("http://w0:8000", "dead", "ready"),
+    ]
     quarantined = [e for e in events if "quarantined: unreachable" in e.get("log_format", "")]
     assert [e["request_id"] for e in quarantined] == ["q-1"]
     access = access_lines(events)

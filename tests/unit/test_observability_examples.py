@@ -89,3 +89,12 @@ def test_the_dashboard_is_a_grafana_model() -> None:
             assert target["expr"].count("(") == target["expr"].count(")")
         grid = panel["gridPos"]
         assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+
+
+def test_the_queue_wait_panel_says_it_needs_the_router_side_queue() -> None:
+    """Without --max-inflight-per-worker the histogram is never observed: an empty panel must say why."""
+    model = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
+    (panel,) = [
+        p for p in model["panels"] if any("sglang_router_queue_wait_seconds" in t["expr"] for t in p["targets"])
+    ]
+    assert "--max-inflight-per-worker" in panel["description"] and "Empty unless" in panel["description"]

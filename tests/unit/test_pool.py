@@ -574,3 +574,32 @@ def test_activity_words_and_descriptions() -> None:
     assert [a.value for a in Activity] == ["starting", "updating", "syncing", "releasing", "resuming", "joining"]
     assert Activity.UPDATING.description == "updating weights"
     assert not Activity.STARTING.waited_for and Activity.SYNCING.waited_for
+
+
+def test_going_busy_is_told_to_busy_listeners_only_once_per_change(pool: WorkerPool) -> None:
+    changed: list[None] = []
+    busy: list[str] = []
+    a, _ = pool.add("http://a:1")
+    b, _ = pool.add("http://b:1")
+    pool.on_change(lambda: changed.append(None))
+    pool.on_busy(lambda: busy.append(a.state + "," + b.state))
+    pool.begin(a, Activity.UPDATING)
+    pool.begin(a, Activity.UPDATING)  # already so: nothing to tell
+    assert (busy, changed) == (["updating,ready"], [])
+    with pool.changes():
+        pool.begin(b, Activity.UPDATING)
+        pool.end(a, Activity.UPDATING)
+    assert (busy, len(changed)) == (["updating,ready"], 1)  # the change signal covers both
+    with pool.changes():
+        pool.begin(a, Activity.SYNCING)
+        assert busy == ["updating,ready"]
+    assert busy == ["updating,ready", "syncing,updating"]
+
+
+def test_a_new_worker_can_be_added_busy(pool: WorkerPool) -> None:
+    seen: list[str] = []
+    pool.on_added(lambda w: seen.append(w.state))
+    w, created = pool.add("http://a:1", activity=Activity.STARTING)
+    assert created and seen == ["starting"] and w.activity is Activity.STARTING
+    same, created = pool.add("http://a:1", activity=Activity.SYNCING)  # an existing worker keeps its own
+    assert same is w and not created and w.activity is Activity.STARTING

@@ -129,3 +129,34 @@ def test_the_command_line_overrides_the_launcher_file(tmp_path: Path) -> None:
     assert state is not None and (tmp_path / "from-file").is_dir()
     given = config_from_args(["--launcher-config", str(path), "--port", "0", "--state-dir", str(tmp_path / "cli")])
     assert cli.open_state(given, plan)[0].state_dir == str(tmp_path / "cli")
+
+
+def _started_router_says(config: RouterConfig) -> list[str]:
+    """Build and start the router service in memory; the log lines it wrote about its state."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    from twisted_router.service import make_router_service
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = MemoryReactorClock()
+        service, _, _ = make_router_service(config, reactor, state=cli.open_state(config, None)[1])
+        service.startService()
+        service.stopService()
+        reactor.advance(200)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(e) for e in events if "state" in formatEvent(e)]
+
+
+def test_the_start_says_where_the_state_lives_and_whether_it_was_restored(tmp_path: Path) -> None:
+    directory = tmp_path / "f2-state"
+    config = config_from_args(["--host", "127.0.0.1", "--port", "0", "--state-dir", str(directory)])
+    path = str(directory / STATE_FILE_NAME)
+    first = _started_router_says(config)
+    assert f"durable state in {path} (no state file yet: started empty)" in first, first
+    again = _started_router_says(config)  # the first run wrote the file on its way out
+    assert f"durable state in {path} (restored from it)" in again, again
+    assert any(line.startswith("state restored: weight version") for line in again), again

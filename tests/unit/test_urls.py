@@ -15,6 +15,7 @@ from twisted_router.urls import (
     WorkerURLError,
     display_id_for,
     normalize_worker_url,
+    redact_userinfo,
     worker_id_for,
 )
 
@@ -338,3 +339,36 @@ def test_no_spelling_of_a_blocked_address_is_accepted(raw: str) -> None:
     with pytest.raises(BlockedWorkerURL) as info:
         normalize_worker_url(raw)
     assert "blocked" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("http://user:pw@127.0.0.1:41001", "http://***@127.0.0.1:41001"),
+        ("HTTPS://user@h:1/x", "HTTPS://***@h:1/x"),
+        ("user:pw@127.0.0.1:41001", "***@127.0.0.1:41001"),
+        ("http://u:p@ss@h:1", "http://***@h:1"),
+        ("http://h:1/a@b", "http://h:1/a@b"),
+        ("http://h:1?next=a@b", "http://h:1?next=a@b"),
+        ("http://127.0.0.1:1", "http://127.0.0.1:1"),
+    ],
+)
+def test_redact_userinfo(raw: str, shown: str) -> None:
+    assert redact_userinfo(raw) == shown
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://user:s3cret@127.0.0.1:41001",
+        "s3cret@127.0.0.1:41001",
+        "ftp://u:s3cret@h:1",
+        "http://u:s3cret@h:1/path",
+        "http://u:s3cret@[fe80::1%25eth0]:1",
+        "http://u:s3cret@169.254.169.254:80",
+    ],
+)
+def test_no_error_quotes_a_password(raw: str) -> None:
+    with pytest.raises(WorkerURLError) as caught:
+        normalize_worker_url(raw)
+    assert "s3cret" not in str(caught.value) and "***@" in str(caught.value)
