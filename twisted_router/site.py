@@ -206,7 +206,7 @@ class BoundedRequest(Request):
         site = self._site()
         if site is not None and length != 0 and site.keys.any:
             try:
-                site.keys.check(Access.CLIENT, self.getHeader(b"authorization"))
+                site.keys.check(Access.CLIENT, self.requestHeaders.getRawHeaders(b"authorization"))
             except Unauthorized as exc:
                 if self._expects_continue():
                     # Nothing of the body is on its way yet: say so now, and it never will be.

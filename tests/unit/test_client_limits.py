@@ -159,6 +159,18 @@ def test_a_body_without_a_valid_key_is_never_stored() -> None:
     assert echo.bodies == [b""]  # the route (here: no check) sees nothing of it
 
 
+def test_a_body_sent_with_two_authorization_headers_is_never_stored() -> None:
+    """Several headers count as no key (the route then answers 401), even when the last one is valid."""
+    echo = Echo()
+    _, _, channel = connect(echo, keys=Keys(api=API_KEY))
+    channel.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\n"
+        b"Authorization: Bearer wrong-key-0123456789\r\n"
+        + f"Authorization: Bearer {API_KEY}\r\n\r\nhello".encode()
+    )
+    assert echo.bodies == [b""]
+
+
 def test_a_body_with_a_valid_key_is_stored() -> None:
     echo = Echo()
     _, _, channel = connect(echo, keys=Keys(api=API_KEY, admin=ADMIN_KEY))
