@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell that runs a command as a background job (`cmd &` in a script, CI wrappers) starts it
+    # with SIGINT ignored, and an ignored signal stays ignored across exec: every router the process
+    # tests start would then ignore the SIGINT they send it (Twisted handles SIGINT only where
+    # Python's own handler is in place). A handled signal is reset to the default across exec, so
+    # handle it here and the children start as from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
