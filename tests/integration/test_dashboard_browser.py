@@ -13,16 +13,16 @@ C{CI=true}, where it fails.
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
 
+from tests.support.browser import chromium
+from tests.support.live import wait_until
 from tests.support.processes import ServerProcess
 
 if TYPE_CHECKING:
@@ -32,74 +32,24 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
-#: How Chromium must run here: no sandbox (root), no GPU, and none of its
-#: background connections (the machine has no network beyond loopback).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 API_KEY = "dashboard-test-key-0123456789"
 #: A model name that is markup: the page must show it as text, never as an element.
 HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1">'
 
 
-def _require_browser() -> None:
-    missing = []
-    if not CHROMIUM.exists():
-        missing.append(f"{CHROMIUM} (apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package (pip install -e '.[test]')")
-    if not missing:
-        return
-    reason = "the dashboard browser test needs " + " and ".join(missing)
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[BrowserContext]:
     """Headless Debian Chromium with a fresh profile; it answers a Basic challenge with the API key."""
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            http_credentials={"username": "operator", "password": API_KEY},
-            viewport={"width": 1280, "height": 800},
-        )
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium(
+        tmp_path / "chromium-profile",
+        http_credentials={"username": "operator", "password": API_KEY},
+        viewport={"width": 1280, "height": 800},
+    ) as context:
+        yield context
 
 
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 def _state(router_url: str, display_id: str) -> str:
@@ -115,7 +65,11 @@ def test_dashboard_shows_a_sleeping_and_a_dead_worker(
         [sleeper, victim], "--api-key", API_KEY, "--health-check-failure-threshold", "2"
     )
     sleeper_id, victim_id = (w.url.removeprefix("http://") for w in (sleeper, victim))
-    _wait("both workers ready", lambda: {_state(router.url, sleeper_id), _state(router.url, victim_id)} == {"ready"})
+    wait_until(
+        "both workers ready",
+        lambda: {_state(router.url, sleeper_id), _state(router.url, victim_id)} == {"ready"} or None,
+        timeout=30.0,
+    )
     for _ in range(4):  # some load, so the cards have requests to count
         made = requests.post(
             f"{router.url}/v1/images/generations", headers=_auth(), json={"prompt": "fox", "size": "256x256"}, timeout=30
@@ -130,7 +84,7 @@ def test_dashboard_shows_a_sleeping_and_a_dead_worker(
     # One worker dies (its health checks fail, it is quarantined), then the fleet sleeps:
     # the dead worker is left out of the sleep, so both states are there at once.
     victim.signal_group(signal.SIGKILL)
-    _wait("the killed worker quarantined", lambda: _state(router.url, victim_id) == "dead")
+    wait_until("the killed worker quarantined", lambda: _state(router.url, victim_id) == "dead" or None, timeout=30.0)
     slept = requests.post(f"{router.url}/release_memory_occupation", headers=_auth(), json={}, timeout=30)
     assert slept.status_code == 200, slept.text
     assert _state(router.url, sleeper_id) == "sleeping"

@@ -34,6 +34,7 @@ from tests.support.live import (
     SMALL_IMAGE,
     all_routable,
     call,
+    session_of,
     terminate,
     wait_until,
     workers_by_url,
@@ -51,18 +52,6 @@ if importlib.util.find_spec("ray") is None:
 pytestmark = pytest.mark.timeout(150)
 
 STARTED = re.compile(r"\[worker (\d+)\] started(?: again \(start \d+\))?, pid (\d+); waiting for (http://\S+)/health")
-
-
-def session_of(pid: int) -> int | None:
-    """The session id of process C{pid} (field 6 of /proc/PID/stat), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None  # a zombie holds nothing; its parent just has not reaped it
-    return int(fields[3])
 
 
 def in_session(sid: int) -> list[int]:

@@ -143,6 +143,23 @@ def sim(worker_id: str, *args: str) -> list[str]:
     return ["--worker-id", worker_id, "--weights-prefix", "/ckpt/", *args]
 
 
+def session_of(pid: int) -> int | None:
+    """The session id of process C{pid} (field 6 of /proc/PID/stat), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None  # a zombie holds nothing; its parent just has not reaped it
+    return int(fields[3])
+
+
+def alive(pid: int) -> bool:
+    """Whether process C{pid} still runs (a zombie does not)."""
+    return session_of(pid) is not None
+
+
 def proc_status_kb(pid: int) -> dict[str, int]:
     """The C{Vm*} lines of C{/proc/<pid>/status}, in kB (a process's memory, for tests that bound it)."""
     figures: dict[str, int] = {}

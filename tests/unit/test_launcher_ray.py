@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ from twisted_router.launcher import (
 from twisted_router.launcher._ray_actor import (
     Polled,
     Started,
-    WorkerHost,
     fill_argv,
     free_port_pair,
 )
@@ -178,58 +176,6 @@ def test_free_port_pair_keeps_the_preferred_port_while_it_and_the_next_are_free(
     assert free_port_pair("h", 6000, is_free=is_free, any_port=lambda h: next(handed)) == 6000
     # 7000's neighbour is busy: the next port the kernel hands out is taken instead.
     assert free_port_pair("h", 7000, is_free=is_free, any_port=lambda h: next(handed)) == 7010
-
-
-def wait_for(poll: Callable[[], Polled], until: Callable[[Polled, list[tuple[str, str]]], bool]) -> list[tuple[str, str]]:
-    lines: list[tuple[str, str]] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        polled = poll()
-        lines.extend(polled.lines)
-        if until(polled, lines):
-            return lines
-    raise AssertionError(f"timed out; got {lines}")
-
-
-def test_worker_host_relays_output_and_the_exit_status() -> None:
-    host = WorkerHost("127.0.0.1")
-    started = host.start(
-        ["{python}", "-c", "import sys; print('on {host}', sys.argv[1]); sys.stderr.write('oops\\n'); sys.exit(3)", "{port}"],
-        {"EXTRA": "1"},
-    )
-    assert started.url == f"http://127.0.0.1:{started.port}" and started.host == "127.0.0.1"
-    seen: list[Polled] = []
-    lines = wait_for(lambda: host.poll(1.0), lambda p, _: seen.append(p) or p.returncode is not None)
-    assert seen[-1].returncode == 3
-    assert ("stdout", f"on {{host}} {started.port}") in lines  # only whole arguments are placeholders
-    assert ("stderr", "oops") in lines
-
-
-def test_worker_host_stop_ends_the_whole_process_group() -> None:
-    host = WorkerHost("127.0.0.1")
-    # The worker forks a child that would outlive it if only the worker were signalled.
-    started = host.start(
-        ["{python}", "-c",
-         "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
-         " print(c.pid, flush=True); time.sleep(60)"],
-        {},
-    )
-    lines = wait_for(lambda: host.poll(1.0), lambda _, got: bool(got))
-    child = int(lines[0][1])
-    assert host.stop(2.0) == -signal.SIGTERM
-    assert host.poll(0.1).returncode == -signal.SIGTERM
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(child):
-        time.sleep(0.05)
-    assert not _alive(child) and not _alive(started.pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 # -- the blocking client -------------------------------------------------------------------
